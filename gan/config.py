@@ -1,0 +1,283 @@
+"""Typed, validated experiment configuration.
+
+One dataclass per component, each validating itself in ``__post_init__``. Values are
+resolved as defaults < YAML file(s) < dotted command-line overrides (``optim.lr_d=1e-4``).
+A YAML file may name a ``base:`` file (relative to itself) that it extends.
+Every error is a :class:`ConfigError` that names the key, raised before any work starts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad configuration: the message names the key and the fix."""
+
+
+def _check(cond: bool, key: str, msg: str) -> None:
+    if not cond:
+        raise ConfigError(f"config key '{key}': {msg}")
+
+
+@dataclass
+class DataConfig:
+    shards: str = "data/shards/cifar10-train"  # directory holding manifest.json + *.tar
+    dataset: str = ""  # expected manifest dataset name ("" accepts any)
+    num_workers: int = 4  # loader worker processes per rank
+    shuffle_buffer: int = 2000  # samples in each worker's shuffle buffer
+    hflip: bool = True  # random horizontal flip (train only)
+    color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
+    translate: float = 0.0  # max shift as a fraction of the image size, 0 = off
+
+    def __post_init__(self):
+        _check(bool(self.shards), "data.shards", "must name a shard directory")
+        _check(self.num_workers >= 0, "data.num_workers", "must be >= 0")
+        _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
+        _check(0.0 <= self.color_jitter <= 1.0, "data.color_jitter", "must be in [0, 1]")
+        _check(0.0 <= self.translate < 0.5, "data.translate", "must be in [0, 0.5)")
+
+
+@dataclass
+class ModelConfig:
+    name: str = "cdcgan"  # registered architecture (gan.models.MODELS)
+    z_dim: int = 100
+    num_classes: int = 10
+    img_channels: int = 3
+    img_size: int = 32
+    g_channels: int = 64  # base width of G
+    d_channels: int = 64  # base width of D
+    d_conditioning: str = "projection"  # "projection" or "concat"
+
+    def __post_init__(self):
+        _check(self.z_dim > 0, "model.z_dim", "must be > 0")
+        _check(self.num_classes >= 1, "model.num_classes", "must be >= 1")
+        _check(self.img_channels in (1, 3), "model.img_channels", "must be 1 or 3")
+        _check(self.img_size >= 8 and self.img_size & (self.img_size - 1) == 0 or self.img_size == 28,
+               "model.img_size", "must be a power of two >= 8, or 28")
+        _check(self.g_channels > 0 and self.d_channels > 0, "model.g_channels/d_channels", "must be > 0")
+        _check(self.d_conditioning in ("projection", "concat"), "model.d_conditioning",
+               f"'{self.d_conditioning}' is not one of: projection, concat")
+
+
+@dataclass
+class LossConfig:
+    name: str = "ns"  # registered adversarial loss (gan.losses.LOSSES)
+
+    def __post_init__(self):
+        _check(bool(self.name), "loss.name", "must name a loss")
+
+
+@dataclass
+class OptimConfig:
+    lr_g: float = 2e-4
+    lr_d: float = 2e-4
+    beta1: float = 0.5
+    beta2: float = 0.999
+    n_dis: int = 1  # D steps per G step
+    grad_clip: float = 0.0  # max grad norm, 0 = no clipping (norms are still logged)
+
+    def __post_init__(self):
+        _check(self.lr_g > 0, "optim.lr_g", "must be > 0")
+        _check(self.lr_d > 0, "optim.lr_d", "must be > 0")
+        _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
+        _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        _check(self.n_dis >= 1, "optim.n_dis", "must be >= 1")
+        _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.999
+    warmup_steps: int = 1000  # decay ramps as min(decay, (1+s)/(10+s)) until then
+
+    def __post_init__(self):
+        _check(0 <= self.decay < 1, "ema.decay", "must be in [0, 1)")
+        _check(self.warmup_steps >= 0, "ema.warmup_steps", "must be >= 0")
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 1000  # steps between checkpoints (one is always written at the end)
+    keep: int = 3  # newest checkpoints kept on disk
+
+    def __post_init__(self):
+        _check(self.every >= 1, "checkpoint.every", "must be >= 1")
+        _check(self.keep >= 1, "checkpoint.keep", "must be >= 1")
+
+
+@dataclass
+class LogConfig:
+    every: int = 50  # steps between scalar logs
+    sample_every: int = 500  # steps between fixed-noise sample grids
+    samples_per_class: int = 8
+    progress: bool = True  # progress bar on rank 0
+
+    def __post_init__(self):
+        _check(self.every >= 1, "log.every", "must be >= 1")
+        _check(self.sample_every >= 1, "log.sample_every", "must be >= 1")
+        _check(self.samples_per_class >= 1, "log.samples_per_class", "must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 100_000  # G steps
+    batch_size: int = 64  # per process
+    seed: int = 0
+    mixed_precision: str = "no"  # no | fp16 | bf16
+    deterministic: bool = False  # cuDNN deterministic, benchmark off
+    on_nonfinite: str = "stop"  # stop | skip
+    max_skipped: int = 100  # with on_nonfinite=skip: stop after this many skipped steps
+
+    def __post_init__(self):
+        _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
+        _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
+        _check(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
+               f"'{self.mixed_precision}' is not one of: no, fp16, bf16")
+        _check(self.on_nonfinite in ("stop", "skip"), "train.on_nonfinite",
+               f"'{self.on_nonfinite}' is not one of: stop, skip")
+        _check(self.max_skipped >= 0, "train.max_skipped", "must be >= 0")
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def _type_ok(value: Any, tp: Any) -> bool:
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return True
+    if origin in (typing.Union, types.UnionType):
+        return any(_type_ok(value, a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return value is None
+    if tp is bool:
+        return isinstance(value, bool)
+    if tp is int:
+        return isinstance(value, int) and not isinstance(value, bool)
+    if tp is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if origin in (list, tuple):
+        return isinstance(value, (list, tuple))
+    if origin is dict or tp is dict:
+        return isinstance(value, dict)
+    return isinstance(value, tp)
+
+
+def _build(cls: type, values: dict, prefix: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    for key, value in values.items():
+        dotted = f"{prefix}{key}"
+        if key not in names:
+            near = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            hint = f" Did you mean: {', '.join(prefix + n for n in near)}?" if near else ""
+            raise ConfigError(f"unknown config key '{dotted}'.{hint} "
+                              f"Valid keys here: {', '.join(prefix + n for n in names)}")
+        tp = hints[key]
+        if dataclasses.is_dataclass(tp):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' is a section; give it a mapping, not {value!r}")
+            kwargs[key] = _build(tp, value, dotted + ".")
+            continue
+        if not _type_ok(value, tp):
+            tname = getattr(tp, "__name__", str(tp))
+            raise ConfigError(f"config key '{dotted}' must be of type {tname}, got {value!r} "
+                              f"({type(value).__name__})")
+        if tp is float and isinstance(value, int):
+            value = float(value)
+        kwargs[key] = value
+    return cls(**kwargs)
+
+
+def _merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        if isinstance(v, dict) and isinstance(out.get(k), dict):
+            out[k] = _merge(out[k], v)
+        else:
+            out[k] = v
+    return out
+
+
+def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
+    """Read a config YAML file, following ``base:`` links (relative to the file)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}. Pass an existing file, e.g. configs/cifar10_cdcgan.yaml")
+    if path.resolve() in _seen:
+        raise ConfigError(f"config file {path} includes itself through 'base:'")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
+    base = raw.pop("base", None)
+    if base is not None:
+        raw = _merge(read_yaml(path.parent / base, _seen + (path.resolve(),)), raw)
+    return raw
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["optim.lr_d=1e-4", "train.seed=3"]`` -> nested dict; values parsed as YAML scalars."""
+    out: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(f"override '{item}' must look like section.key=value, e.g. optim.lr_d=1e-4")
+        key, _, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not all(parts):
+            raise ConfigError(f"override '{item}' has an empty key part")
+        try:
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text
+        node = out
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"override '{item}' conflicts with another override of '{p}'")
+        node[parts[-1]] = value
+    return out
+
+
+def from_dict(values: dict) -> Config:
+    try:
+        return _build(Config, values, "")
+    except ConfigError:
+        raise
+    except TypeError as e:  # e.g. missing positional in a nested class
+        raise ConfigError(str(e)) from None
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple = ()) -> Config:
+    """defaults < YAML file (with its ``base:`` chain) < dotted overrides."""
+    values = read_yaml(path) if path is not None else {}
+    values = _merge(values, parse_overrides(list(overrides)))
+    return from_dict(values)
