@@ -83,6 +83,7 @@ class OptimConfig:
     beta2: float = 0.999
     n_dis: int = 1  # D steps per G step
     grad_clip: float = 0.0  # max grad norm, 0 = no clipping (norms are still logged)
+    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over train.max_steps)
 
     def __post_init__(self):
         _check(self.lr_g > 0, "optim.lr_g", "must be > 0")
@@ -91,6 +92,8 @@ class OptimConfig:
         _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
         _check(self.n_dis >= 1, "optim.n_dis", "must be >= 1")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
+        _check(self.lr_schedule in ("constant", "linear", "cosine"), "optim.lr_schedule",
+               f"'{self.lr_schedule}' is not one of: constant, linear, cosine")
 
 
 @dataclass

@@ -1,0 +1,296 @@
+"""The training loop. It owns order and policy: D phase(s), G phase, EMA, intervals, the
+finite-loss policy, checkpoints and resume. Losses compute, networks forward, rank 0 writes.
+
+Every phase goes through :meth:`Trainer._optimize` (zero_grad, backward, unscale, clip, finite
+check, step), so a backend whose backward also steps (DeepSpeed) plugs in at one place.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import math
+import signal
+import time
+from pathlib import Path
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from gan import checkpoint
+from gan.config import Config, ConfigError
+from gan.data import ShardError, TrainStream, read_manifest
+from gan.dist import Stats, any_rank
+from gan.ema import EMA
+from gan.losses import build_loss
+from gan.models import build_models
+from gan.rank_zero import RankZero
+
+
+class NonFiniteError(RuntimeError):
+    """Training hit a non-finite loss or gradient and the policy says stop."""
+
+
+@dataclasses.dataclass
+class TrainState:
+    """The small, checkpointed progress record (registered with Accelerate)."""
+    step: int = 0  # G steps done
+    images_seen: int = 0  # real images consumed, all ranks
+    skipped_nonfinite: int = 0
+    fp16_skipped: int = 0
+    data: dict = dataclasses.field(default_factory=dict)  # TrainStream position
+
+    def state_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state.items():
+            setattr(self, k, v)
+
+
+# ---------------------------------------------------------------------------- preflight
+
+
+def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
+    """All checks that need no work: the run directory, the shards against the model, and the
+    checkpoint to resume from. Returns that checkpoint (or None for a fresh start)."""
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        probe = run_dir / ".write-test"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir "
+                          f"with a directory you can write to") from None
+    manifest = read_manifest(cfg.data.shards)
+    m = cfg.model
+    manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
+                   num_classes=m.num_classes)
+    if resume is None:
+        return None
+    path = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume == "auto" else Path(resume)
+    if path is None:
+        return None
+    meta = checkpoint.read_meta(path)
+    saved = meta.get("config", {}).get("model", {})
+    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in dataclasses.asdict(m).items()
+            if saved.get(k) != v]
+    if diff:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was written for a different architecture ({'; '.join(diff)}). "
+            f"Resume with the config saved in {path / checkpoint.META}, or start a new --run-dir")
+    return path
+
+
+def _lr_factor(schedule: str, max_steps: int):
+    if schedule == "linear":
+        return lambda s: max(0.0, 1.0 - s / max_steps)
+    if schedule == "cosine":
+        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, max_steps) / max_steps))
+    return lambda s: 1.0
+
+
+@contextlib.contextmanager
+def _frozen(module: torch.nn.Module):
+    """D's weights need no gradients in the G phase (its input gradient is all G needs)."""
+    flags = [p.requires_grad for p in module.parameters()]
+    module.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, f in zip(module.parameters(), flags):
+            p.requires_grad_(f)
+
+
+# ---------------------------------------------------------------------------- trainer
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
+        self.cfg, self.run_dir, self.resume_from = cfg, Path(run_dir), resume_from
+        t = cfg.train
+        self.accelerator = acc = Accelerator(mixed_precision=t.mixed_precision)
+        torch.backends.cudnn.deterministic = t.deterministic
+        torch.backends.cudnn.benchmark = not t.deterministic
+        if t.deterministic:
+            torch.use_deterministic_algorithms(True, warn_only=True)
+        self.device = acc.device
+        self.rank0 = RankZero(self.run_dir, acc.is_main_process, t.max_steps, cfg.log.progress)
+
+        set_seed(t.seed)  # identical initial weights on every rank
+        G, D = build_models(cfg.model)
+        self.ema = EMA(G, cfg.ema)
+        self.ema.model.to(self.device)
+        o = cfg.optim
+        fused = {"fused": True} if self.device.type == "cuda" else {}
+        opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), **fused)
+        opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), **fused)
+        self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
+        factor = _lr_factor(o.lr_schedule, t.max_steps)
+        # Not prepared: Accelerate would step a prepared scheduler once per process.
+        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G.optimizer, factor)
+        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D.optimizer, factor)
+        self.loss = build_loss(cfg.loss)
+        self.state = TrainState()
+        acc.register_for_checkpointing(self.ema, self.state, self.sched_G, self.sched_D)
+
+        set_seed(t.seed, device_specific=True)  # different noise per rank
+        self.stream = TrainStream(cfg.data, batch_size=t.batch_size, seed=t.seed,
+                                  rank=acc.process_index, world_size=acc.num_processes)
+        self.stats = Stats(self.device)
+        gen = torch.Generator().manual_seed(t.seed)
+        k, n = cfg.log.samples_per_class, cfg.model.num_classes
+        self.fixed_z = torch.randn(n * k, cfg.model.z_dim, generator=gen).to(self.device)
+        self.fixed_y = torch.arange(n).repeat_interleave(k).to(self.device)
+        self._stop_signal = None
+
+    # ------------------------------------------------------------------ pieces
+    def _noise(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
+        z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
+        y = torch.randint(0, self.cfg.model.num_classes, (batch,), device=self.device)
+        return z, y
+
+    def _next_real(self) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = next(self._batches)
+        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+
+    def _optimize(self, name: str, loss: torch.Tensor, model, opt, sched) -> None:
+        """One optimizer update: the only place that calls backward() and step()."""
+        opt.zero_grad(set_to_none=True)
+        self.accelerator.backward(loss)
+        self.accelerator.unscale_gradients(opt)  # no-op unless fp16
+        clip = self.cfg.optim.grad_clip or float("inf")
+        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        # gnorm is identical on every rank (gradients are all-reduced), so every rank decides alike.
+        if self.accelerator.mixed_precision == "fp16":
+            opt.step()  # the shared GradScaler skips overflowing steps and lowers the scale
+            if opt.step_was_skipped:
+                self.state.fp16_skipped += 1
+                self.stats.report("Mixed/fp16_skipped", 1.0)
+                self._fp16_streak += 1
+                if self._fp16_streak > self.cfg.train.max_skipped:
+                    raise NonFiniteError(f"{self._fp16_streak} fp16 steps in a row overflowed in {name}; "
+                                         f"the loss is diverging. Lower the learning rates or use bf16")
+            else:
+                self._fp16_streak = 0
+                self.stats.report("Mixed/fp16_skipped", 0.0)
+        elif torch.isfinite(gnorm):
+            opt.step()
+        else:
+            self.state.skipped_nonfinite += 1
+            msg = (f"non-finite {name} loss/gradient at step {self.state.step} "
+                   f"(loss {loss.item():.4g}, grad norm {gnorm.item():.4g})")
+            if self.cfg.train.on_nonfinite == "stop" or self.state.skipped_nonfinite > self.cfg.train.max_skipped:
+                raise NonFiniteError(msg + "; stopped without training on it. The last good checkpoint is "
+                                     "kept; lower the learning rates or set train.on_nonfinite=skip")
+            self.rank0.print(f"warning: {msg}; step skipped ({self.state.skipped_nonfinite} so far)")
+            opt.zero_grad(set_to_none=True)
+        self.stats.report(f"GradNorm/{name}", gnorm.float())
+        self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
+
+    def train_step(self) -> None:
+        acc, B = self.accelerator, self.cfg.train.batch_size
+        with acc.accumulate(self.G, self.D):
+            for _ in range(self.cfg.optim.n_dis):
+                real, y_real = self._next_real()
+                z, y_fake = self._noise(B)
+                with torch.no_grad():
+                    fake = self.G(z, y_fake)
+                loss, stats = self.loss.d_loss(self.D, real, y_real, fake, y_fake)
+                self._optimize("D", loss, self.D, self.opt_D, self.sched_D)
+                self._report(stats)
+            z, y_fake = self._noise(B)
+            with acc.no_sync(self.D), _frozen(self.D):
+                loss, stats = self.loss.g_loss(self.D, self.G(z, y_fake), y_fake)
+                self._optimize("G", loss, self.G, self.opt_G, self.sched_G)
+            self._report(stats)
+        self.sched_G.step()
+        self.sched_D.step()
+        self.ema.update(acc.unwrap_model(self.G))
+        self.state.step += 1
+        self.state.images_seen += self.cfg.optim.n_dis * B * acc.num_processes
+        self.state.data = self.stream.state_dict()
+
+    def _report(self, stats: dict) -> None:
+        for k, v in stats.items():
+            self.stats.report(k, v)
+
+    # ------------------------------------------------------------------ intervals
+    def _log(self, t0: float, steps: int, images: int) -> None:
+        values = self.stats.reduce()  # collective, every rank
+        dt = max(time.perf_counter() - t0, 1e-9)
+        ips = images / dt
+        values.update({"Timing/img_per_s": ips, "Timing/sec_per_kimg": 1000.0 / ips if ips else float("inf"),
+                       "Timing/sec_per_step": dt / max(steps, 1),
+                       "Progress/kimg": self.state.images_seen / 1000.0,
+                       "Progress/skipped_nonfinite": float(self.state.skipped_nonfinite)})
+        self.rank0.scalars(self.state.step, values)
+
+    @torch.no_grad()
+    def _samples(self) -> None:
+        if not self.rank0.enabled:  # rank-0-only work with no collective inside
+            return
+        images = torch.cat([self.ema.model(z, y) for z, y in zip(self.fixed_z.split(256), self.fixed_y.split(256))])
+        self.rank0.samples(self.state.step, images, self.fixed_y, self.cfg.model.num_classes,
+                           self.cfg.log.samples_per_class)
+
+    def save_checkpoint(self) -> Path:
+        path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
+                               {"config": self.cfg.to_dict()}, self.cfg.checkpoint.keep)
+        if self.rank0.enabled:
+            checkpoint.export_generator(self.run_dir / "export", self.ema.model,
+                                        dataclasses.asdict(self.cfg.model), self.state.step)
+        return path
+
+    # ------------------------------------------------------------------ fit
+    def _on_signal(self, signum, _frame) -> None:
+        self._stop_signal = signal.Signals(signum).name
+
+    def fit(self) -> str:
+        """Resume if asked, train to ``train.max_steps``. Returns "finished" or "preempted"."""
+        acc, cfg = self.accelerator, self.cfg
+        if self.resume_from is not None:
+            checkpoint.load(acc, self.resume_from)
+            self.stream.load_state_dict(self.state.data)
+        self._batches = iter(self.stream)
+        self._fp16_streak = 0
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, self._on_signal)
+        start = self.state.step
+        self.rank0.open(start, cfg.to_yaml())
+        if start:
+            self.rank0.print(f"resumed from {self.resume_from} at step {start} ({self.state.images_seen / 1000:.1f} kimg)")
+        outcome = "finished"
+        try:
+            t0, s0, i0 = time.perf_counter(), self.state.step, self.state.images_seen
+            last_saved = start if self.resume_from is not None else -1
+            while self.state.step < cfg.train.max_steps:
+                self.train_step()
+                step = self.state.step
+                self.rank0.advance()
+                if step % cfg.log.every == 0 or step == cfg.train.max_steps:
+                    self._log(t0, step - s0, self.state.images_seen - i0)
+                    t0, s0, i0 = time.perf_counter(), step, self.state.images_seen
+                if step % cfg.log.sample_every == 0:
+                    self._samples()
+                if step % cfg.checkpoint.every == 0:
+                    self.save_checkpoint()
+                    last_saved = step
+                if any_rank(self._stop_signal is not None, self.device):  # collective, every rank
+                    self.rank0.print(f"stop requested ({self._stop_signal or 'signal on another rank'}) "
+                                     f"at step {step}; checkpointing")
+                    outcome = "preempted"
+                    break
+            if self.state.step != last_saved:
+                self._samples()
+                self.save_checkpoint()
+            self.rank0.status(outcome, self.state.step)
+            return outcome
+        except BaseException as e:
+            self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")
+            raise
+        finally:
+            self.rank0.close()
+
+
+__all__ = ["Trainer", "TrainState", "NonFiniteError", "preflight", "ShardError", "ConfigError"]

@@ -1,0 +1,63 @@
+#!/usr/bin/env python
+"""Train a GAN.
+
+    accelerate launch launch/train.py --config configs/cifar10_cdcgan.yaml [key=value ...]
+    python launch/train.py --config configs/debug_cpu.yaml --run-dir runs/debug [key=value ...]
+
+Parse, check every input, build, fit, close. The library lives in gan/.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gan.checkpoint import CheckpointError  # noqa: E402
+from gan.config import ConfigError, load_config  # noqa: E402
+from gan.data import ShardError  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cifar10_cdcgan.yaml", help="experiment YAML (default: %(default)s)")
+    p.add_argument("--run-dir", default=None, help="output directory (default: runs/<config name>)")
+    p.add_argument("--resume", default=None, metavar="auto|PATH",
+                   help="'auto': newest complete checkpoint in the run directory (fresh start if none); "
+                        "or a checkpoints/step-XXXXXXXX directory")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr_d=1e-4")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.overrides)
+        if args.dry_run:
+            print(cfg.to_yaml(), end="")
+            return 0
+        from gan.trainer import Trainer, preflight
+
+        run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
+        resume_from = preflight(cfg, run_dir, args.resume)
+    except (ConfigError, ShardError, CheckpointError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from gan.trainer import NonFiniteError
+
+    trainer = Trainer(cfg, run_dir, resume_from)
+    try:
+        outcome = trainer.fit()
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        trainer.accelerator.end_training()
+    trainer.rank0.print(f"{outcome} at step {trainer.state.step}; run directory: {run_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
