@@ -134,7 +134,7 @@ class TrainConfig:
     max_steps: int = 100_000  # G steps
     batch_size: int = 64  # per process
     seed: int = 0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    mixed_precision: str = "auto"  # auto (bf16 on a GPU that has it, else no) | no | fp16 | bf16
     deterministic: bool = False  # cuDNN deterministic, benchmark off
     on_nonfinite: str = "stop"  # stop | skip
     max_skipped: int = 100  # with on_nonfinite=skip: stop after this many skipped steps
@@ -142,8 +142,8 @@ class TrainConfig:
     def __post_init__(self):
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
         _check(self.batch_size >= 1, "train.batch_size", "must be >= 1")
-        _check(self.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision",
-               f"'{self.mixed_precision}' is not one of: no, fp16, bf16")
+        _check(self.mixed_precision in ("auto", "no", "fp16", "bf16"), "train.mixed_precision",
+               f"'{self.mixed_precision}' is not one of: auto, no, fp16, bf16")
         _check(self.on_nonfinite in ("stop", "skip"), "train.on_nonfinite",
                f"'{self.on_nonfinite}' is not one of: stop, skip")
         _check(self.max_skipped >= 0, "train.max_skipped", "must be >= 0")
@@ -208,6 +208,11 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
                 raise ConfigError(f"config key '{dotted}' is a section; give it a mapping, not {value!r}")
             kwargs[key] = _build(tp, value, dotted + ".")
             continue
+        if tp is float and isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                value = float(value)
+            except ValueError:
+                pass
         if not _type_ok(value, tp):
             tname = getattr(tp, "__name__", str(tp))
             raise ConfigError(f"config key '{dotted}' must be of type {tname}, got {value!r} "

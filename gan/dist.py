@@ -54,3 +54,29 @@ class Stats:
         self._sum.clear()
         self._count.clear()
         return {n: float(packed[0, i] / packed[1, i]) for i, n in enumerate(names) if packed[1, i] > 0}
+
+
+def checksum(module: torch.nn.Module) -> torch.Tensor:
+    """Exact integer checksum of every parameter and buffer's bytes (any bit flip changes it)."""
+    total = torch.zeros((), dtype=torch.int64)
+    for t in list(module.parameters()) + list(module.buffers()):
+        data = t.detach().contiguous().cpu().view(-1)
+        if data.element_size() % 4 == 0:
+            words = data.view(torch.int32).to(torch.int64)
+        else:
+            words = data.view(torch.uint8).to(torch.int64)
+        total += (words * torch.arange(1, words.numel() + 1, dtype=torch.int64) % 1_000_003).sum()
+    return total
+
+
+def check_replicas(modules: dict[str, torch.nn.Module], device: torch.device) -> None:
+    """Collective. Raise on every rank if any module's weights differ between ranks."""
+    if world_size() == 1:
+        return
+    local = torch.stack([checksum(m) for m in modules.values()]).to(device)
+    lo, hi = local.clone(), local.clone()
+    dist.all_reduce(lo, dist.ReduceOp.MIN)
+    dist.all_reduce(hi, dist.ReduceOp.MAX)
+    bad = [name for name, a, b in zip(modules, lo.tolist(), hi.tolist()) if a != b]
+    if bad:
+        raise RuntimeError(f"DDP replicas diverged: {', '.join(bad)} differ between ranks")

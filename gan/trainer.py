@@ -20,7 +20,7 @@ from accelerate.utils import set_seed
 from gan import checkpoint
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
-from gan.dist import Stats, any_rank
+from gan.dist import Stats, any_rank, check_replicas
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import build_models
@@ -82,6 +82,13 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def resolve_precision(name: str) -> str:
+    """"auto": bf16 where the GPU supports it, else full precision."""
+    if name != "auto":
+        return name
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+
+
 def _lr_factor(schedule: str, max_steps: int):
     if schedule == "linear":
         return lambda s: max(0.0, 1.0 - s / max_steps)
@@ -109,7 +116,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, Path(run_dir), resume_from
         t = cfg.train
-        self.accelerator = acc = Accelerator(mixed_precision=t.mixed_precision)
+        self.accelerator = acc = Accelerator(mixed_precision=resolve_precision(t.mixed_precision))
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic
         if t.deterministic:
@@ -235,6 +242,7 @@ class Trainer:
                            self.cfg.log.samples_per_class)
 
     def save_checkpoint(self) -> Path:
+        check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model}, self.device)  # collective
         path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
                                {"config": self.cfg.to_dict()}, self.cfg.checkpoint.keep)
         if self.rank0.enabled:
@@ -284,6 +292,8 @@ class Trainer:
             if self.state.step != last_saved:
                 self._samples()
                 self.save_checkpoint()
+            if acc.num_processes > 1:
+                self.rank0.print(f"replica check: G, D and G_ema identical on all {acc.num_processes} ranks")
             self.rank0.status(outcome, self.state.step)
             return outcome
         except BaseException as e:
