@@ -1,0 +1,257 @@
+"""Sweeps and preemption against a real (one-node, CPU) Slurm started by the tests themselves.
+
+The session fixture installs Debian's slurm-wlm + munge if missing (apt-get, as root), starts
+munged, slurmctld and slurmd with a generated slurm.conf in a temporary directory, and stops them
+all afterwards. Skipped, with the reason, only where Slurm can't be installed.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import pickle
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from slurm_cluster import SlurmCluster, SlurmUnavailable
+
+ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    try:
+        cluster = SlurmCluster.start(log=lambda m: print(f"[slurm fixture] {m}", file=sys.stderr))
+    except SlurmUnavailable as e:
+        pytest.skip(f"no Slurm for the Slurm tests: {e}")
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.fixture
+def shards(request, tmp_path_factory):
+    """The data helper's tiny shards when conftest has them, else a tiny ImageFolder built here."""
+    try:
+        return Path(request.getfixturevalue("tiny_shards"))
+    except pytest.FixtureLookupError:
+        pass
+    from PIL import Image
+
+    from data_shards.sources import open_source
+    from data_shards.writer import build_shards
+
+    root = tmp_path_factory.mktemp("slurm-images")
+    rng = np.random.default_rng(0)
+    for c in range(10):
+        (root / f"c{c}").mkdir()
+        for i in range(4):
+            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
+    out = tmp_path_factory.mktemp("slurm-shards")
+    build_shards(open_source("imagefolder", root, "train"), out, "train", "tiny", "raw", 20, log=lambda m: None)
+    return out
+
+
+def _env():
+    return {"GAN_PYTHON": sys.executable, "GAN_REPO": str(ROOT)}
+
+
+def wait_done(cluster: SlurmCluster, prefix: str, timeout: float, release_requeued: bool = False) -> None:
+    """Wait until no job whose id starts with ``prefix`` is left. Slurm holds a requeued job for
+    about two minutes (BeginTime); with ``release_requeued`` the test lets it start at once."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        mine = [j for j in cluster.jobs() if j[0] == prefix or j[0].startswith(prefix + "_")]
+        if not mine:
+            return
+        if release_requeued:
+            for jid, state, reason in mine:
+                if state == "PENDING" and reason == "BeginTime":
+                    cluster.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=False)
+        time.sleep(1)
+    pytest.fail(f"jobs {prefix} still queued after {timeout:.0f} s: {cluster.jobs()}\n{cluster.logs()}")
+
+
+def array_job_of(out: Path, timeout: float = 60) -> str:
+    """The array job id that slurm/sweep.sh recorded in OUT/submissions.txt."""
+    deadline = time.time() + timeout
+    f = out / "submissions.txt"
+    while time.time() < deadline:
+        if f.is_file() and f.read_text().strip():
+            return f.read_text().strip().splitlines()[-1].split()[0]
+        time.sleep(0.5)
+    pytest.fail(f"slurm/sweep.sh recorded no submission in {f}")
+
+
+def task_logs(out: Path) -> str:
+    return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((out / "logs").glob("*.log")))
+
+
+# ---------------------------------------------------------------------------- A: a sweep
+
+
+def test_sweep_array_runs_every_point_and_summarises(slurm, shards, tmp_path):
+    """`sbatch slurm/sweep.sh configs/sweeps/debug_cpu.yaml`: a submitter job submits the array;
+    every task trains, checkpoints and finishes; the summary lists them all."""
+    out = tmp_path / "sweep"
+    r = slurm.run(["sbatch", "--parsable", f"--output={tmp_path / 'submit.log'}", "slurm/sweep.sh",
+                   "configs/sweeps/debug_cpu.yaml", "--out", str(out), "--set", f"data.shards={shards}"],
+                  cwd=ROOT, env=_env())
+    submitter = r.stdout.strip().split(";")[0]
+    wait_done(slurm, submitter, 120)
+    job = array_job_of(out)
+    wait_done(slurm, job, 420)
+
+    manifest = json.loads((out / "sweep.json").read_text())
+    tasks = manifest["tasks"]
+    assert len(tasks) >= 3
+    detail = task_logs(out) + (tmp_path / "submit.log").read_text()
+    for t in tasks:
+        run = Path(t["run_dir"])
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "finished" and status["step"] == status["max_steps"] == 6, (t["name"], detail)
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+        assert (run / "export" / "G_ema.safetensors").is_file()
+        log = out / "logs" / f"{job}_{t['index']}.log"
+        assert "end rc=0 state=finished action=done" in log.read_text()
+        cfg = (run / "config.yaml").read_text()
+        assert f"n_dis: {t['overrides']['optim.n_dis']}" in cfg
+
+    r = slurm.run([sys.executable, "launch/sweep_summary.py", str(out)], cwd=ROOT)
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [row["name"] for row in rows] == [t["name"] for t in tasks]
+    assert {row["status"] for row in rows} == {"finished"}
+    assert all(row["final Loss/D/main"] and row["final Loss/G/main"] for row in rows)
+    md = (out / "summary.md").read_text()
+    assert f"{len(tasks)} finished" in md and all(t["name"] in md for t in tasks)
+    assert (out / "summary.png").stat().st_size > 1000
+
+
+def test_failing_task_does_not_stop_the_others(slurm, shards, tmp_path):
+    """A grid point that fails at start-up (images of the wrong size for the shards) fails alone;
+    the summary marks it failed and the other point finished."""
+    sweep = tmp_path / "mixed.yaml"
+    sweep.write_text(f"base: {ROOT / 'configs/debug_cpu.yaml'}\n"
+                     "grid:\n  model.img_size: [32, 16]\n"
+                     "overrides: {train.max_steps: 4, checkpoint.every: 2}\n")
+    out = tmp_path / "out"
+    r = slurm.run(["bash", "slurm/sweep.sh", str(sweep), "--out", str(out), "--set", f"data.shards={shards}"],
+                  cwd=ROOT, env=_env())
+    assert "submitted array job" in r.stdout
+    job = array_job_of(out)
+    wait_done(slurm, job, 300)
+    slurm.run([sys.executable, "launch/sweep_summary.py", str(out)], cwd=ROOT)
+    rows = {row["model.img_size"]: row for row in csv.DictReader(open(out / "summary.csv"))}
+    assert rows["32"]["status"] == "finished", task_logs(out)
+    assert rows["16"]["status"] == "failed", task_logs(out)
+    assert "rc=2" in rows["16"]["detail"]
+    assert "image" in (out / "logs" / f"{job}_1.log").read_text().lower()
+
+
+# ---------------------------------------------------------------------------- B: preemption
+
+
+def _flatten(obj, prefix=""):
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            yield from _flatten(v, f"{prefix}/{k}")
+    elif isinstance(obj, (list, tuple)):
+        for i, v in enumerate(obj):
+            yield from _flatten(v, f"{prefix}/{i}")
+    else:
+        yield prefix, obj
+
+
+def checkpoint_contents(ckpt: Path) -> dict:
+    """Every tensor and value of a checkpoint directory (models, optimizers, EMA, train state,
+    RNG states), except meta.json (it holds the config, which differs in checkpoint.keep)."""
+    out = {}
+    for f in sorted(ckpt.iterdir()):
+        if f.suffix == ".safetensors":
+            obj = load_file(str(f))
+        elif f.suffix in (".bin", ".pkl", ".pt"):
+            try:
+                obj = torch.load(f, map_location="cpu", weights_only=False)
+            except (pickle.UnpicklingError, RuntimeError):
+                obj = pickle.loads(f.read_bytes())
+        else:
+            continue
+        for k, v in _flatten(obj):
+            out[f"{f.name}{k}"] = v
+    return out
+
+
+def assert_same(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        x, y = a[k], b[k]
+        if isinstance(x, torch.Tensor):
+            assert torch.equal(x, y), f"{k} differs"
+        elif isinstance(x, np.ndarray):
+            assert np.array_equal(x, y), f"{k} differs"
+        else:
+            assert x == y, f"{k} differs: {x!r} vs {y!r}"
+
+
+def test_preempted_task_checkpoints_requeues_and_resumes_exactly(slurm, shards, tmp_path):
+    """Two array tasks, identical training (they differ only in checkpoint.keep). Task 1 gets
+    USR2 on its batch shell (what --signal=B:USR2@120 does before a time limit): it checkpoints,
+    requeues itself as <array>_1 and resumes with --resume auto. Task 0 runs straight through and
+    is not disturbed. Both end with the same weights, optimizer, EMA and RNG states, and task 1's
+    metrics.jsonl has every step exactly once, with the same losses."""
+    steps = 400
+    sweep = tmp_path / "preempt.yaml"
+    sweep.write_text(f"base: {ROOT / 'configs/debug_cpu.yaml'}\n"
+                     "grid:\n  checkpoint.keep: [2, 3]\n"
+                     f"overrides: {{train.max_steps: {steps}, checkpoint.every: 100000, log.every: 1,"
+                     " log.sample_every: 100000}\n"
+                     "slurm: {cpus-per-task: 1}\n")
+    out = tmp_path / "out"
+    slurm.run(["bash", "slurm/sweep.sh", str(sweep), "--out", str(out), "--set", f"data.shards={shards}"],
+              cwd=ROOT, env=_env())
+    job = array_job_of(out)
+    tasks = json.loads((out / "sweep.json").read_text())["tasks"]
+    straight, pre = Path(tasks[0]["run_dir"]), Path(tasks[1]["run_dir"])
+
+    deadline = time.time() + 180
+    while time.time() < deadline and not (pre / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    assert (pre / "metrics.jsonl").is_file(), task_logs(out)
+    slurm.run(["scancel", "--signal=USR2", "--batch", f"{job}_1"])
+    wait_done(slurm, job, 420, release_requeued=True)
+
+    log1 = (out / "logs" / f"{job}_1.log").read_text()
+    log0 = (out / "logs" / f"{job}_0.log").read_text()
+    assert "USR2: asking training to checkpoint" in log1, log1
+    assert "end rc=0 state=preempted action=requeue" in log1, log1
+    assert f"requeueing {job}_1" in log1
+    assert "restart=1" in log1, log1  # it ran again ...
+    stop = int(log1.split("stop requested (SIGUSR2) at step ")[1].split(";")[0])
+    assert 0 < stop < steps, log1
+    assert f"resumed from {pre / 'checkpoints' / f'step-{stop:08d}'} at step {stop}" in log1  # ... from there
+    assert log1.rstrip().endswith("end rc=0 state=finished action=done"), log1
+    assert "USR2" not in log0 and "restart=1" not in log0, log0  # the other task was left alone
+
+    for run in (straight, pre):
+        status = json.loads((run / "status.json").read_text())
+        assert status["state"] == "finished" and status["step"] == steps
+    rows = [json.loads(line) for line in (pre / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == list(range(1, steps + 1))  # no step lost, none done twice
+    ref = {json.loads(line)["step"]: json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()}
+    for r in rows:
+        for k in ("Loss/D/main", "Loss/G/main"):
+            assert r[k] == ref[r["step"]][k], (r["step"], k)
+    final = f"step-{steps:08d}"
+    assert_same(checkpoint_contents(straight / "checkpoints" / final), checkpoint_contents(pre / "checkpoints" / final))
+    assert_same(load_file(str(straight / "export" / "G_ema.safetensors")),
+                load_file(str(pre / "export" / "G_ema.safetensors")))
+
+    slurm.run([sys.executable, "launch/sweep_summary.py", str(out)], cwd=ROOT)
+    assert {row["status"] for row in csv.DictReader(open(out / "summary.csv"))} == {"finished"}
