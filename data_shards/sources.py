@@ -1,0 +1,265 @@
+"""Readers for the supported sources. Each checks its input up front and returns a :class:`Source`.
+
+- ``cifar10``: torchvision's CIFAR-10 python format (``ROOT/cifar-10-batches-py/data_batch_1..5``,
+  ``test_batch``, ``batches.meta``); ``download=True`` uses torchvision's downloader.
+- ``imagefolder``: ``ROOT/<class>/<image>`` (sub-folders allowed), classes sorted by name.
+- ``fashion-mnist`` / ``mnist``: idx files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``) in ROOT or
+  in torchvision's ``ROOT/FashionMNIST/raw`` / ``ROOT/MNIST/raw``.
+"""
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+CIFAR10_CLASSES = ("airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck")
+FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+                   "Ankle boot")
+MNIST_CLASSES = tuple(str(i) for i in range(10))
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
+SOURCES = ("cifar10", "imagefolder", "fashion-mnist", "mnist")
+
+
+class InputError(Exception):
+    """Bad input for a data_shards command: the message names the path and the fix (exit code 2)."""
+
+
+@dataclass
+class Source:
+    name: str  # default dataset name for the manifest
+    classes: tuple[str, ...]
+    shape: tuple[int, int, int]  # (C, H, W)
+    labels: np.ndarray  # int64 (N,)
+    load: Callable[[int], np.ndarray]  # index -> uint8 (C, H, W); raises InputError naming the file
+    describe: Callable[[int], str]  # index -> where the sample comes from (for messages)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+
+def array_source(name: str, classes, images: np.ndarray, labels, where: str = "array") -> Source:
+    """A source from in-memory uint8 images (N, C, H, W) and labels (used by the readers and tests)."""
+    labels = np.asarray(labels, dtype=np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= len(classes)))
+    if bad.size:
+        raise InputError(f"{where}: label {labels[bad[0]]} of sample {bad[0]} is outside [0, {len(classes)}); "
+                         f"the files are damaged or not {name} data")
+    return Source(name, tuple(classes), tuple(int(v) for v in images.shape[1:]), labels,
+                  load=lambda i: images[i], describe=lambda i: f"{where}[{i}]")
+
+
+# ---------------------------------------------------------------------------------------------- CIFAR-10
+
+OFFLINE_HINT = ("Without internet, point --root at a directory holding torchvision's cifar-10-batches-py "
+                "(e.g. copied from another machine), or build from the ImageFolder copy: "
+                "`tar -xzf ../shared/data/cifar10-jpeg.tar.gz -C data/` then `python -m data_shards build "
+                "--source imagefolder --root data/cifar10-jpeg/train --name cifar10 --split train --out DIR` "
+                "(or just `python -m data_shards ensure-cifar10 --out DIR`)")
+
+
+def _cifar_dir(root: Path) -> Path | None:
+    if (root / "cifar-10-batches-py").is_dir():
+        return root / "cifar-10-batches-py"
+    if (root / "batches.meta").is_file() or (root / "test_batch").is_file():
+        return root
+    return None
+
+
+def _torchvision_download(cls_name: str, root: Path, train: bool) -> None:
+    import torchvision.datasets as tvd
+
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        getattr(tvd, cls_name)(root=str(root), train=train, download=True)
+    except Exception as e:  # URLError, socket errors, RuntimeError on bad archives
+        msg = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise InputError(f"could not download {cls_name} into {root} with torchvision ({type(e).__name__}: {msg}). "
+                         f"This machine may be offline. " + (OFFLINE_HINT if cls_name == "CIFAR10" else
+                         "Copy the idx files (e.g. Debian's dataset-fashion-mnist package puts them in "
+                         "/usr/share/datasets/fashion-mnist) and point --root at them.")) from None
+
+
+def cifar10(root: str | Path, split: str, download: bool = False) -> Source:
+    root = Path(root)
+    base = _cifar_dir(root) if root.is_dir() else None
+    if base is None and download:
+        _torchvision_download("CIFAR10", root, train=split == "train")
+        base = _cifar_dir(root)
+    if base is None:
+        what = "does not exist" if not root.exists() else "holds no cifar-10-batches-py (torchvision's CIFAR-10 layout)"
+        raise InputError(f"CIFAR-10 root {root} {what}. Add --download to fetch it with torchvision (needs "
+                         f"internet). " + OFFLINE_HINT)
+    names = [f"data_batch_{i}" for i in range(1, 6)] if split == "train" else ["test_batch"]
+    missing = [n for n in names if not (base / n).is_file()]
+    if missing:
+        raise InputError(f"{base} lacks {', '.join(missing)}: an incomplete CIFAR-10 copy. Re-copy "
+                         f"cifar-10-batches-py or use --download. " + OFFLINE_HINT)
+    images, labels = [], []
+    for n in names:
+        path = base / n
+        try:
+            with open(path, "rb") as f:
+                d = pickle.load(f, encoding="latin1")
+            data = np.asarray(d["data"], dtype=np.uint8)
+            lab = d["labels"] if "labels" in d else d["fine_labels"]
+            data = data.reshape(len(data), 3, 32, 32)
+            if len(lab) != len(data):
+                raise ValueError(f"{len(lab)} labels for {len(data)} images")
+        except Exception as e:
+            raise InputError(f"cannot read CIFAR-10 batch {path} ({type(e).__name__}: {e}): the file is damaged or "
+                             f"not in torchvision's CIFAR-10 python format. Re-copy it or use --download.") from None
+        images.append(data)
+        labels.extend(lab)
+    classes = CIFAR10_CLASSES
+    meta = base / "batches.meta"
+    if meta.is_file():
+        try:
+            with open(meta, "rb") as f:
+                classes = tuple(pickle.load(f, encoding="latin1")["label_names"])
+        except Exception as e:
+            raise InputError(f"cannot read {meta} ({e}): re-copy cifar-10-batches-py") from None
+    return array_source("cifar10", classes, np.concatenate(images), labels, str(base / split))
+
+
+# ---------------------------------------------------------------------------------------------- ImageFolder
+
+def _image_files(folder: Path) -> list[Path]:
+    out = []
+    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        out.extend(Path(dirpath) / f for f in filenames
+                   if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS))
+    return sorted(out)
+
+
+def imagefolder(root: str | Path) -> Source:
+    from PIL import Image, UnidentifiedImageError
+
+    root = Path(root)
+    if not root.exists():
+        raise InputError(f"image folder root {root} does not exist: point --root at a directory laid out as "
+                         f"ROOT/<class>/<image> (for ../shared/data/cifar10-jpeg.tar.gz: extract it and use "
+                         f"cifar10-jpeg/train)")
+    if not root.is_dir():
+        raise InputError(f"image folder root {root} is not a directory: expected ROOT/<class>/<image>")
+    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
+                        key=lambda d: d.name)
+    if not class_dirs:
+        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
+        hint = (f"it holds {len(loose)} image(s) directly; move each class's images into its own sub-folder"
+                if loose else "it has no sub-folders")
+        raise InputError(f"{root} is not an image folder: expected ROOT/<class>/<image>, but {hint}")
+    files, labels = [], []
+    for k, d in enumerate(class_dirs):
+        found = _image_files(d)
+        if not found:
+            raise InputError(f"class folder {d} holds no images ({'/'.join(IMG_EXTENSIONS)}): add images "
+                             f"or remove the folder")
+        files.extend(found)
+        labels.extend([k] * len(found))
+    sizes, gray = {}, True
+    for p in files:  # header-only pass: catch unreadable files and mixed sizes before writing anything
+        try:
+            with Image.open(p) as im:
+                size, mode = im.size, im.mode
+        except (UnidentifiedImageError, OSError, ValueError) as e:
+            raise InputError(f"cannot read image {p} ({type(e).__name__}: {e}): fix or remove the file") from None
+        sizes.setdefault(size, p)
+        gray = gray and mode in ("1", "L", "I", "I;16", "F")
+        if len(sizes) > 1:
+            (s0, p0), (s1, p1) = list(sizes.items())[:2]
+            raise InputError(f"images differ in size: {p0} is {s0[0]}x{s0[1]} but {p1} is {s1[0]}x{s1[1]}; "
+                             f"resize the folder's images to one size first")
+    (w, h), = sizes.keys()
+    c, mode = (1, "L") if gray else (3, "RGB")
+
+    def load(i: int) -> np.ndarray:
+        try:
+            with Image.open(files[i]) as im:
+                a = np.asarray(im.convert(mode), dtype=np.uint8)
+        except (OSError, ValueError) as e:
+            raise InputError(f"cannot decode image {files[i]} ({type(e).__name__}: {e}): fix or remove the "
+                             f"file") from None
+        return a[None] if c == 1 else a.transpose(2, 0, 1)
+
+    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
+    return Source(name, tuple(d.name for d in class_dirs), (c, h, w), np.asarray(labels, dtype=np.int64),
+                  load=load, describe=lambda i: str(files[i]))
+
+
+# ---------------------------------------------------------------------------------------------- idx (MNIST)
+
+def _open_maybe_gz(path: Path) -> bytes:
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rb") as f:
+        return f.read()
+
+
+def _read_idx(path: Path, ndim: int) -> np.ndarray:
+    try:
+        data = _open_maybe_gz(path)
+        if len(data) < 4:
+            raise ValueError("file too short")
+        zero, dtype, nd = struct.unpack(">HBB", data[:4])
+        if zero != 0 or dtype != 0x08 or nd != ndim:
+            raise ValueError(f"header says dtype 0x{dtype:02x} with {nd} dims, expected unsigned bytes with {ndim}")
+        dims = struct.unpack(f">{nd}I", data[4:4 + 4 * nd])
+        body = np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * nd)
+        if body.size != int(np.prod(dims)):
+            raise ValueError(f"{body.size} data bytes for dims {dims}")
+        return body.reshape(dims)
+    except (OSError, EOFError, ValueError, struct.error) as e:
+        raise InputError(f"cannot read idx file {path} ({type(e).__name__}: {e}): the file is damaged or not an "
+                         f"idx{ndim} file. Re-copy it.") from None
+
+
+def _find_idx(dirs: list[Path], stem: str) -> Path | None:
+    for d in dirs:
+        for name in (stem, stem + ".gz"):
+            if (d / name).is_file():
+                return d / name
+    return None
+
+
+def idx(root: str | Path, split: str, kind: str, download: bool = False) -> Source:
+    """kind: 'fashion-mnist' or 'mnist'."""
+    root = Path(root)
+    tv = "FashionMNIST" if kind == "fashion-mnist" else "MNIST"
+    prefix = "train" if split == "train" else "t10k"
+    dirs = [root, root / tv / "raw"]
+    img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    if img_path is None and download:
+        _torchvision_download(tv, root, train=split == "train")
+        img_path = _find_idx(dirs, f"{prefix}-images-idx3-ubyte")
+    lab_path = _find_idx(dirs, f"{prefix}-labels-idx1-ubyte")
+    if img_path is None or lab_path is None:
+        what = "does not exist" if not root.exists() else (
+            f"holds no {prefix}-images-idx3-ubyte[.gz] / {prefix}-labels-idx1-ubyte[.gz] (looked in {root} "
+            f"and {root / tv / 'raw'})")
+        raise InputError(f"{kind} root {root} {what}. Point --root at the idx files (Debian: `apt-get install "
+                         f"dataset-fashion-mnist` puts them in /usr/share/datasets/fashion-mnist) or add --download "
+                         f"(needs internet).")
+    images, labels = _read_idx(img_path, 3), _read_idx(lab_path, 1)
+    if len(images) != len(labels):
+        raise InputError(f"{img_path} holds {len(images)} images but {lab_path} holds {len(labels)} labels: "
+                         f"the two files do not belong together")
+    classes = FASHION_CLASSES if kind == "fashion-mnist" else MNIST_CLASSES
+    return array_source(kind, classes, images[:, None], labels, str(img_path))
+
+
+def open_source(source: str, root: str | Path, split: str, download: bool = False) -> Source:
+    if source == "cifar10":
+        return cifar10(root, split, download)
+    if source == "imagefolder":
+        if download:
+            raise InputError("--download works only with --source cifar10, fashion-mnist or mnist")
+        return imagefolder(root)
+    if source in ("fashion-mnist", "mnist"):
+        return idx(root, split, source, download)
+    raise InputError(f"unknown source '{source}': use one of {', '.join(SOURCES)}")

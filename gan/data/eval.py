@@ -1,0 +1,72 @@
+"""Eval/test reading: every sample exactly once across ranks, no augmentation."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset
+
+from gan.data.codec import to_unit_range
+from gan.data.manifest import Manifest, ShardError, read_manifest
+from gan.data.stream import _identity, decode_batch
+from gan.data.tario import tar_samples
+
+
+class _EvalChunks(IterableDataset):
+    """Shards in manifest order (split among workers), samples whose index % world_size == rank."""
+
+    def __init__(self, m: Manifest, rank: int, world_size: int, chunk: int):
+        super().__init__()
+        self.m, self.rank, self.world_size, self.chunk = m, rank, world_size, chunk
+
+    def _mine(self, sample: dict) -> bool:
+        key = sample.get("__key__", "")
+        if not key.isdigit():
+            raise ShardError(f"{sample.get('__url__')}: sample key {key!r} is not a sample index; these shards "
+                             f"were not written by data_shards. Rebuild {self.m.dir} with `python -m data_shards build`.")
+        return int(key) % self.world_size == self.rank
+
+    def __iter__(self):
+        pipeline = wds.DataPipeline(
+            wds.SimpleShardList(self.m.paths),
+            wds.split_by_worker,
+            tar_samples,
+            wds.select(self._mine),
+            wds.batched(self.chunk, collation_fn=None, partial=True),
+        )
+        for samples in pipeline:
+            yield decode_batch(samples, self.m)
+
+
+def eval_batches(shards_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
+                 num_workers: int = 0):
+    """Yield ``(x, y)`` over the shard set once: x float32 (B, C, H, W) in [-1, 1] (scaling only, no
+    augmentation), y int64 (B,). Rank ``r`` gets the samples whose index is ``r`` modulo ``world_size``,
+    so every sample is read exactly once across ranks (rank counts differ by at most one sample).
+    All batches hold ``batch_size`` samples except possibly the last. Do not pass through
+    ``accelerator.prepare`` (the split by rank is already done here).
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if world_size < 1 or not 0 <= rank < world_size:
+        raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+    m = read_manifest(shards_dir)
+    ds = _EvalChunks(m, rank, world_size, batch_size)
+    source = wds.WebLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity) \
+        if num_workers > 0 else ds
+    return _rebatch(source, batch_size)
+
+
+def _rebatch(chunks, batch_size: int):
+    xs, ys, have = [], [], 0
+    for x, y in chunks:
+        xs.append(x)
+        ys.append(y)
+        have += len(y)
+        while have >= batch_size:
+            x_all, y_all = torch.cat(xs), torch.cat(ys)
+            yield to_unit_range(x_all[:batch_size]), y_all[:batch_size]
+            xs, ys, have = [x_all[batch_size:]], [y_all[batch_size:]], have - batch_size
+    if have:
+        yield to_unit_range(torch.cat(xs)), torch.cat(ys)

@@ -1,0 +1,154 @@
+"""The shard manifest (``DIR/manifest.json``) and the error raised for unusable shard directories.
+
+Format (docs/CONTRACTS.md)::
+
+    {"format": 1, "dataset": "cifar10", "split": "train", "classes": [...],
+     "image_shape": [C, H, W], "encoding": "raw" | "png",
+     "shards": [{"name": "train-000000.tar", "count": 1000, "sha256": "..."}, ...], "total": 50000}
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+FORMAT = 1
+MANIFEST = "manifest.json"
+ENCODINGS = ("raw", "png")
+SHARD_RE = r"[A-Za-z0-9_]+-\d{6}\.tar"
+
+BUILD_HINT = ("build shards with `python -m data_shards build --source cifar10|imagefolder|fashion-mnist|mnist "
+              "--root SRC --split train --out {dir}` (or `make shards` for CIFAR-10)")
+
+
+class ShardError(ValueError):
+    """A shard directory that cannot be used: the message names the path and the fix."""
+
+
+@dataclass(frozen=True)
+class ShardInfo:
+    name: str
+    count: int
+    sha256: str
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What a shard directory holds. ``shards`` keeps the manifest order."""
+
+    dir: Path
+    dataset: str
+    split: str
+    classes: tuple[str, ...]
+    image_shape: tuple[int, int, int]  # (C, H, W)
+    encoding: str
+    shards: tuple[ShardInfo, ...]
+    total: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def paths(self) -> list[str]:
+        return [str(self.dir / s.name) for s in self.shards]
+
+    def check(self, dataset: str | None = None, channels: int | None = None, size: int | None = None,
+              num_classes: int | None = None) -> "Manifest":
+        """Raise :class:`ShardError` if these shards do not fit what the caller expects.
+
+        ``dataset`` is ``data.dataset`` ("" or None accepts any), ``channels``/``size``/``num_classes``
+        are ``model.img_channels``/``model.img_size``/``model.num_classes``.
+        """
+        c, h, w = self.image_shape
+        where = f"shards in {self.dir} ({self.dataset} {self.split}, {c}x{h}x{w}, {self.num_classes} classes)"
+        if dataset and dataset != self.dataset:
+            raise ShardError(f"{where} hold dataset '{self.dataset}', but the config expects '{dataset}' "
+                             f"(data.dataset). Point data.shards at shards built from {dataset}, rebuild "
+                             f"{self.dir} with `python -m data_shards build ... --name {dataset}`, or set "
+                             f"data.dataset={self.dataset}.")
+        if channels is not None and channels != c:
+            raise ShardError(f"{where} have {c} channel(s), but the config expects {channels} "
+                             f"(model.img_channels). Set model.img_channels={c} or use other shards.")
+        if size is not None and (size != h or size != w):
+            raise ShardError(f"{where} hold {h}x{w} images, but the config expects {size}x{size} "
+                             f"(model.img_size). Set model.img_size={h} or use other shards.")
+        if num_classes is not None and num_classes != self.num_classes:
+            raise ShardError(f"{where} have {self.num_classes} classes, but the config expects {num_classes} "
+                             f"(model.num_classes). Set model.num_classes={self.num_classes} or use other shards.")
+        return self
+
+    def to_json(self) -> dict:
+        return {"format": FORMAT, "dataset": self.dataset, "split": self.split, "classes": list(self.classes),
+                "image_shape": list(self.image_shape), "encoding": self.encoding,
+                "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
+                "total": self.total}
+
+
+def _bad(path: Path, why: str) -> ShardError:
+    return ShardError(f"{path} is not a valid shard manifest: {why}. Rebuild the directory: "
+                      + BUILD_HINT.format(dir=path.parent))
+
+
+def parse_manifest(raw: dict, directory: Path) -> Manifest:
+    """Validate a decoded manifest.json; raise :class:`ShardError` naming the problem."""
+    path = directory / MANIFEST
+    if not isinstance(raw, dict):
+        raise _bad(path, "top level is not a JSON object")
+    missing = [k for k in ("format", "dataset", "split", "classes", "image_shape", "encoding", "shards", "total")
+               if k not in raw]
+    if missing:
+        raise _bad(path, f"missing key(s) {', '.join(missing)}")
+    if raw["format"] != FORMAT:
+        raise _bad(path, f"format {raw['format']!r}, this code reads format {FORMAT}")
+    if raw["encoding"] not in ENCODINGS:
+        raise _bad(path, f"encoding {raw['encoding']!r} is not one of {', '.join(ENCODINGS)}")
+    shape = raw["image_shape"]
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)
+            or shape[0] not in (1, 3)):
+        raise _bad(path, f"image_shape {shape!r} is not [C, H, W] with C in (1, 3)")
+    classes = raw["classes"]
+    if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+        raise _bad(path, "classes must be a non-empty list of names")
+    shards = []
+    for i, s in enumerate(raw["shards"] if isinstance(raw["shards"], list) else [None]):
+        if (not isinstance(s, dict) or not isinstance(s.get("name"), str) or not re.fullmatch(SHARD_RE, s["name"])
+                or not isinstance(s.get("count"), int) or s["count"] < 1 or not isinstance(s.get("sha256"), str)):
+            raise _bad(path, f"shard entry {i} ({s!r}) needs name '<split>-NNNNNN.tar', count >= 1 and sha256")
+        shards.append(ShardInfo(s["name"], s["count"], s["sha256"]))
+    if not shards:
+        raise _bad(path, "it lists no shards")
+    if raw["total"] != sum(s.count for s in shards):
+        raise _bad(path, f"total {raw['total']} != sum of shard counts {sum(s.count for s in shards)}")
+    return Manifest(dir=directory, dataset=str(raw["dataset"]), split=str(raw["split"]), classes=tuple(classes),
+                    image_shape=tuple(shape), encoding=raw["encoding"], shards=tuple(shards), total=raw["total"])
+
+
+def read_manifest(directory: str | Path) -> Manifest:
+    """Read and validate ``directory/manifest.json``; every shard it names must exist.
+
+    Raises :class:`ShardError` (a ``ValueError``) naming the path and how to build shards when the
+    directory is missing, empty, has no manifest, or the manifest is damaged.
+    """
+    d = Path(directory)
+    if not d.exists():
+        raise ShardError(f"shard directory {d} does not exist: " + BUILD_HINT.format(dir=d)
+                         + ", or point data.shards at an existing shard directory")
+    if not d.is_dir():
+        raise ShardError(f"shard directory {d} is not a directory: point data.shards at the directory that "
+                         f"holds {MANIFEST} and the .tar shards")
+    path = d / MANIFEST
+    if not path.is_file():
+        what = "is empty" if not any(d.iterdir()) else f"has no {MANIFEST} (an unfinished or interrupted build?)"
+        raise ShardError(f"shard directory {d} {what}: " + BUILD_HINT.format(dir=d))
+    try:
+        raw = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise _bad(path, f"cannot read it as JSON ({e})") from None
+    m = parse_manifest(raw, d)
+    absent = [s.name for s in m.shards if not (d / s.name).is_file()]
+    if absent:
+        raise ShardError(f"{path} names shard(s) missing from {d}: {', '.join(absent[:5])}"
+                         f"{' ...' if len(absent) > 5 else ''}. Rebuild: " + BUILD_HINT.format(dir=d))
+    return m

@@ -1,0 +1,199 @@
+"""The training stream: webdataset shards -> endless, rank-equal, resumable batches.
+
+Per rank and epoch ``e`` (one epoch = ``batches_per_epoch`` batches on every rank):
+
+    ResampledShards(seed=f(seed, e))          one shard sequence, drawn with replacement, same on all ranks
+    -> split by rank  (islice(rank, world))   each rank takes its own positions of that sequence
+    -> wds.split_by_worker                    each DataLoader worker takes its own positions again
+    -> wds.tarfile_to_samples -> wds.shuffle(rng seeded by (seed, rank, e, worker))
+    -> wds.batched(B) -> with_epoch(batches of this worker)
+    -> decode + augment in the worker, augmentation RNG seeded by (seed, rank, e, batch index)
+
+Worker ``w`` of ``W`` makes batches ``w, w+W, ...`` of each epoch; the DataLoader returns worker results
+round-robin in order, so batch ``j`` of epoch ``e`` is the same for a given (seed, rank, world_size,
+num_workers) whether the stream started at 0 or was resumed. Shards are resampled, so no rank or worker
+ever runs dry: every rank yields exactly ``batches_per_epoch`` batches per epoch whatever the numbers of
+shards, ranks and workers, and DDP never waits on a rank that ran out of data.
+
+The node split uses the ``rank``/``world_size`` given to :class:`TrainStream` (the same islice as
+``wds.split_by_node``, which instead reads RANK/WORLD_SIZE from the environment), so the data of a rank
+does not depend on how the process was launched and a rank's stream can be rebuilt in a test.
+"""
+from __future__ import annotations
+
+import random
+import warnings
+from functools import partial
+from itertools import islice
+
+import torch
+import webdataset as wds
+from torch.utils.data import IterableDataset, get_worker_info
+
+from gan.data.augment import augment_batch
+from gan.data.codec import decode_images, decode_label, derive_seed, to_unit_range
+from gan.data.manifest import Manifest, ShardError, read_manifest
+from gan.data.tario import tar_samples
+
+_TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUG = 11, 12, 13
+
+
+def split_by_rank(src, rank: int, world_size: int):
+    """``wds.split_by_node`` with an explicit rank and world size."""
+    yield from islice(src, rank, None, world_size) if world_size > 1 else src
+
+
+def _zero() -> int:
+    return 0
+
+
+def _identity(x):
+    return x
+
+
+def decode_batch(samples: list[dict], m: Manifest):
+    """List of raw webdataset samples -> (uint8 images (B,C,H,W), int64 labels (B,)). Errors name the sample."""
+    ext = m.encoding
+    try:
+        blobs = [s[ext] for s in samples]
+        labels = [decode_label(s["cls"], m.num_classes) for s in samples]
+        x = decode_images(blobs, ext, m.image_shape)
+    except (KeyError, ValueError) as e:
+        bad = next((s for s in samples if ext not in s or "cls" not in s), None)
+        if bad is None and str(e).startswith("sample "):
+            idx = int(str(e).split()[1].rstrip(":"))
+            bad = samples[idx]
+        where = f"{bad.get('__url__')} sample {bad.get('__key__')}" if bad else f"a batch from {m.dir}"
+        raise ShardError(f"{where}: {e if not isinstance(e, KeyError) else f'missing .{ext} or .cls member'}. "
+                         f"Check the shards with `python -m data_shards verify {m.dir}` and rebuild them.") from None
+    return x, torch.tensor(labels, dtype=torch.int64)
+
+
+class _EpochBatches(IterableDataset):
+    """Yields (x, y, epoch, batch) for this worker's batches of one epoch per ``iter()`` call.
+
+    The k-th ``iter()`` (in the main process, or in a persistent worker) is epoch ``start_epoch + k``;
+    only the first one skips batches before ``start_batch`` (they are read and shuffled, not decoded,
+    and come out as ``(None, None, epoch, batch)`` placeholders to keep the workers' round-robin order).
+    """
+
+    def __init__(self, m: Manifest, cfg, batch_size: int, seed: int, rank: int, world_size: int,
+                 batches_per_epoch: int, start_epoch: int, start_batch: int):
+        super().__init__()
+        self.m, self.cfg, self.batch_size, self.seed = m, cfg, batch_size, seed
+        self.rank, self.world_size, self.n = rank, world_size, batches_per_epoch
+        self.start_epoch, self.start_batch = start_epoch, start_batch
+        self._calls = 0
+
+    def __iter__(self):
+        epoch = self.start_epoch + self._calls
+        skip = self.start_batch if self._calls == 0 else 0
+        self._calls += 1
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        mine = range(worker, self.n, workers)
+        if len(mine) == 0:
+            return
+        bufsize = self.cfg.shuffle_buffer
+        shuffle = None
+        if bufsize > 1:
+            rng = random.Random(derive_seed(self.seed, self.rank, epoch, worker, _TAG_SHUFFLE))
+            shuffle = wds.shuffle(bufsize, initial=bufsize, rng=rng)
+        pipeline = wds.DataPipeline(
+            wds.ResampledShards(self.m.paths, seed=derive_seed(self.seed, epoch, _TAG_SHARDS),
+                                worker_seed=_zero, deterministic=True),
+            partial(split_by_rank, rank=self.rank, world_size=self.world_size),
+            wds.split_by_worker,
+            tar_samples,
+            shuffle,
+            wds.batched(self.batch_size, collation_fn=None, partial=False),
+        ).with_epoch(len(mine))
+        for j, samples in zip(mine, pipeline):
+            if j < skip:
+                yield None, None, epoch, j
+                continue
+            x, y = decode_batch(samples, self.m)
+            g = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, epoch, j, _TAG_AUG))
+            x = augment_batch(x, g, hflip=self.cfg.hflip, color_jitter_strength=self.cfg.color_jitter,
+                              translate_fraction=self.cfg.translate)
+            yield x, y, epoch, j
+
+
+class TrainStream:
+    """Endless training batches for one rank: ``for x, y in stream`` (x float32 (B,C,H,W) in [-1, 1]
+    with train augmentation from ``cfg``: ``hflip``, ``color_jitter``, ``translate``; y int64 (B,)).
+
+    Args:
+        cfg: a ``DataConfig`` (``shards``, ``dataset``, ``num_workers``, ``shuffle_buffer``, augmentation).
+        batch_size: per-rank batch size. seed: run seed. rank, world_size: this process's place.
+        num_workers: overrides ``cfg.num_workers`` when given.
+
+    Every rank yields the same ``batches_per_epoch = max(1, total // (world_size * batch_size))``
+    batches per epoch. ``state_dict()`` is ``{"epoch", "batch"}`` (batches already yielded in that
+    epoch); ``load_state_dict`` before iterating makes the next batches exactly those an uninterrupted
+    stream would have yielded (same seed, rank, world_size, batch_size and num_workers).
+
+    Do NOT pass the stream (or its loader) through ``accelerator.prepare``: it already splits the data
+    by rank, and Accelerate would shard it a second time. Move batches to the device yourself.
+    """
+
+    def __init__(self, cfg, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
+                 num_workers: int | None = None, prefetch_factor: int = 4):
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        if world_size < 1 or not 0 <= rank < world_size:
+            raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
+        self.cfg = cfg
+        self.manifest = read_manifest(cfg.shards)
+        if cfg.dataset:
+            self.manifest.check(dataset=cfg.dataset)
+        self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
+        self.num_workers = cfg.num_workers if num_workers is None else num_workers
+        if self.num_workers < 0:
+            raise ValueError(f"num_workers must be >= 0, got {self.num_workers}")
+        self.prefetch_factor = prefetch_factor
+        self.batches_per_epoch = max(1, self.manifest.total // (world_size * batch_size))
+        self._epoch, self._batch = 0, 0
+
+    def state_dict(self) -> dict:
+        return {"epoch": self._epoch, "batch": self._batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        try:
+            epoch, batch = int(state["epoch"]), int(state["batch"])
+        except (KeyError, TypeError, ValueError):
+            raise ValueError(f"data stream state must be {{'epoch': int, 'batch': int}}, got {state!r}") from None
+        if epoch < 0 or batch < 0:
+            raise ValueError(f"data stream state must be non-negative, got {state!r}")
+        if batch >= self.batches_per_epoch:
+            warnings.warn(f"data stream state {state!r} is past the end of an epoch of {self.batches_per_epoch} "
+                          f"batches (was the world size or batch size changed?); continuing at epoch {epoch + 1}")
+            epoch, batch = epoch + 1, 0
+        self._epoch, self._batch = epoch, batch
+
+    def __iter__(self):
+        return self._batches()
+
+    def _batches(self):
+        ds = _EpochBatches(self.manifest, self.cfg, self.batch_size, self.seed, self.rank, self.world_size,
+                           self.batches_per_epoch, self._epoch, self._batch)
+        if self.num_workers > 0:
+            loader = wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                   persistent_workers=True, prefetch_factor=self.prefetch_factor)
+        else:
+            loader = ds
+        while True:
+            got = 0
+            for x, y, epoch, j in loader:  # one epoch (the first one may start mid-way)
+                if x is None and epoch == self._epoch and j < self._batch:
+                    continue  # fast-forward placeholder after load_state_dict
+                if (epoch, j) != (self._epoch, self._batch):  # the round-robin contract was broken
+                    raise RuntimeError(f"data stream out of order: got batch {j} of epoch {epoch}, "
+                                       f"expected {self._batch} of {self._epoch}")
+                self._batch += 1
+                if self._batch == self.batches_per_epoch:
+                    self._epoch, self._batch = self._epoch + 1, 0
+                got += 1
+                yield to_unit_range(x), y
+            if got == 0:
+                raise RuntimeError("data stream produced no batches in an epoch")

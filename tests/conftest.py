@@ -1,0 +1,50 @@
+"""Shared fixtures.
+
+``tiny_shards``: a small real shard set (dataset "tiny10", 10 classes, 3x32x32, 240 samples in 3 raw
+shards of 80) built with data_shards; each class has its own colour so a conditional model has
+something to learn. ``tiny_shards_gray28``: the same idea at 1x28x28 (Fashion-MNIST-like, 120 samples).
+Both are session-scoped and read-only: copy them before changing anything.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+
+
+def tiny_images(n: int, channels: int, size: int, num_classes: int = 10, seed: int = 0):
+    """Distinct uint8 images (N, C, H, W) whose mean colour depends on the class, and their labels."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(n) % num_classes
+    palette = rng.integers(40, 216, size=(num_classes, channels, 1, 1))
+    yy, xx = np.mgrid[0:size, 0:size]
+    ramp = ((xx + yy) * (60.0 / (2 * size)))[None]  # a soft diagonal gradient
+    noise = rng.integers(-30, 31, size=(n, channels, size, size))
+    imgs = palette[labels] + ramp[None] + noise
+    return np.clip(imgs, 0, 255).astype(np.uint8), labels.astype(np.int64)
+
+
+def build_tiny(out: Path, n: int, channels: int, size: int, shard_size: int, name: str,
+               encoding: str = "raw", split: str = "train") -> Path:
+    from data_shards import array_source, build_shards
+
+    imgs, labels = tiny_images(n, channels, size)
+    src = array_source(name, [f"class{k}" for k in range(10)], imgs, labels)
+    build_shards(src, out, split, name, encoding=encoding, shard_size=shard_size, log=None)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_shards(tmp_path_factory) -> Path:
+    """Directory of a 10-class 3x32x32 shard set (240 samples, 3 shards); pass as data.shards."""
+    return build_tiny(tmp_path_factory.mktemp("tiny_shards") / "shards", 240, 3, 32, 80, "tiny10")
+
+
+@pytest.fixture(scope="session")
+def tiny_shards_gray28(tmp_path_factory) -> Path:
+    """Directory of a 10-class 1x28x28 shard set (120 samples, 2 shards)."""
+    return build_tiny(tmp_path_factory.mktemp("tiny_shards_gray28") / "shards", 120, 1, 28, 60, "tiny10-gray")
