@@ -80,3 +80,16 @@ def check_replicas(modules: dict[str, torch.nn.Module], device: torch.device) ->
     bad = [name for name, a, b in zip(modules, lo.tolist(), hi.tolist()) if a != b]
     if bad:
         raise RuntimeError(f"DDP replicas diverged: {', '.join(bad)} differ between ranks")
+
+
+def broadcast_buffers(modules: list[torch.nn.Module]) -> None:
+    """Collective. Copy rank 0's buffers (BatchNorm running statistics) to every rank.
+
+    DDP runs with ``broadcast_buffers=False`` (D sees real and fake batches in two forwards before
+    one backward; a broadcast in between would rewrite statistics autograd saved). Running statistics
+    matter only in eval mode, so they are made identical here, before checkpoints and evaluation."""
+    if world_size() == 1:
+        return
+    for m in modules:
+        for b in m.buffers():
+            dist.broadcast(b.data, src=0)

@@ -15,12 +15,12 @@ from pathlib import Path
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from gan import checkpoint
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
-from gan.dist import Stats, any_rank, check_replicas
+from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import build_models
@@ -116,7 +116,9 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, Path(run_dir), resume_from
         t = cfg.train
-        self.accelerator = acc = Accelerator(mixed_precision=resolve_precision(t.mixed_precision))
+        self.accelerator = acc = Accelerator(
+            mixed_precision=resolve_precision(t.mixed_precision),
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic
         if t.deterministic:
@@ -242,6 +244,7 @@ class Trainer:
                            self.cfg.log.samples_per_class)
 
     def save_checkpoint(self) -> Path:
+        broadcast_buffers([self.G, self.D, self.ema.model])  # collective, every rank
         check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model}, self.device)  # collective
         path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
                                {"config": self.cfg.to_dict()}, self.cfg.checkpoint.keep)
