@@ -154,10 +154,15 @@ def test_two_process_gloo_ddp(tmp_path, tiny_shards):
     assert rows[-1]["Progress/kimg"] == pytest.approx(6 * 8 * 2 / 1000)  # both ranks' images counted
 
 
-def test_bf16_autocast_runs(tmp_path, tiny_shards):
-    run = tmp_path / "bf16"
-    train(run, tiny_shards, "train.max_steps=2", "train.mixed_precision=bf16")
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_runs(tmp_path, tiny_shards, precision):
+    run = tmp_path / precision
+    train(run, tiny_shards, "train.max_steps=2", "log.every=1", f"train.mixed_precision={precision}")
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert all(isinstance(r["Loss/G/main"], float) for r in rows)
+    if precision == "fp16":  # the shared GradScaler's skipped steps are counted and logged
+        assert all("Mixed/fp16_skipped" in r for r in rows)
 
 
 # ------------------------------------------------------------------ bad input, before any work
