@@ -47,14 +47,23 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cdcgan"  # registered architecture (gan.models.MODELS)
+    name: str = "cdcgan"  # registered architecture (gan.models.MODELS): cdcgan | sngan | biggan
     z_dim: int = 100
     num_classes: int = 10
     img_channels: int = 3
     img_size: int = 32
     g_channels: int = 64  # base width of G
     d_channels: int = 64  # base width of D
-    d_conditioning: str = "projection"  # "projection" or "concat"
+    d_conditioning: str = "projection"  # cdcgan D: "projection" or "concat"
+    g_spectral_norm: bool = False  # spectral norm on G's conv/linear/embedding layers
+    d_spectral_norm: bool = False  # spectral norm on D's conv/linear/embedding layers
+    upsample: str = "deconv"  # cdcgan G: "deconv" (transposed conv) or "nearest" (upsample + conv)
+    shared_dim: int = 128  # biggan: size of the shared class embedding
+    hier_z: bool = True  # biggan: split z across the G blocks
+    attn_res: int = 0  # self-attention at this resolution in G and D (0 = none; BigGAN uses 16)
+    init: str = "default"  # default (the architecture's own) | dcgan | ortho | xavier | normal
+    d_backbone: str = ""  # "" = the architecture's own D; "googlenet" = torchvision GoogLeNet backbone
+    backbone_weights: str = ""  # local torchvision GoogLeNet state_dict (nothing is downloaded)
 
     def __post_init__(self):
         _check(self.z_dim > 0, "model.z_dim", "must be > 0")
@@ -65,6 +74,23 @@ class ModelConfig:
         _check(self.g_channels > 0 and self.d_channels > 0, "model.g_channels/d_channels", "must be > 0")
         _check(self.d_conditioning in ("projection", "concat"), "model.d_conditioning",
                f"'{self.d_conditioning}' is not one of: projection, concat")
+        _check(self.upsample in ("deconv", "nearest"), "model.upsample",
+               f"'{self.upsample}' is not one of: deconv, nearest")
+        _check(self.shared_dim > 0, "model.shared_dim", "must be > 0")
+        _check(self.attn_res == 0 or (self.attn_res >= 4 and self.attn_res & (self.attn_res - 1) == 0),
+               "model.attn_res", "must be 0 (off) or a power of two >= 4")
+        _check(self.attn_res <= self.img_size, "model.attn_res",
+               f"attention resolution {self.attn_res} is larger than the image ({self.img_size}); "
+               f"use 0 or a resolution <= model.img_size")
+        _check(self.init in ("default", "dcgan", "ortho", "xavier", "normal"), "model.init",
+               f"'{self.init}' is not one of: default, dcgan, ortho, xavier, normal")
+        _check(self.d_backbone in ("", "googlenet"), "model.d_backbone",
+               f"'{self.d_backbone}' is not one of: '' (own D), googlenet")
+        if self.backbone_weights:
+            _check(self.d_backbone != "", "model.backbone_weights", "is only used with model.d_backbone=googlenet")
+            _check(Path(self.backbone_weights).is_file(), "model.backbone_weights",
+                   f"file not found: {self.backbone_weights}. Point it at a local torchvision GoogLeNet "
+                   f"state_dict (e.g. googlenet-1378be20.pth), or leave it empty to train the backbone from scratch")
 
 
 @dataclass
