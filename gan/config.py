@@ -95,31 +95,67 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "ns"  # registered adversarial loss (gan.losses.LOSSES)
+    name: str = "ns"  # registered adversarial loss (gan.losses.LOSSES): ns | hinge | wgan_gp | lsgan
+    gp_weight: float = 10.0  # wgan_gp: gradient penalty weight
+    r1_gamma: float = 0.0  # R1 penalty on real data, gamma/2 * |grad D(x)|^2 (0 = off)
+    r1_every: int = 16  # lazy regularisation: R1 every k D steps, weighted by k
+    label_smoothing: float = 0.0  # one-sided: real targets become 1 - s (ns, lsgan)
+    instance_noise: float = 0.0  # std of Gaussian noise added to D's inputs at step 0
+    instance_noise_steps: int = 0  # linear decay of that std to 0 over these G steps (0 = constant)
+    diffaug: str = ""  # DiffAugment policy on D's inputs: comma list of color, translation, cutout
 
     def __post_init__(self):
         _check(bool(self.name), "loss.name", "must name a loss")
+        _check(self.gp_weight >= 0, "loss.gp_weight", "must be >= 0")
+        _check(self.r1_gamma >= 0, "loss.r1_gamma", "must be >= 0")
+        _check(self.r1_every >= 1, "loss.r1_every", "must be >= 1")
+        _check(0 <= self.label_smoothing < 0.5, "loss.label_smoothing", "must be in [0, 0.5)")
+        _check(self.label_smoothing == 0 or self.name in ("ns", "lsgan"), "loss.label_smoothing",
+               f"one-sided label smoothing needs targets; loss '{self.name}' has none (use ns or lsgan, or 0)")
+        _check(self.instance_noise >= 0, "loss.instance_noise", "must be >= 0")
+        _check(self.instance_noise_steps >= 0, "loss.instance_noise_steps", "must be >= 0")
+        bad = [p for p in self.diffaug_policy if p not in ("color", "translation", "cutout")]
+        _check(not bad, "loss.diffaug", f"unknown DiffAugment op(s) {bad}; valid: color, translation, cutout")
+
+    @property
+    def diffaug_policy(self) -> list[str]:
+        return [p.strip() for p in self.diffaug.split(",") if p.strip()]
 
 
 @dataclass
 class OptimConfig:
+    name: str = "adam"  # adam | adamw | rmsprop (both nets)
     lr_g: float = 2e-4
     lr_d: float = 2e-4
-    beta1: float = 0.5
-    beta2: float = 0.999
+    betas_g: list = field(default_factory=lambda: [0.5, 0.999])  # Adam/AdamW betas of G
+    betas_d: list = field(default_factory=lambda: [0.5, 0.999])  # Adam/AdamW betas of D
+    eps: float = 1e-8
+    weight_decay: float = 0.0
     n_dis: int = 1  # D steps per G step
     grad_clip: float = 0.0  # max grad norm, 0 = no clipping (norms are still logged)
-    lr_schedule: str = "constant"  # constant | linear | cosine (decay to 0 over train.max_steps)
+    lr_schedule: str = "constant"  # constant | linear | cosine | step | exponential
+    lr_decay_start: int = 0  # linear/cosine: G steps at full rate before decaying to 0 at train.max_steps
+    lr_step_every: int = 10000  # step/exponential: the rate is multiplied by lr_gamma every this many steps
+    lr_gamma: float = 0.5
 
     def __post_init__(self):
+        _check(self.name in ("adam", "adamw", "rmsprop"), "optim.name",
+               f"'{self.name}' is not one of: adam, adamw, rmsprop")
         _check(self.lr_g > 0, "optim.lr_g", "must be > 0")
         _check(self.lr_d > 0, "optim.lr_d", "must be > 0")
-        _check(0 <= self.beta1 < 1, "optim.beta1", "must be in [0, 1)")
-        _check(0 <= self.beta2 < 1, "optim.beta2", "must be in [0, 1)")
+        for key in ("betas_g", "betas_d"):
+            betas = getattr(self, key)
+            _check(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
+                   f"optim.{key}", f"must be two numbers in [0, 1), got {betas!r}")
+        _check(self.eps > 0, "optim.eps", "must be > 0")
+        _check(self.weight_decay >= 0, "optim.weight_decay", "must be >= 0")
         _check(self.n_dis >= 1, "optim.n_dis", "must be >= 1")
         _check(self.grad_clip >= 0, "optim.grad_clip", "must be >= 0")
-        _check(self.lr_schedule in ("constant", "linear", "cosine"), "optim.lr_schedule",
-               f"'{self.lr_schedule}' is not one of: constant, linear, cosine")
+        _check(self.lr_schedule in ("constant", "linear", "cosine", "step", "exponential"), "optim.lr_schedule",
+               f"'{self.lr_schedule}' is not one of: constant, linear, cosine, step, exponential")
+        _check(self.lr_decay_start >= 0, "optim.lr_decay_start", "must be >= 0")
+        _check(self.lr_step_every >= 1, "optim.lr_step_every", "must be >= 1")
+        _check(0 < self.lr_gamma <= 1, "optim.lr_gamma", "must be in (0, 1]")
 
 
 @dataclass
@@ -164,6 +200,8 @@ class TrainConfig:
     deterministic: bool = False  # cuDNN deterministic, benchmark off
     on_nonfinite: str = "stop"  # stop | skip
     max_skipped: int = 100  # with on_nonfinite=skip: stop after this many skipped steps
+    channels_last: bool = False  # NHWC memory format for G, D and batches (faster convs on GPUs)
+    compile: bool = False  # torch.compile G and D (Accelerate's dynamo backend "inductor")
 
     def __post_init__(self):
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")

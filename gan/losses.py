@@ -1,9 +1,11 @@
-"""Adversarial objectives, apart from networks and loop.
+"""Adversarial objectives and regularisers, apart from networks and loop.
 
-The math lives in pure functions of logits. A loss object (registered by name) runs D on the
-inputs the trainer hands it and returns ``(loss, stats)``; it never calls backward() or step():
-the trainer owns the order (zero_grad, backward, clipping, finite check, step). Variants such as
-hinge, WGAN-GP or R1 are new loss classes, not branches in the loop.
+The math lives in pure functions of logits (and of D, for the penalties). A loss object, built
+by name from ``LossConfig``, prepares D's inputs (DiffAugment, instance noise), runs D and
+returns ``(loss, stats)``. It never calls backward() or step(): the trainer owns the order
+(zero_grad, backward, clipping, finite check, step) and the lazy-regulariser interval.
+A new objective is a new subclass that overrides ``d_objective``/``g_objective``; a new penalty
+overrides ``d_loss``; nothing branches on names inside the loop.
 """
 from __future__ import annotations
 
@@ -11,12 +13,15 @@ import torch
 import torch.nn.functional as F
 
 from gan.config import ConfigError, LossConfig
+from gan.diffaug import diff_augment
+
+# ---------------------------------------------------------------------------- pure objectives
 
 
-def ns_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
-    """Non-saturating D loss: BCE(D(x), 1) + BCE(D(G(z)), 0), with logits."""
+def ns_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Non-saturating D loss: BCE(D(x), 1 - smoothing) + BCE(D(G(z)), 0), from logits."""
     real_logits, fake_logits = real_logits.float(), fake_logits.float()
-    return (F.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    return (F.binary_cross_entropy_with_logits(real_logits, torch.full_like(real_logits, 1.0 - smoothing))
             + F.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits)))
 
 
@@ -26,26 +31,165 @@ def ns_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
     return F.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-class NonSaturating:
-    """Goodfellow et al. 2014, the -log D(G(z)) generator objective."""
+def hinge_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return F.relu(1.0 - real_logits.float()).mean() + F.relu(1.0 + fake_logits.float()).mean()
+
+
+def hinge_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.float().mean()
+
+
+def wasserstein_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor) -> torch.Tensor:
+    return fake_logits.float().mean() - real_logits.float().mean()
+
+
+def wasserstein_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return -fake_logits.float().mean()
+
+
+def ls_d_loss(real_logits: torch.Tensor, fake_logits: torch.Tensor, smoothing: float = 0.0) -> torch.Tensor:
+    """Least squares (Mao et al. 2017), a-b-c = 0-1-1: 1/2 E(D(x) - b)^2 + 1/2 E D(G(z))^2."""
+    return 0.5 * ((real_logits.float() - (1.0 - smoothing)) ** 2).mean() + 0.5 * (fake_logits.float() ** 2).mean()
+
+
+def ls_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
+    return 0.5 * ((fake_logits.float() - 1.0) ** 2).mean()
+
+
+# ---------------------------------------------------------------------------- penalties
+
+
+def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor,
+                     alpha: torch.Tensor | None = None) -> torch.Tensor:
+    """WGAN-GP (Gulrajani et al. 2017): E (|grad D(x_hat)|_2 - 1)^2 on x_hat between real and fake."""
+    if alpha is None:
+        alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
+    x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
+    out = D(x_hat, y)
+    (grad,) = torch.autograd.grad(out.float().sum(), x_hat, create_graph=True)
+    return ((grad.float().flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
+
+
+def r1_penalty(D, real: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """R1 (Mescheder et al. 2018): E |grad_x D(x)|^2 on real data (multiply by gamma / 2)."""
+    x = real.detach().requires_grad_(True)
+    out = D(x, y)
+    (grad,) = torch.autograd.grad(out.float().sum(), x, create_graph=True)
+    return grad.float().square().flatten(1).sum(1).mean()
+
+
+# ---------------------------------------------------------------------------- loss objects
+
+
+class GANLoss:
+    """Base: D's input pipeline, the two phases, and the lazy R1 regulariser."""
+
+    def __init__(self, cfg: LossConfig):
+        self.cfg = cfg
+        self.policy = cfg.diffaug_policy
+        self.step = 0  # G steps done; the trainer sets it (instance-noise decay)
+
+    # pure objectives, overridden by subclasses
+    def d_objective(self, real_logits, fake_logits):
+        raise NotImplementedError
+
+    def g_objective(self, fake_logits):
+        raise NotImplementedError
+
+    def score(self, logits: torch.Tensor) -> torch.Tensor:
+        """What gets logged as D(x) and D(G(z)): the raw output, or a probability where there is one."""
+        return logits
+
+    def noise_std(self) -> float:
+        c = self.cfg
+        if c.instance_noise == 0:
+            return 0.0
+        if c.instance_noise_steps == 0:
+            return c.instance_noise
+        return c.instance_noise * max(0.0, 1.0 - self.step / c.instance_noise_steps)
+
+    def d_input(self, x: torch.Tensor) -> torch.Tensor:
+        """What D sees: the same differentiable DiffAugment on real and fake, then instance noise."""
+        if self.policy:
+            x = diff_augment(x, self.policy)
+        std = self.noise_std()
+        if std > 0:
+            x = x + std * torch.randn_like(x)
+        return x
 
     def d_loss(self, D, real, y_real, fake, y_fake) -> tuple[torch.Tensor, dict]:
-        real_logits, fake_logits = D(real, y_real), D(fake, y_fake)
-        loss = ns_d_loss(real_logits, fake_logits)
-        return loss, {"Loss/D/main": loss.detach(),
-                      "D/real": torch.sigmoid(real_logits.detach().float()).mean(),
-                      "D/fake": torch.sigmoid(fake_logits.detach().float()).mean()}
+        real_logits, fake_logits = D(self.d_input(real), y_real), D(self.d_input(fake), y_fake)
+        loss = self.d_objective(real_logits, fake_logits)
+        return loss, {"Loss/D/main": loss.detach(), "D/real": self.score(real_logits.detach().float()).mean(),
+                      "D/fake": self.score(fake_logits.detach().float()).mean()}
 
     def g_loss(self, D, fake, y) -> tuple[torch.Tensor, dict]:
-        fake_logits = D(fake, y)
-        loss = ns_g_loss(fake_logits)
+        fake_logits = D(self.d_input(fake), y)
+        loss = self.g_objective(fake_logits)
         return loss, {"Loss/G/main": loss.detach()}
 
+    @property
+    def has_regularizer(self) -> bool:
+        return self.cfg.r1_gamma > 0
 
-LOSSES = {"ns": NonSaturating}
+    def d_regularizer(self, D, real, y) -> tuple[torch.Tensor, dict]:
+        """Lazy R1, run by the trainer every ``r1_every`` D steps and weighted by that interval."""
+        penalty = r1_penalty(D, self.d_input(real) if self.policy else real, y)
+        loss = 0.5 * self.cfg.r1_gamma * penalty * self.cfg.r1_every
+        return loss, {"Loss/D/r1": penalty.detach()}
 
 
-def build_loss(cfg: LossConfig):
+class NonSaturating(GANLoss):
+    """Goodfellow et al. 2014 with the -log D(G(z)) generator objective; D(x) logged as a probability."""
+
+    def d_objective(self, real_logits, fake_logits):
+        return ns_d_loss(real_logits, fake_logits, self.cfg.label_smoothing)
+
+    def g_objective(self, fake_logits):
+        return ns_g_loss(fake_logits)
+
+    def score(self, logits):
+        return torch.sigmoid(logits)
+
+
+class Hinge(GANLoss):
+    """Lim & Ye 2017; Miyato et al. 2018 (SNGAN, BigGAN)."""
+
+    def d_objective(self, real_logits, fake_logits):
+        return hinge_d_loss(real_logits, fake_logits)
+
+    def g_objective(self, fake_logits):
+        return hinge_g_loss(fake_logits)
+
+
+class WassersteinGP(GANLoss):
+    """WGAN-GP: Wasserstein critic loss + gp_weight * gradient penalty."""
+
+    def d_objective(self, real_logits, fake_logits):
+        return wasserstein_d_loss(real_logits, fake_logits)
+
+    def g_objective(self, fake_logits):
+        return wasserstein_g_loss(fake_logits)
+
+    def d_loss(self, D, real, y_real, fake, y_fake):
+        loss, stats = super().d_loss(D, real, y_real, fake, y_fake)
+        gp = gradient_penalty(D, real, fake, y_real)
+        stats["Loss/D/gp"] = gp.detach()
+        return loss + self.cfg.gp_weight * gp, stats
+
+
+class LeastSquares(GANLoss):
+    def d_objective(self, real_logits, fake_logits):
+        return ls_d_loss(real_logits, fake_logits, self.cfg.label_smoothing)
+
+    def g_objective(self, fake_logits):
+        return ls_g_loss(fake_logits)
+
+
+LOSSES = {"ns": NonSaturating, "hinge": Hinge, "wgan_gp": WassersteinGP, "lsgan": LeastSquares}
+
+
+def build_loss(cfg: LossConfig) -> GANLoss:
     if cfg.name not in LOSSES:
         raise ConfigError(f"config key 'loss.name': unknown loss '{cfg.name}'. Valid names: {', '.join(sorted(LOSSES))}")
-    return LOSSES[cfg.name]()
+    return LOSSES[cfg.name](cfg)

@@ -23,7 +23,7 @@ from gan.data import ShardError, TrainStream, read_manifest
 from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
 from gan.ema import EMA
 from gan.losses import build_loss
-from gan.models import build_models
+from gan.models import MODELS, build_models
 from gan.rank_zero import RankZero
 
 
@@ -62,6 +62,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     except OSError as e:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir "
                           f"with a directory you can write to") from None
+    build_loss(cfg.loss)  # unknown names fail here, listing the valid ones
+    if cfg.model.name not in MODELS:
+        build_models(cfg.model)  # raises ConfigError listing the valid architectures
     manifest = read_manifest(cfg.data.shards)
     m = cfg.model
     manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
@@ -89,12 +92,27 @@ def resolve_precision(name: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def _lr_factor(schedule: str, max_steps: int):
-    if schedule == "linear":
-        return lambda s: max(0.0, 1.0 - s / max_steps)
-    if schedule == "cosine":
-        return lambda s: 0.5 * (1.0 + math.cos(math.pi * min(s, max_steps) / max_steps))
+def lr_factor(o, max_steps: int):
+    """The LR multiplier as a function of the G step, for ``optim.lr_schedule``."""
+    start, span = o.lr_decay_start, max(1, max_steps - o.lr_decay_start)
+    if o.lr_schedule == "linear":
+        return lambda s: 1.0 if s < start else max(0.0, 1.0 - (s - start) / span)
+    if o.lr_schedule == "cosine":
+        return lambda s: 1.0 if s < start else 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - start) / span)))
+    if o.lr_schedule == "step":
+        return lambda s: o.lr_gamma ** (s // o.lr_step_every)
+    if o.lr_schedule == "exponential":
+        return lambda s: o.lr_gamma ** (s / o.lr_step_every)
     return lambda s: 1.0
+
+
+def build_optimizer(params, o, lr: float, betas, device: torch.device) -> torch.optim.Optimizer:
+    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    if o.name == "adam":
+        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=o.eps, weight_decay=o.weight_decay, **fast)
+    if o.name == "adamw":
+        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=o.eps, weight_decay=o.weight_decay, **fast)
+    return torch.optim.RMSprop(params, lr=lr, eps=o.eps, weight_decay=o.weight_decay, foreach=True)
 
 
 @contextlib.contextmanager
@@ -118,6 +136,7 @@ class Trainer:
         t = cfg.train
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_precision(t.mixed_precision),
+            dynamo_backend="inductor" if t.compile else "no",
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic
@@ -128,14 +147,14 @@ class Trainer:
 
         set_seed(t.seed)  # identical initial weights on every rank
         G, D = build_models(cfg.model)
+        self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
+        G, D = G.to(self.device, memory_format=self.memory_format), D.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(G, cfg.ema)
-        self.ema.model.to(self.device)
         o = cfg.optim
-        fused = {"fused": True} if self.device.type == "cuda" else {}
-        opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=(o.beta1, o.beta2), **fused)
-        opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=(o.beta1, o.beta2), **fused)
+        opt_G = build_optimizer(G.parameters(), o, o.lr_g, o.betas_g, self.device)
+        opt_D = build_optimizer(D.parameters(), o, o.lr_d, o.betas_d, self.device)
         self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
-        factor = _lr_factor(o.lr_schedule, t.max_steps)
+        factor = lr_factor(o, t.max_steps)
         # Not prepared: Accelerate would step a prepared scheduler once per process.
         self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G.optimizer, factor)
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D.optimizer, factor)
@@ -152,6 +171,8 @@ class Trainer:
         self.fixed_z = torch.randn(n * k, cfg.model.z_dim, generator=gen).to(self.device)
         self.fixed_y = torch.arange(n).repeat_interleave(k).to(self.device)
         self._stop_signal = None
+        self._batches = None  # created on first use, after any resume has positioned the stream
+        self._fp16_streak = 0
 
     # ------------------------------------------------------------------ pieces
     def _noise(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -160,8 +181,11 @@ class Trainer:
         return z, y
 
     def _next_real(self) -> tuple[torch.Tensor, torch.Tensor]:
+        if self._batches is None:
+            self._batches = iter(self.stream)
         x, y = next(self._batches)
-        return x.to(self.device, non_blocking=True), y.to(self.device, non_blocking=True)
+        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
+        return x, y.to(self.device, non_blocking=True)
 
     def _optimize(self, name: str, loss: torch.Tensor, model, opt, sched) -> None:
         """One optimizer update: the only place that calls backward() and step()."""
@@ -195,12 +219,14 @@ class Trainer:
             self.rank0.print(f"warning: {msg}; step skipped ({self.state.skipped_nonfinite} so far)")
             opt.zero_grad(set_to_none=True)
         self.stats.report(f"GradNorm/{name}", gnorm.float())
-        self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
+        if name in ("D", "G"):
+            self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
 
     def train_step(self) -> None:
-        acc, B = self.accelerator, self.cfg.train.batch_size
+        acc, B, n_dis = self.accelerator, self.cfg.train.batch_size, self.cfg.optim.n_dis
+        self.loss.step = self.state.step
         with acc.accumulate(self.G, self.D):
-            for _ in range(self.cfg.optim.n_dis):
+            for i in range(n_dis):
                 real, y_real = self._next_real()
                 z, y_fake = self._noise(B)
                 with torch.no_grad():
@@ -208,6 +234,10 @@ class Trainer:
                 loss, stats = self.loss.d_loss(self.D, real, y_real, fake, y_fake)
                 self._optimize("D", loss, self.D, self.opt_D, self.sched_D)
                 self._report(stats)
+                if self.loss.has_regularizer and (self.state.step * n_dis + i) % self.loss.cfg.r1_every == 0:
+                    loss, stats = self.loss.d_regularizer(self.D, real, y_real)  # lazy R1: its own update
+                    self._optimize("D_reg", loss, self.D, self.opt_D, self.sched_D)
+                    self._report(stats)
             z, y_fake = self._noise(B)
             with acc.no_sync(self.D), _frozen(self.D):
                 loss, stats = self.loss.g_loss(self.D, self.G(z, y_fake), y_fake)
@@ -263,8 +293,7 @@ class Trainer:
         if self.resume_from is not None:
             checkpoint.load(acc, self.resume_from)
             self.stream.load_state_dict(self.state.data)
-        self._batches = iter(self.stream)
-        self._fp16_streak = 0
+        self._batches = None
         for sig in (signal.SIGUSR2, signal.SIGTERM):
             signal.signal(sig, self._on_signal)
         start = self.state.step

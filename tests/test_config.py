@@ -17,7 +17,7 @@ def test_precedence_defaults_yaml_cli(tmp_path):
     assert cfg.optim.lr_d == 1e-4  # CLI beats YAML
     assert cfg.optim.lr_g == 3e-4  # experiment beats base
     assert cfg.train.seed == 5  # base beats default
-    assert cfg.optim.beta1 == Config().optim.beta1  # default
+    assert cfg.optim.betas_d == Config().optim.betas_d  # default
     assert cfg.train.batch_size == 16
 
 

@@ -50,7 +50,7 @@ def test_unknown_architecture_lists_valid():
 
 
 def test_unknown_loss_lists_valid():
-    with pytest.raises(ConfigError, match="unknown loss 'nope'.*Valid names: ns"):
+    with pytest.raises(ConfigError, match="unknown loss 'nope'.*Valid names: hinge, lsgan, ns, wgan_gp"):
         build_loss(LossConfig(name="nope"))
 
 
