@@ -37,26 +37,8 @@ def slurm():
 
 
 @pytest.fixture
-def shards(request, tmp_path_factory):
-    """The data helper's tiny shards when conftest has them, else a tiny ImageFolder built here."""
-    try:
-        return Path(request.getfixturevalue("tiny_shards"))
-    except pytest.FixtureLookupError:
-        pass
-    from PIL import Image
-
-    from data_shards.sources import open_source
-    from data_shards.writer import build_shards
-
-    root = tmp_path_factory.mktemp("slurm-images")
-    rng = np.random.default_rng(0)
-    for c in range(10):
-        (root / f"c{c}").mkdir()
-        for i in range(4):
-            Image.fromarray(rng.integers(0, 256, (32, 32, 3), dtype=np.uint8)).save(root / f"c{c}" / f"{i}.png")
-    out = tmp_path_factory.mktemp("slurm-shards")
-    build_shards(open_source("imagefolder", root, "train"), out, "train", "tiny", "raw", 20, log=lambda m: None)
-    return out
+def shards(tiny_shards):
+    return Path(tiny_shards)
 
 
 def _env():
@@ -255,3 +237,34 @@ def test_preempted_task_checkpoints_requeues_and_resumes_exactly(slurm, shards, 
 
     slurm.run([sys.executable, "launch/sweep_summary.py", str(out)], cwd=ROOT)
     assert {row["status"] for row in csv.DictReader(open(out / "summary.csv"))} == {"finished"}
+
+
+def test_multi_process_run_through_accelerate_is_preempted_and_resumes(slurm, shards, tmp_path):
+    """A single (non-array) run with two ranks started by `accelerate launch` inside srun (on CPU:
+    GPUS_PER_NODE=2 with ACCELERATE_USE_CPU=1, gloo). USR2 on the batch shell reaches both ranks
+    (the launcher ignores it), they checkpoint together, the job requeues itself under its plain
+    job id and resumes; every step is logged exactly once."""
+    steps, run = 300, tmp_path / "run"
+    r = slurm.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path / 'job.log'}",
+                   "slurm/train.sbatch", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
+                   f"data.shards={shards}", f"train.max_steps={steps}", "checkpoint.every=100000", "log.every=1",
+                   "log.sample_every=100000"],
+                  cwd=ROOT, env={**_env(), "GPUS_PER_NODE": "2", "ACCELERATE_USE_CPU": "1"})
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    log = tmp_path / "job.log"
+    assert (run / "metrics.jsonl").is_file(), log.read_text()
+    slurm.run(["scancel", "--signal=USR2", "--batch", job])
+    wait_done(slurm, job, 420, release_requeued=True)
+    text = log.read_text()
+    assert "processes=2" in text and "accelerate.commands.launch" in text and "--multi_gpu" in text
+    assert f"requeueing {job} " in text and "restart=1" in text, text
+    stop = int(text.split("stop requested (SIGUSR2) at step ")[1].split(";")[0])
+    assert 0 < stop < steps, text
+    assert f"at step {stop}" in text.split("restart=1")[1], text  # resumed where it stopped
+    assert text.rstrip().endswith("end rc=0 state=finished action=done"), text
+    assert json.loads((run / "status.json").read_text())["state"] == "finished"
+    logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, steps + 1))
