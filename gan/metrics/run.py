@@ -1,0 +1,161 @@
+"""A run directory as evaluation sees it: its config, the EMA generator of a checkpoint (or export),
+and ``metrics.json`` (merged, written atomically) + TensorBoard scalars ``Eval/<name>``."""
+from __future__ import annotations
+
+import dataclasses
+import datetime as _dt
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from gan import checkpoint as ckpt
+from gan.checkpoint import CheckpointError
+from gan.config import Config, ConfigError, from_dict, load_config
+from gan.metrics.errors import MetricError
+from gan.metrics.names import FIDELITY
+
+EMA_FILE = "custom_checkpoint_0.pkl"  # the first object registered for checkpointing: the EMA
+
+
+@dataclasses.dataclass
+class LoadedGenerator:
+    G: torch.nn.Module
+    cfg: Config  # the run's config (config.yaml), model section as the weights were written
+    step: int | None
+    source: Path  # checkpoint dir or .safetensors file
+    label: str  # "step-00000006", "export", "best" ...
+
+
+def run_config(run_dir: Path) -> Config:
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise MetricError(f"run directory not found: {run_dir}. Pass the --run-dir of a launch/train.py run")
+    path = run_dir / "config.yaml"
+    if not path.is_file():
+        raise MetricError(f"{run_dir} is not a run directory (no config.yaml); pass the --run-dir of a "
+                          f"launch/train.py run")
+    return load_config(path)
+
+
+def _model_diff(saved: dict, cfg: Config) -> list[str]:
+    ours = dataclasses.asdict(cfg.model)
+    return [f"model.{k}: weights {saved.get(k)!r}, run config {v!r}" for k, v in ours.items() if k in saved
+            and saved.get(k) != v] + [f"model.{k}: weights {v!r}, unknown to this code" for k, v in saved.items()
+                                      if k not in ours]
+
+
+def resolve_source(run_dir: Path, checkpoint: str | Path | None) -> Path:
+    """--checkpoint, else the newest complete checkpoint, else export/G_ema.safetensors."""
+    if checkpoint:
+        p = Path(checkpoint)
+        if not p.exists():
+            raise MetricError(f"checkpoint not found: {p}. Pass a checkpoints/step-XXXXXXXX directory or a "
+                              f"G_ema.safetensors export")
+        return p
+    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    if latest is not None:
+        return latest
+    export = run_dir / "export" / "G_ema.safetensors"
+    if export.is_file():
+        return export
+    raise MetricError(f"{run_dir} has no complete checkpoint (checkpoints/step-*/ with meta.json) and no "
+                      f"export/G_ema.safetensors: train it first (launch/train.py --run-dir {run_dir}) or pass "
+                      f"--checkpoint PATH")
+
+
+def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu") -> LoadedGenerator:
+    """The eval-mode EMA generator of a run. Raises MetricError/CheckpointError with the fix."""
+    from safetensors.torch import load_file
+
+    from gan.models import build_models
+
+    run_dir = Path(run_dir)
+    cfg = run_config(run_dir)
+    src = resolve_source(run_dir, checkpoint)
+    if src.is_dir():
+        meta = ckpt.read_meta(src)
+        saved_model = meta.get("config", {}).get("model", {})
+        step, label = meta.get("step"), src.name
+        ema_file = src / EMA_FILE
+        if not ema_file.is_file():
+            raise CheckpointError(f"{src} has no {EMA_FILE} (the EMA generator); it was not written by "
+                                  f"launch/train.py")
+        try:
+            state = torch.load(ema_file, map_location="cpu", weights_only=True)["model"]
+        except Exception as e:  # noqa: BLE001
+            raise CheckpointError(f"could not read the EMA generator from {ema_file}: {e}") from None
+    elif src.suffix == ".safetensors":
+        spec_path = src.with_name("model.json")
+        if not spec_path.is_file():
+            raise CheckpointError(f"{src} has no model.json beside it, so its architecture is unknown")
+        spec = json.loads(spec_path.read_text())
+        saved_model, step, label = spec.get("model", {}), spec.get("step"), src.parent.name
+        state = load_file(str(src))
+    else:
+        raise MetricError(f"{src} is neither a checkpoints/step-XXXXXXXX directory nor a .safetensors export")
+    diff = _model_diff(saved_model, cfg)
+    if diff:
+        raise CheckpointError(f"{src} was written for a different architecture than the run's config.yaml "
+                              f"({'; '.join(diff)}). Pass a checkpoint of this run, or the run it belongs to")
+    try:
+        model_cfg = from_dict({"model": {**dataclasses.asdict(cfg.model), **saved_model}}).model
+    except ConfigError as e:
+        raise CheckpointError(f"{src}: its model config is not valid here ({e})") from None
+    G, _ = build_models(model_cfg)
+    try:
+        G.load_state_dict(state)
+    except RuntimeError as e:
+        first = str(e).splitlines()[0]
+        raise CheckpointError(f"the weights in {src} do not fit the '{model_cfg.name}' generator of the run's "
+                              f"config ({first} ...). Pass a checkpoint of this run") from None
+    return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, step, src, label)
+
+
+# ---------------------------------------------------------------------------- outputs
+
+
+def _now() -> str:
+    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+
+
+def _clean(v):
+    return v if not isinstance(v, float) or math.isfinite(v) else str(v)
+
+
+def merge_metrics_json(path: str | Path, label: str, step: int | None, source: str, values: dict,
+                       details: dict) -> dict:
+    """Merge one evaluation into ``path`` ({"format": 1, "evaluations": {label: {...}}}), atomically.
+    Values of the same label are updated key by key, so separate runs of fid and cls_acc combine."""
+    path = Path(path)
+    doc = {"format": 1, "evaluations": {}}
+    if path.is_file():
+        try:
+            doc = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise MetricError(f"{path} is not valid JSON ({e}); move it away and run again (it is not "
+                              f"overwritten)") from None
+    entry = doc.setdefault("evaluations", {}).setdefault(label, {"metrics": {}, "details": {}})
+    entry.update({"step": step, "source": str(source), "updated": _now()})
+    entry.setdefault("metrics", {}).update({k: _clean(v) for k, v in values.items()})
+    common = {k: v for k, v in details.items() if k not in ("inception", "offline", "metrics")}
+    for name in details.get("metrics", []):
+        part = details.get("inception" if name in FIDELITY else "offline", {})
+        entry.setdefault("details", {})[name] = {**common, **part}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+    return doc
+
+
+def log_tensorboard(run_dir: str | Path, step: int, values: dict) -> None:
+    from torch.utils.tensorboard import SummaryWriter
+
+    w = SummaryWriter(str(run_dir), filename_suffix=".eval")
+    try:
+        for k, v in values.items():
+            w.add_scalar(f"Eval/{k}", v, step)
+    finally:
+        w.close()

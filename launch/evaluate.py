@@ -1,0 +1,133 @@
+#!/usr/bin/env python
+"""Evaluate a run's EMA generator: FID/IS/KID/precision-recall (torch-fidelity, Inception weights
+needed) and the offline cls_acc/cls_fd (committed CIFAR-10 classifier), against the real images of
+the run's shards (data.shards; never a download).
+
+    python launch/evaluate.py --run runs/cdcgan --metrics cls_acc,cls_fd --num-samples 10000
+    python launch/evaluate.py --run runs/cdcgan --metrics fid,isc,kid,prc --num-samples 50000 \
+        --inception-weights weights-inception-2015-12-05-6726825d.pth
+    accelerate launch --num_processes 8 launch/evaluate.py --run runs/cdcgan --metrics fid ...
+    # real data as the "generator" (the floor): test split against train split
+    python launch/evaluate.py --fake-shards data/shards/cifar10-test --real-shards data/shards/cifar10-train \
+        --metrics cls_acc,cls_fd --out floor.json
+
+Writes RUN/metrics.json (merged with earlier evaluations, atomically) and TensorBoard scalars
+Eval/<name> at the checkpoint's step; prints the values as JSON. Several processes split the
+generation; rank 0 computes the metrics while the others wait.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from gan.checkpoint import CheckpointError  # noqa: E402
+from gan.config import ConfigError  # noqa: E402
+from gan.data import ShardError  # noqa: E402
+from gan.metrics.names import valid_list  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", help="run directory written by launch/train.py")
+    p.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a G_ema.safetensors export "
+                                        "(default: the run's newest complete checkpoint)")
+    p.add_argument("--metrics", default="cls_acc,cls_fd", help=f"comma-separated, of: {valid_list()} "
+                                                               f"(default: %(default)s)")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated images (default: %(default)s; "
+                   "50000 for FIDs comparable with the literature)")
+    p.add_argument("--batch-size", type=int, default=100, help="generation/feature batch (default: %(default)s)")
+    p.add_argument("--inception-weights", default="", help="torch-fidelity's Inception-v3 weights file "
+                   "(weights-inception-2015-12-05-6726825d.pth), needed by fid/isc/kid/prc")
+    p.add_argument("--classifier", default="", help="classifier for cls_acc/cls_fd (default: the committed "
+                   "gan/metrics/assets/cifar10_classifier.safetensors)")
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--isc-splits", type=int, default=10)
+    p.add_argument("--real-shards", help="real images (default: the run config's data.shards)")
+    p.add_argument("--max-real", type=int, default=0, help="use only the first N real images in shard order "
+                   "(0 = all; for quick checks only)")
+    p.add_argument("--cache-dir", default="", help="real-statistics cache (default: $GAN_METRICS_CACHE or "
+                   "~/.cache/gan-metrics)")
+    p.add_argument("--fake-shards", help="evaluate this shard set's images instead of a generator "
+                   "(conditioning class = label); needs --real-shards, writes only --out")
+    p.add_argument("--out", help="also write the result JSON here")
+    p.add_argument("--no-tensorboard", action="store_true")
+    p.add_argument("--verbose", action="store_true")
+    return p.parse_args(argv)
+
+
+def _request(args, real_shards: str):
+    from gan.metrics import EvalRequest
+    return EvalRequest(names=args.metrics, num_samples=args.num_samples, real_shards=str(real_shards),
+                       batch_size=args.batch_size, inception_weights=args.inception_weights,
+                       classifier=args.classifier, kid_subset_size=args.kid_subset_size,
+                       isc_splits=args.isc_splits, max_real=args.max_real, cache_dir=args.cache_dir,
+                       verbose=args.verbose)
+
+
+def _write_out(path: str | None, result: dict) -> None:
+    if path:
+        import os
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(result, indent=2) + "\n")
+        os.replace(tmp, out)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if bool(args.run) == bool(args.fake_shards):
+        print("error: pass exactly one of --run DIR or --fake-shards DIR", file=sys.stderr)
+        return 2
+    try:
+        import torch
+
+        if args.fake_shards:
+            from gan.metrics import evaluate_images
+            from gan.metrics.realdata import load_shard_images
+            if not args.real_shards:
+                raise ConfigError("--fake-shards needs --real-shards (the reference images)")
+            req = _request(args, args.real_shards)
+            images, labels = load_shard_images(args.fake_shards)
+            device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+            values, details = evaluate_images(images, labels, req, device)
+            result = {"fake_shards": args.fake_shards, "metrics": values, "details": details}
+            print(json.dumps(result, indent=2))
+            _write_out(args.out, result)
+            return 0
+
+        from accelerate import Accelerator
+
+        from gan.metrics import evaluate_generator, load_generator, log_tensorboard, merge_metrics_json
+
+        acc = Accelerator()
+        run = Path(args.run)
+        loaded = load_generator(run, args.checkpoint, acc.device)
+        cfg = loaded.cfg
+        req = _request(args, args.real_shards or cfg.data.shards)
+        m = cfg.model
+        values, details = evaluate_generator(loaded.G, m.z_dim, m.num_classes, m.img_channels, m.img_size,
+                                             req, acc.device)
+        details["processes"] = acc.num_processes
+        if acc.is_main_process:
+            step = loaded.step if loaded.step is not None else 0
+            merge_metrics_json(run / "metrics.json", loaded.label, loaded.step, str(loaded.source), values, details)
+            if not args.no_tensorboard:
+                log_tensorboard(run, step, values)
+            result = {"run": str(run), "checkpoint": str(loaded.source), "step": loaded.step, "metrics": values}
+            print(json.dumps(result, indent=2))
+            _write_out(args.out, {**result, "details": details})
+        acc.wait_for_everyone()
+        acc.end_training()
+        return 0
+    except (ConfigError, ShardError, CheckpointError) as e:  # MetricError is a ConfigError
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
