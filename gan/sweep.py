@@ -74,23 +74,21 @@ class Sweep:
 
 
 def format_value(value) -> str:
-    """The override text for a value, such that ``gan.config.parse_overrides`` reads it back equal
-    (``1e-05`` would come back as a string from PyYAML; ``1.0e-05`` comes back a float)."""
+    """The ``key=value`` text of a grid value. Strings go as they are (the config keeps the raw
+    text for string-typed keys: ``train.mixed_precision=no`` stays "no"); anything else is
+    written as YAML that reads back equal (``1e-05`` would read back as a string from PyYAML,
+    ``1.0e-05`` reads back a float). :func:`load_sweep` then builds every point's config, so a
+    value the config can't take fails there, before anything is submitted."""
     if isinstance(value, str):
-        text = value
-    else:
-        text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-        if text.endswith("..."):
-            text = text[:-3].strip()
-    back = yaml.safe_load(text) if text.strip() else ""
-    if back != value or type(back) is not type(value):
-        text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
-        if text.endswith("..."):
-            text = text[:-3].strip()
-        back = yaml.safe_load(text)
-        if back != value:
-            raise SweepError(f"grid value {value!r} can't be written as a key=value override that reads back "
-                             f"the same; quote it differently in the sweep file")
+        if "\n" in value or "\r" in value:
+            raise SweepError(f"grid value {value!r} spans lines; use a single-line value")
+        return value
+    text = yaml.safe_dump(value, default_flow_style=True, width=10_000).strip()
+    if text.endswith("..."):
+        text = text[:-3].strip()
+    if yaml.safe_load(text) != value:
+        raise SweepError(f"grid value {value!r} can't be written as a key=value override that reads back "
+                         f"the same; write it differently in the sweep file")
     return text
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from gan.config import load_config, parse_overrides
+from gan.config import load_config
 from gan.sweep import (SweepError, format_value, grid_points, load_sweep, main as sweep_main, plan,
                        run_names, sbatch_args)
 from gan.sweep_summary import collect, direction, read_metrics, summarize
@@ -109,10 +109,21 @@ def test_grid_order_and_overrides_read_back(tmp_path):
         assert Path(t["run_dir"]).parent == (Path.cwd() / "runs" / "sweeps" / "s").resolve()
 
 
-@pytest.mark.parametrize("value", [1e-5, 0.0001, 2.0e-4, 3, True, False, "ns", "a b", "1e-4", "yes", None, 0.5])
-def test_format_value_round_trips_through_overrides(value):
-    text = format_value(value)
-    assert parse_overrides([f"k={text}"])["k"] == value
+@pytest.mark.parametrize("key,value", [
+    ("optim.lr_d", 1e-5), ("optim.lr_d", 0.0001), ("optim.lr_g", 2.0e-4), ("optim.n_dis", 3),
+    ("train.deterministic", True), ("train.deterministic", False), ("loss.name", "ns"),
+    ("train.mixed_precision", "no"), ("data.shards", "/data/with space/x"), ("data.color_jitter", 0.5),
+])
+def test_format_value_round_trips_through_the_config(key, value):
+    cfg = load_config(DEBUG, [f"{key}={format_value(value)}"])
+    section, name = key.split(".")
+    assert getattr(getattr(cfg, section), name) == value
+
+
+def test_unquoted_yaml_no_in_a_grid_fails_before_submission(tmp_path):
+    f = sweep_file(tmp_path, grid={"train.mixed_precision": [False, "bf16"]})  # what `[no, bf16]` reads as
+    with pytest.raises(SweepError, match="train.mixed_precision"):
+        load_sweep(f, max_array_size=None)
 
 
 # ---------------------------------------------------------------------------- run names
@@ -229,6 +240,7 @@ os.makedirs(run, exist_ok=True)
 def status(s):
     open(os.path.join(run, "status.json"), "w").write(json.dumps({"state": s, "step": 1, "max_steps": 9}))
 stop = []
+time.sleep(float(os.environ.get("FAKE_INIT_S", "0")))  # start-up: USR2 still ignored (inherited)
 signal.signal(signal.SIGUSR2, lambda *a: stop.append(1))
 open(os.path.join(run, "argv.json"), "w").write(json.dumps(args))
 status("running")
@@ -270,6 +282,21 @@ def test_train_sbatch_forwards_usr2_and_stops_cleanly_outside_slurm(tmp_path):
     assert json.loads((run / "status.json").read_text())["state"] == "preempted"
     assert "USR2: asking training to checkpoint" in out and out.rstrip().endswith("action=stopped")
     assert json.loads((run / "argv.json").read_text())[-2:] == ["--resume", "auto"]
+
+
+def test_train_sbatch_repeats_a_stop_request_that_came_during_start_up(tmp_path):
+    py = fake_python(tmp_path)
+    run = tmp_path / "run"
+    t0 = time.time()
+    p = subprocess.Popen(["bash", "slurm/train.sbatch", "--config", str(DEBUG), "--run-dir", str(run)],
+                         cwd=ROOT, env=clean_env(GAN_PYTHON=str(py), GPUS_PER_NODE="0", FAKE_INIT_S="1.5",
+                                                 GAN_RESIGNAL_S="1"),
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    time.sleep(0.5)  # the trainer is still starting: this USR2 alone would be lost
+    p.send_signal(signal.SIGUSR2)
+    out, _ = p.communicate(timeout=30)
+    assert p.returncode == 0 and json.loads((run / "status.json").read_text())["state"] == "preempted", out
+    assert time.time() - t0 < 10 and out.count("USR2: asking") == 1
 
 
 def test_train_sbatch_needs_a_run_dir_and_reports_failures(tmp_path):
