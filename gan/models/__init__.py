@@ -19,10 +19,27 @@ def register(name: str):
 
 
 def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
+    """The architecture's (G, D), then, in order: the D backbone swap (model.d_backbone), the
+    init override (model.init != default), spectral norm (model.g_/d_spectral_norm; after init,
+    since it normalises the weights it finds)."""
     if cfg.name not in MODELS:
         raise ConfigError(f"config key 'model.name': unknown architecture '{cfg.name}'. "
                           f"Valid names: {', '.join(sorted(MODELS))}")
-    return MODELS[cfg.name](cfg)
+    G, D = MODELS[cfg.name](cfg)
+    if cfg.d_backbone == "googlenet":
+        D = GoogLeNetDiscriminator(cfg)
+    elif cfg.d_backbone:
+        raise ConfigError(f"config key 'model.d_backbone': '{cfg.d_backbone}' is not one of: '' (own D), googlenet")
+    if cfg.init != "default":
+        apply_init(G, cfg.init)
+        apply_init(D, cfg.init)
+    if cfg.g_spectral_norm:
+        apply_spectral_norm(G)
+    if cfg.d_spectral_norm:
+        apply_spectral_norm(D)
+    return G, D
 
 
-from gan.models import cdcgan  # noqa: E402,F401  (registers "cdcgan")
+from gan.models import biggan, cdcgan, sngan  # noqa: E402,F401  (register "biggan", "cdcgan", "sngan")
+from gan.models.googlenet_d import GoogLeNetDiscriminator  # noqa: E402
+from gan.models.layers import apply_init, apply_spectral_norm  # noqa: E402
