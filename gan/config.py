@@ -255,6 +255,14 @@ def _type_ok(value: Any, tp: Any) -> bool:
     return isinstance(value, tp)
 
 
+class _Override:
+    """A command-line value: its YAML reading, and the raw text for string-typed keys
+    (YAML 1.1 reads ``no``/``off``/``yes`` as booleans: ``train.mixed_precision=no`` must stay "no")."""
+
+    def __init__(self, text: str, parsed: Any):
+        self.text, self.parsed = text, parsed
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
@@ -267,6 +275,8 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
             raise ConfigError(f"unknown config key '{dotted}'.{hint} "
                               f"Valid keys here: {', '.join(prefix + n for n in names)}")
         tp = hints[key]
+        if isinstance(value, _Override):
+            value = value.text if tp is str else value.parsed
         if dataclasses.is_dataclass(tp):
             if not isinstance(value, dict):
                 raise ConfigError(f"config key '{dotted}' is a section; give it a mapping, not {value!r}")
@@ -279,8 +289,10 @@ def _build(cls: type, values: dict, prefix: str) -> Any:
                 pass
         if not _type_ok(value, tp):
             tname = getattr(tp, "__name__", str(tp))
+            hint = " (YAML reads unquoted yes/no/on/off as booleans: quote the value)" if (
+                tp is str and isinstance(value, bool)) else ""
             raise ConfigError(f"config key '{dotted}' must be of type {tname}, got {value!r} "
-                              f"({type(value).__name__})")
+                              f"({type(value).__name__}){hint}")
         if tp is float and isinstance(value, int):
             value = float(value)
         kwargs[key] = value
@@ -317,7 +329,8 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
 
 
 def parse_overrides(overrides: list[str]) -> dict:
-    """``["optim.lr_d=1e-4", "train.seed=3"]`` -> nested dict; values parsed as YAML scalars."""
+    """``["optim.lr_d=1e-4", "train.seed=3"]`` -> nested dict of values parsed as YAML scalars
+    (kept as raw text for string-typed keys when the config is built)."""
     out: dict = {}
     for item in overrides:
         if "=" not in item:
@@ -327,9 +340,10 @@ def parse_overrides(overrides: list[str]) -> dict:
         if not all(parts):
             raise ConfigError(f"override '{item}' has an empty key part")
         try:
-            value = yaml.safe_load(text) if text.strip() else ""
+            parsed = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
-            value = text
+            parsed = text
+        value = _Override(text.strip(), parsed)
         node = out
         for p in parts[:-1]:
             node = node.setdefault(p, {})

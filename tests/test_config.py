@@ -80,9 +80,18 @@ def test_missing_file():
 
 
 def test_override_syntax():
-    assert parse_overrides(["a.b=1", "a.c=x", "d=true"]) == {"a": {"b": 1, "c": "x"}, "d": True}
+    parsed = parse_overrides(["a.b=1", "a.c=x", "d=true"])
+    assert (parsed["a"]["b"].parsed, parsed["a"]["c"].parsed, parsed["d"].parsed) == (1, "x", True)
     with pytest.raises(ConfigError, match="must look like section.key=value"):
         parse_overrides(["optim.lr_d"])
+
+
+def test_yaml_booleans_stay_strings_for_string_keys(tmp_path):
+    assert load_config(None, ["train.mixed_precision=no"]).train.mixed_precision == "no"
+    assert load_config(None, ["data.hflip=no"]).data.hflip is False  # a real bool key still reads YAML
+    (tmp_path / "c.yaml").write_text("train:\n  mixed_precision: no\n")
+    with pytest.raises(ConfigError, match="quote the value"):
+        load_config(tmp_path / "c.yaml")
 
 
 def test_int_accepted_for_float_and_roundtrip():
