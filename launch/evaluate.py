@@ -32,7 +32,8 @@ from gan.metrics.names import valid_list  # noqa: E402
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", help="run directory written by launch/train.py")
+    p.add_argument("--run", "--run-dir", dest="run", help="run directory written by launch/train.py "
+                   "(--run-dir is the same flag; use it under torchrun, whose parser claims --run)")
     p.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a G_ema.safetensors export "
                                         "(default: the run's newest complete checkpoint)")
     p.add_argument("--metrics", default="cls_acc,cls_fd", help=f"comma-separated, of: {valid_list()} "

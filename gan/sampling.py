@@ -1,0 +1,196 @@
+"""Pictures of a generator: per-class grids, latent interpolation, class variation, real vs fake,
+training curves, and export of individual images for other tools.
+
+Every function takes an eval-mode conditional generator ``G(z, y) -> images in [-1, 1]`` and returns
+a uint8 (C, H, W) picture (``gan.viz.save_png`` writes it), except :func:`curves_png` and
+:func:`export_images`, which write files. Noise comes from a seeded CPU generator, so a picture is
+the same on any device and in any process.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from gan.viz import class_grid, make_grid_uint8, save_png, to_uint8
+
+
+def _noise(n: int, z_dim: int, seed: int) -> torch.Tensor:
+    return torch.randn(n, z_dim, generator=torch.Generator().manual_seed(seed))
+
+
+@torch.no_grad()
+def _run(G, z: torch.Tensor, y: torch.Tensor, device, batch_size: int = 256) -> torch.Tensor:
+    out = [G(zb.to(device), yb.to(device)).float().cpu() for zb, yb in zip(z.split(batch_size), y.split(batch_size))]
+    return torch.cat(out)
+
+
+def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """Spherical interpolation between vectors ``z0`` and ``z1`` (D,) at fractions ``t`` (T,) -> (T, D).
+    Falls back to linear interpolation when the two are (anti)parallel."""
+    z0, z1, t = z0.double(), z1.double(), t.double()[:, None]
+    cos = torch.dot(z0, z1) / (z0.norm() * z1.norm())
+    omega = torch.arccos(cos.clamp(-1.0, 1.0))
+    if omega.abs() < 1e-6 or (math.pi - omega).abs() < 1e-6:
+        return ((1 - t) * z0 + t * z1).float()
+    s = torch.sin(omega)
+    return (torch.sin((1 - t) * omega) / s * z0 + torch.sin(t * omega) / s * z1).float()
+
+
+def grid(G, z_dim: int, num_classes: int, per_class: int, device, seed: int = 0) -> torch.Tensor:
+    """One row per class, ``per_class`` samples each (different z)."""
+    y = torch.arange(num_classes).repeat_interleave(per_class)
+    images = _run(G, _noise(len(y), z_dim, seed), y, device)
+    return class_grid(images, y, num_classes, per_class)
+
+
+def interpolation(G, z_dim: int, num_classes: int, steps: int, device, seed: int = 0,
+                  classes: list[int] | None = None) -> torch.Tensor:
+    """Two z, spherical interpolation in ``steps`` columns; one row per class (the same two z in every
+    row, so the rows differ only by the class), or only the rows of ``classes``."""
+    rows = list(range(num_classes)) if classes is None else list(classes)
+    z0, z1 = _noise(2, z_dim, seed)
+    path = slerp(z0, z1, torch.linspace(0, 1, steps))
+    z = path.repeat(len(rows), 1)
+    y = torch.tensor(rows).repeat_interleave(steps)
+    return make_grid_uint8(_run(G, z, y, device), nrow=steps)
+
+
+def class_variation(G, z_dim: int, num_classes: int, rows: int, device, seed: int = 0) -> torch.Tensor:
+    """One z per row, the same z across all classes (columns = classes)."""
+    z = _noise(rows, z_dim, seed).repeat_interleave(num_classes, dim=0)
+    y = torch.arange(num_classes).repeat(rows)
+    return make_grid_uint8(_run(G, z, y, device), nrow=num_classes)
+
+
+def real_per_class(shards_dir: str | Path, num_classes: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` real images of each class in shard order (reads only as far as needed)."""
+    from gan.data import eval_batches
+
+    picked: dict[int, list[torch.Tensor]] = {k: [] for k in range(num_classes)}
+    for x, y in eval_batches(shards_dir, 500):
+        for img, label in zip(x, y.tolist()):
+            if label < num_classes and len(picked[label]) < per_class:
+                picked[label].append(img)
+        if all(len(v) >= per_class for v in picked.values()):
+            break
+    images = torch.stack([img for k in range(num_classes) for img in picked[k]])
+    labels = torch.tensor([k for k in range(num_classes) for _ in picked[k]])
+    return images, labels
+
+
+def real_vs_fake(G, z_dim: int, num_classes: int, per_class: int, shards_dir: str | Path, device,
+                 seed: int = 0, gap: int = 6) -> torch.Tensor:
+    """Per class row: ``per_class`` real images (left), a gap, ``per_class`` generated ones (right)."""
+    real, ry = real_per_class(shards_dir, num_classes, per_class)
+    left = class_grid(real, ry, num_classes, per_class)
+    right = grid(G, z_dim, num_classes, per_class, device, seed)
+    if left.shape[0] != right.shape[0]:  # grey reals beside RGB fakes (or back): match channels
+        c = max(left.shape[0], right.shape[0])
+        left, right = left.expand(c, -1, -1), right.expand(c, -1, -1)
+    spacer = torch.full((left.shape[0], left.shape[1], gap), 255, dtype=torch.uint8)
+    return torch.cat([left, spacer, right], dim=2)
+
+
+def export_images(G, z_dim: int, num_classes: int, n: int, out_dir: str | Path, device, seed: int = 0,
+                  batch_size: int = 256, class_names: list[str] | None = None) -> Path:
+    """``n`` class-balanced samples as individual PNGs ``out_dir/NNNNNN.png`` (a flat folder, as
+    torch-fidelity's CLI and clean-fid read it) plus ``out_dir/labels.csv`` (file, class index, name).
+    Refuses a folder that already holds PNGs (nothing is overwritten)."""
+    out = Path(out_dir)
+    if out.exists() and any(out.glob("*.png")):
+        raise FileExistsError(f"{out} already holds PNG files; pass an empty or new folder (nothing was written)")
+    out.mkdir(parents=True, exist_ok=True)
+    z, y = _noise(n, z_dim, seed), torch.arange(n) % num_classes
+    rows = []
+    with torch.no_grad():
+        for start in range(0, n, batch_size):
+            imgs = to_uint8(G(z[start:start + batch_size].to(device), y[start:start + batch_size].to(device)).float())
+            for i, img in enumerate(imgs):
+                k = start + i
+                save_png(img, out / f"{k:06d}.png")
+                label = int(y[k])
+                rows.append((f"{k:06d}.png", label, class_names[label] if class_names else str(label)))
+    tmp = out / ".labels.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["file", "class", "name"])
+        w.writerows(rows)
+    os.replace(tmp, out / "labels.csv")
+    return out
+
+
+# ---------------------------------------------------------------------------- training curves
+
+
+def read_metrics_jsonl(path: str | Path) -> list[dict]:
+    rows = []
+    for line in Path(path).read_text().splitlines():
+        line = line.strip()
+        if line:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue  # a line cut short by a crash
+    return rows
+
+
+def curve_panels(rows: list[dict]) -> dict[str, list[str]]:
+    """Panel title -> metric names: losses, D outputs, gradient norms, throughput, each overall Eval metric."""
+    names = sorted({k for r in rows for k, v in r.items() if k != "step" and isinstance(v, (int, float))})
+    panels = {
+        "Loss": [n for n in names if n.startswith("Loss/")],
+        "D output": [n for n in names if n.startswith("D/")],
+        "Gradient norm": [n for n in names if n.startswith("GradNorm/")],
+        "Images/s": [n for n in names if n == "Timing/img_per_s"],
+    }
+    for n in names:
+        if n.startswith("Eval/") and n.count("/") == 1:
+            panels[n] = [n]
+    return {k: v for k, v in panels.items() if v}
+
+
+def curves_png(metrics_jsonl: str | Path, out: str | Path, title: str = "") -> Path:
+    """Training curves from a run's metrics.jsonl as one PNG (matplotlib, one panel per group)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(metrics_jsonl)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found: training curves are drawn from a run's metrics.jsonl")
+    rows = read_metrics_jsonl(path)
+    panels = curve_panels(rows)
+    if not panels:
+        raise ValueError(f"{path} holds no numeric metrics to draw")
+    cols = min(3, len(panels))
+    nrows = -(-len(panels) // cols)
+    fig, axes = plt.subplots(nrows, cols, figsize=(5 * cols, 3.4 * nrows), squeeze=False)
+    for ax, (panel, keys) in zip(axes.flat, panels.items()):
+        for key in keys:
+            pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float)) and "step" in r]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, label=key, linewidth=1.2, marker="o" if len(pts) < 20 else None, markersize=3)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    fig.tight_layout()
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".tmp-{out.name}")
+    fig.savefig(tmp, dpi=100, format="png")
+    plt.close(fig)
+    os.replace(tmp, out)
+    return out
