@@ -214,6 +214,44 @@ class TrainConfig:
 
 
 @dataclass
+class MetricsConfig:
+    """Evaluation during training (gan.metrics): every ``every`` steps, ``num_samples`` EMA samples."""
+    every: int = 0  # steps between evaluations, 0 = off
+    num_samples: int = 5000  # generated images per evaluation (class-balanced, split over ranks)
+    metrics: str = "cls_fd,cls_acc"  # comma-separated: fid, isc, kid, prc (Inception weights), cls_acc, cls_fd
+    best_metric: str = ""  # key that picks RUN/best/ (e.g. fid, cls_fd, cls_acc); "" = first of `metrics`
+    patience: int = 0  # stop after this many evaluations without improvement, 0 = never
+    inception_weights: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth (fid/isc/kid/prc)
+    classifier: str = ""  # cls_* classifier weights, "" = gan/metrics/assets/cifar10_classifier.safetensors
+    batch_size: int = 100  # generation / feature-extraction batch
+    kid_subset_size: int = 1000
+    isc_splits: int = 10
+    cache_dir: str = ""  # real-statistics cache, "" = $GAN_METRICS_CACHE or ~/.cache/gan-metrics
+
+    def __post_init__(self):
+        from gan.metrics.names import count_problems, keys_of, parse_metrics
+
+        _check(self.every >= 0, "metrics.every", "must be >= 0 (0 = no evaluation during training)")
+        _check(self.num_samples >= 1, "metrics.num_samples", "must be >= 1")
+        try:
+            names = parse_metrics(self.metrics)
+        except ValueError as e:
+            raise ConfigError(f"config key 'metrics.metrics': {e}") from None
+        keys = keys_of(names)
+        if not self.best_metric:
+            self.best_metric = keys[0]
+        _check(self.best_metric in keys, "metrics.best_metric",
+               f"'{self.best_metric}' is not computed by metrics.metrics={self.metrics!r}; one of: {', '.join(keys)}")
+        _check(self.patience >= 0, "metrics.patience", "must be >= 0 (0 = no early stopping)")
+        _check(self.patience == 0 or self.every > 0, "metrics.patience", "needs metrics.every > 0")
+        _check(self.batch_size >= 1, "metrics.batch_size", "must be >= 1")
+        _check(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be >= 2")
+        _check(self.isc_splits >= 1, "metrics.isc_splits", "must be >= 1")
+        problems = count_problems(names, self.num_samples, self.kid_subset_size, self.isc_splits)
+        _check(not problems, "metrics.num_samples", "; ".join(problems))
+
+
+@dataclass
 class Config:
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -223,6 +261,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     log: LogConfig = field(default_factory=LogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

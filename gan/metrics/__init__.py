@@ -7,14 +7,25 @@ and offline metrics with a committed CIFAR-10 classifier (cls_acc, cls_fd).
   to rank 0, which computes while the others wait; every rank gets the same (values, details).
 * :func:`evaluate_during_training` (collective): the trainer's hook, configured by ``cfg.metrics``.
 * :func:`load_generator`, :func:`merge_metrics_json`, :func:`log_tensorboard`: what launch/evaluate.py uses.
-* Metric names and which way is better: :mod:`gan.metrics.names`.
-"""
-from gan.metrics.core import EvalRequest, evaluate_generator, evaluate_images
-from gan.metrics.errors import MetricError
-from gan.metrics.names import METRICS, parse_metrics
-from gan.metrics.run import load_generator, log_tensorboard, merge_metrics_json
-from gan.metrics.training import check_setup, evaluate_during_training, save_best, update_best
+* Metric names and which way is better: :mod:`gan.metrics.names` (light: gan.config imports it).
 
-__all__ = ["EvalRequest", "METRICS", "MetricError", "check_setup", "evaluate_during_training", "evaluate_generator",
-           "evaluate_images", "load_generator", "log_tensorboard", "merge_metrics_json", "parse_metrics",
-           "save_best", "update_best"]
+Attributes load their module on first use, so ``import gan.metrics.names`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+
+_WHERE = {
+    "EvalRequest": "core", "evaluate_generator": "core", "evaluate_images": "core",
+    "MetricError": "errors", "METRICS": "names", "parse_metrics": "names",
+    "load_generator": "run", "log_tensorboard": "run", "merge_metrics_json": "run",
+    "check_setup": "training", "evaluate_during_training": "training", "save_best": "training",
+    "update_best": "training",
+}
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name in _WHERE:
+        return getattr(importlib.import_module(f"gan.metrics.{_WHERE[name]}"), name)
+    raise AttributeError(f"module 'gan.metrics' has no attribute {name!r}")
