@@ -57,13 +57,14 @@ class RankZero:
             self._tb = None
 
     # ------------------------------------------------------------------ writing
-    def status(self, state: str, step: int, error: str | None = None) -> None:
+    def status(self, state: str, step: int, error: str | None = None, note: str | None = None) -> None:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
         tmp = self.run_dir / "status.json.tmp"
+        extra = {"note": note} if note else {}
         tmp.write_text(json.dumps({"state": state, "step": step, "max_steps": self.max_steps,
-                                   "updated": _now(), "error": error}, indent=2))
+                                   "updated": _now(), "error": error, **extra}, indent=2))
         os.replace(tmp, self.run_dir / "status.json")
 
     def scalars(self, step: int, values: dict[str, float]) -> None:

@@ -39,6 +39,7 @@ class TrainState:
     skipped_nonfinite: int = 0
     fp16_skipped: int = 0
     data: dict = dataclasses.field(default_factory=dict)  # TrainStream position
+    eval_best: dict = dataclasses.field(default_factory=dict)  # gan.metrics.update_best: metric, value, step, stale
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -69,6 +70,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     m = cfg.model
     manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
                    num_classes=m.num_classes)
+    if cfg.metrics.every:  # weights files, classifier, counts: fail now, not at the first evaluation
+        from gan.metrics import check_setup
+        check_setup(cfg)
     if resume is None:
         return None
     path = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume == "auto" else Path(resume)
@@ -283,6 +287,21 @@ class Trainer:
                                         dataclasses.asdict(self.cfg.model), self.state.step)
         return path
 
+    def _evaluate(self) -> str:
+        """Every rank: metrics of the EMA G (gan.metrics), logged as Eval/<name>; a new best by
+        metrics.best_metric is exported to RUN/best/ (+ best.json). Returns the early-stop note, or ""
+        to go on. Every rank gets the same values, so every rank decides alike."""
+        from gan.metrics import evaluate_during_training, save_best, update_best
+
+        broadcast_buffers([self.ema.model])  # collective, every rank
+        step = self.state.step
+        values = evaluate_during_training(self.accelerator, self.ema.model, self.cfg, step)  # collective
+        self.rank0.scalars(step, {f"Eval/{k}": v for k, v in values.items()})
+        improved, stop, note = update_best(self.state.eval_best, values, self.cfg, step)
+        if improved and self.rank0.enabled:
+            save_best(self.run_dir, self.ema.model, self.cfg.model, step, self.state.eval_best, values)
+        return note if stop else ""
+
     # ------------------------------------------------------------------ fit
     def _on_signal(self, signum, _frame) -> None:
         self._stop_signal = signal.Signals(signum).name
@@ -300,7 +319,7 @@ class Trainer:
         self.rank0.open(start, cfg.to_yaml())
         if start:
             self.rank0.print(f"resumed from {self.resume_from} at step {start} ({self.state.images_seen / 1000:.1f} kimg)")
-        outcome = "finished"
+        outcome, note = "finished", None
         try:
             t0, s0, i0 = time.perf_counter(), self.state.step, self.state.images_seen
             last_saved = start if self.resume_from is not None else -1
@@ -313,6 +332,11 @@ class Trainer:
                     t0, s0, i0 = time.perf_counter(), step, self.state.images_seen
                 if step % cfg.log.sample_every == 0:
                     self._samples()
+                if cfg.metrics.every and step % cfg.metrics.every == 0:  # before the checkpoint: it keeps eval_best
+                    note = self._evaluate() or None
+                    if note:
+                        self.rank0.print(note)
+                        break
                 if step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     last_saved = step
@@ -326,7 +350,7 @@ class Trainer:
                 self.save_checkpoint()
             if acc.num_processes > 1:
                 self.rank0.print(f"replica check: G, D and G_ema identical on all {acc.num_processes} ranks")
-            self.rank0.status(outcome, self.state.step)
+            self.rank0.status(outcome, self.state.step, note=note)
             return outcome
         except BaseException as e:
             self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")
