@@ -24,18 +24,36 @@ from pathlib import Path
 from gan.sweep import LOGS, MANIFEST, SweepError, format_value, read_manifest
 
 STATUSES = ("finished", "failed", "preempted", "running", "missing")
-_LOWER = ("fid", "kid", "frechet", "lpips")
-_HIGHER = ("isc", "is", "inception", "precision", "prec", "recall", "rec", "acc", "accuracy")
+_LOWER = ("fid", "kid", "frechet", "fd", "lpips")
+_HIGHER = ("isc", "is", "inception", "precision", "prec", "recall", "rec", "acc", "accuracy", "score")
 _SPREAD = ("std", "stddev", "var")
 _END = re.compile(r"^\[train\.sbatch\] end rc=(-?\d+) state=(\S*) action=(\S+)")
 _START = re.compile(r"^\[train\.sbatch\] \S+ start ")
 _CANCEL = re.compile(r"\*\*\* (?:JOB|STEP) \S+ ON \S+ CANCELLED AT \S+(.*)\*\*\*")
 
 
+def _metric_tables() -> tuple[set, set]:
+    try:  # the trainer's own table of which way each metric is better
+        from gan.metrics.names import HIGHER_IS_BETTER, LOWER_IS_BETTER
+        return set(HIGHER_IS_BETTER), set(LOWER_IS_BETTER)
+    except ImportError:  # pragma: no cover
+        return set(), set()
+
+
 def direction(key: str) -> str | None:
-    """"min" for metrics where lower is better (FID, KID), "max" for higher-is-better (IS,
-    precision, recall, accuracy), None for everything else (losses, timings, spreads)."""
-    tokens = [t for t in re.split(r"[^a-z0-9]+", key.lower().split("/", 1)[-1]) if t]
+    """"min" for metrics where lower is better (FID, KID, Frechet distances), "max" for
+    higher-is-better ones (IS, precision, recall, F-score, accuracy), None for everything else
+    (losses, timings, spreads such as isc_std). Per-class keys (``Eval/cls_acc/<class>``) get
+    none either: the summary compares the overall values."""
+    name = key.split("/", 1)[-1].lower()
+    if "/" in name:
+        return None
+    higher, lower = _metric_tables()
+    if name in lower:
+        return "min"
+    if name in higher:
+        return "max"
+    tokens = [t for t in re.split(r"[^a-z0-9]+", name) if t]
     if any(t in _SPREAD for t in tokens):
         return None
     if any(t.startswith(_LOWER) for t in tokens):
@@ -223,8 +241,8 @@ def collect(out: str | Path) -> tuple[list[Row], list[str]]:
 
 def _metric_columns(rows: list[Row]) -> tuple[list[str], list[str]]:
     """final/<key> for losses and eval metrics, best/<key> for metrics with a direction."""
-    keys = sorted({k for r in rows for k in r.final})
-    final = [k for k in keys if k.startswith(("Loss/", "Eval/", "Metrics/")) or direction(k)]
+    keys = sorted({k for r in rows for k in r.final if not (k.startswith("Eval/") and k.count("/") > 1)})
+    final = [k for k in keys if k.startswith(("Loss/", "Eval/")) or direction(k)]
     best = [k for k in keys if direction(k)]
     return final, best
 

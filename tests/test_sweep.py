@@ -336,6 +336,10 @@ def test_direction_of_metrics():
     assert direction("Eval/precision") == "max" and direction("Eval/recall") == "max"
     assert direction("Eval/acc") == "max" and direction("Eval/isc_std") is None
     assert direction("Loss/D/main") is None and direction("Timing/img_per_s") is None
+    # the trainer's metric names (gan.metrics.names)
+    assert direction("Eval/isc") == "max" and direction("Eval/kid") == "min" and direction("Eval/kid_std") is None
+    assert direction("Eval/cls_fd") == "min" and direction("Eval/cls_acc") == "max" and direction("Eval/f_score") == "max"
+    assert direction("Eval/cls_acc/airplane") is None  # per-class: not compared
 
 
 def test_read_metrics_dedupes_steps_and_skips_a_torn_line(tmp_path):
@@ -361,7 +365,8 @@ def test_summary_statuses_best_and_files(tmp_path):
     tasks = json.loads((out / "sweep.json").read_text())["tasks"]
     run = [Path(t["run_dir"]) for t in tasks]
     logs = out / "logs"
-    m = [{"step": 2, "Loss/D/main": 1.5, "Loss/G/main": 0.7, "Eval/fid": 40.0, "Eval/isc_mean": 3.0},
+    m = [{"step": 2, "Loss/D/main": 1.5, "Loss/G/main": 0.7, "Eval/fid": 40.0, "Eval/isc_mean": 3.0,
+          "Eval/cls_acc/airplane": 0.5},
          {"step": 4, "Loss/D/main": 1.2, "Loss/G/main": 0.9, "Eval/fid": 30.0, "Eval/isc_mean": 2.5},
          {"step": 6, "Loss/D/main": 1.1, "Loss/G/main": 1.0, "Eval/fid": 35.0, "Eval/isc_mean": 2.0}]
     _write_run(run[0], "finished", m)                                     # 0 finished
@@ -388,6 +393,7 @@ def test_summary_statuses_best_and_files(tmp_path):
     assert float(r0["best Eval/fid"]) == 30.0 and r0["best Eval/fid step"] == "4"
     assert float(r0["best Eval/isc_mean"]) == 3.0 and r0["best Eval/isc_mean step"] == "2"
     assert float(r0["final Eval/fid"]) == 35.0 and float(r0["final Loss/G/main"]) == 1.0
+    assert not any("airplane" in k for k in r0)  # per-class metrics stay out of the table
     md = paths["md"].read_text()
     assert "7 grid point(s): 1 finished, 3 failed, 1 preempted, 1 running, 1 missing" in md
     assert "Best Eval/fid: 30" in md and md.count("\n| ") == 8
