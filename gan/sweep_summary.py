@@ -64,8 +64,9 @@ def direction(key: str) -> str | None:
 
 
 def read_metrics(path: str | Path) -> list[dict]:
-    """metrics.jsonl rows by step (a step logged twice, after a crash and resume, keeps its last
-    row); a torn last line (a run killed mid-write) is ignored."""
+    """metrics.jsonl rows merged by step: the trainer writes eval metrics as a row of their own
+    at a step that may also have a loss row, and a step logged again after a crash and resume
+    keeps its latest values. A torn last line (a run killed mid-write) is ignored."""
     path = Path(path)
     if not path.is_file():
         return []
@@ -76,7 +77,7 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             continue
         if isinstance(row, dict) and isinstance(row.get("step"), int):
-            by_step[row["step"]] = row
+            by_step.setdefault(row["step"], {}).update(row)
     return [by_step[s] for s in sorted(by_step)]
 
 

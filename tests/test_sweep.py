@@ -342,11 +342,12 @@ def test_direction_of_metrics():
     assert direction("Eval/cls_acc/airplane") is None  # per-class: not compared
 
 
-def test_read_metrics_dedupes_steps_and_skips_a_torn_line(tmp_path):
+def test_read_metrics_merges_steps_and_skips_a_torn_line(tmp_path):
     p = tmp_path / "metrics.jsonl"
     p.write_text('{"step": 2, "Loss/G/main": 1.0}\n{"step": 4, "Loss/G/main": 2.0}\n'
-                 '{"step": 4, "Loss/G/main": 3.0}\n{"step": 6, "Loss/G/ma')
-    assert [(r["step"], r["Loss/G/main"]) for r in read_metrics(p)] == [(2, 1.0), (4, 3.0)]
+                 '{"step": 4, "Eval/fid": 50.0}\n{"step": 4, "Loss/G/main": 3.0}\n{"step": 6, "Loss/G/ma')
+    rows = read_metrics(p)
+    assert [(r["step"], r["Loss/G/main"]) for r in rows] == [(2, 1.0), (4, 3.0)] and rows[1]["Eval/fid"] == 50.0
 
 
 def _write_run(run: Path, state=None, metrics=(), error=None):
