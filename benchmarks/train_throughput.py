@@ -1,0 +1,183 @@
+#!/usr/bin/env python
+"""Images/s of the full training step (n_dis D updates + one G update + EMA) for each recipe:
+our Trainer (bf16 autocast, channels_last, torch.compile, fused Adam on a GPU) against a plain
+eager fp32 loop of the same networks and losses, side by side in one run. Also reports the model
+FLOPs per real image (torch.utils.flop_counter, fp32 eager step) and the achieved fraction of the
+GPU's dense bf16 peak.
+
+Batches come from memory (one fixed batch on the device) so the figure is the step, not the
+loader; the loader has its own benchmark (benchmarks/data_loader.py).
+
+    python benchmarks/train_throughput.py                       # all recipes, GPU if present
+    python benchmarks/train_throughput.py --recipes cdcgan --steps 5 --batch-size 16 --no-compile  # CPU smoke
+"""
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from gan.config import load_config  # noqa: E402
+from gan.losses import build_loss  # noqa: E402
+from gan.models import build_models  # noqa: E402
+
+RECIPES = {"cdcgan": "configs/cifar10_cdcgan.yaml", "sngan": "configs/cifar10_sngan.yaml",
+           "biggan": "configs/cifar10_biggan.yaml", "biggan_diffaug": "configs/cifar10_biggan_diffaug.yaml"}
+# Dense bf16 tensor-core peaks (FLOP/s) from the vendors' data sheets.
+PEAK_BF16 = {"H100": 989.4e12, "H200": 989.4e12, "A100": 312e12, "L40S": 362.05e12}
+
+
+def peak_for(device: torch.device) -> tuple[str, float | None]:
+    if device.type != "cuda":
+        return "cpu", None
+    name = torch.cuda.get_device_name(device)
+    return name, next((v for k, v in PEAK_BF16.items() if k in name), None)
+
+
+def tiny_shards(cfg, where: Path) -> str:
+    """A small real shard set of the recipe's image shape (the Trainer wants one)."""
+    from data_shards import array_source, build_shards
+
+    m = cfg.model
+    rng = np.random.default_rng(0)
+    n = 4 * m.num_classes
+    imgs = rng.integers(0, 256, size=(n, m.img_channels, m.img_size, m.img_size), dtype=np.uint8)
+    src = array_source("bench", [f"c{k}" for k in range(m.num_classes)], imgs, np.arange(n) % m.num_classes)
+    build_shards(src, where, "train", "bench", log=None)
+    return str(where)
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_steps(step, device, warmup: int, steps: int) -> float:
+    for _ in range(warmup):
+        step()
+    sync(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def baseline_step_fn(cfg, device, batch):
+    """The obvious loop: eager fp32, NCHW, Adam (non-fused), the same nets and loss objects."""
+    torch.manual_seed(0)
+    G, D = build_models(cfg.model)
+    G, D = G.to(device), D.to(device)
+    o = cfg.optim
+    opt_G = torch.optim.Adam(G.parameters(), lr=o.lr_g, betas=tuple(o.betas_g), foreach=False)
+    opt_D = torch.optim.Adam(D.parameters(), lr=o.lr_d, betas=tuple(o.betas_d), foreach=False)
+    loss = build_loss(cfg.loss)
+    real, y_real = batch
+    B, m = real.shape[0], cfg.model
+
+    def step():
+        for _ in range(o.n_dis):
+            z = torch.randn(B, m.z_dim, device=device)
+            yf = torch.randint(0, m.num_classes, (B,), device=device)
+            with torch.no_grad():
+                fake = G(z, yf)
+            opt_D.zero_grad()
+            d, _ = loss.d_loss(D, real, y_real, fake, yf)
+            d.backward()
+            opt_D.step()
+        z = torch.randn(B, m.z_dim, device=device)
+        yf = torch.randint(0, m.num_classes, (B,), device=device)
+        opt_G.zero_grad()
+        g, _ = loss.g_loss(D, G(z, yf), yf)
+        g.backward()
+        opt_G.step()
+
+    return step
+
+
+def flops_per_step(step) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter:
+        step()
+    return counter.get_total_flops()
+
+
+def run_recipe(name: str, args, device) -> dict:
+    from gan.trainer import Trainer
+
+    base = load_config(ROOT / RECIPES[name], [f"train.batch_size={args.batch_size}"])
+    m = base.model
+    real = (torch.rand(args.batch_size, m.img_channels, m.img_size, m.img_size, device=device) * 2 - 1)
+    y = torch.randint(0, m.num_classes, (args.batch_size,), device=device)
+    images_per_step = base.optim.n_dis * args.batch_size
+
+    step = baseline_step_fn(base, device, (real, y))
+    flops = flops_per_step(step)
+    t_base = time_steps(step, device, args.warmup, args.steps)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        shards = tiny_shards(base, Path(tmp) / "shards")
+        precision = "bf16" if device.type == "cuda" else "no"
+        cfg = load_config(ROOT / RECIPES[name], [
+            f"train.batch_size={args.batch_size}", f"data.shards={shards}", "data.dataset=", "log.progress=false",
+            f"train.mixed_precision={precision}", "train.channels_last=true",
+            f"train.compile={'true' if args.compile else 'false'}"])
+        trainer = Trainer(cfg, Path(tmp) / "run")
+        trainer._batches = itertools.repeat((real.cpu() if device.type == "cpu" else real, y))
+        t_ours = time_steps(trainer.train_step, device, args.warmup + (3 if args.compile else 0), args.steps)
+
+    ips_base = images_per_step * args.steps / t_base
+    ips_ours = images_per_step * args.steps / t_ours
+    _, peak = peak_for(device)
+    flops_per_image = flops / images_per_step
+    return {"recipe": name, "batch_size": args.batch_size, "n_dis": base.optim.n_dis,
+            "img_per_s_baseline": ips_base, "img_per_s_ours": ips_ours, "speedup": ips_ours / ips_base,
+            "gflops_per_image": flops_per_image / 1e9,
+            "peak_fraction_ours": (flops_per_image * ips_ours / peak) if peak else None,
+            "precision": precision, "compile": args.compile}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--recipes", default=",".join(RECIPES))
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--steps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--no-compile", dest="compile", action="store_false")
+    p.add_argument("--json", default=None, help="also write the results here")
+    args = p.parse_args(argv)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.type == "cpu":
+        torch.set_num_threads(max(1, torch.get_num_threads()))
+    name, peak = peak_for(device)
+    print(f"device: {name}; bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {name}")
+    rows = []
+    print(f"{'recipe':16} {'batch':>5} {'n_dis':>5} {'eager fp32 img/s':>17} {'ours img/s':>11} {'speedup':>8} "
+          f"{'GFLOP/img':>10} {'peak %':>7}")
+    for r in args.recipes.split(","):
+        if r not in RECIPES:
+            p.error(f"unknown recipe {r!r}; valid: {', '.join(RECIPES)}")
+        row = run_recipe(r, args, device)
+        rows.append(row)
+        pk = f"{100 * row['peak_fraction_ours']:.1f}" if row["peak_fraction_ours"] is not None else "n/a"
+        print(f"{r:16} {row['batch_size']:5d} {row['n_dis']:5d} {row['img_per_s_baseline']:17.0f} "
+              f"{row['img_per_s_ours']:11.0f} {row['speedup']:7.2f}x {row['gflops_per_image']:10.3f} {pk:>7}", flush=True)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
