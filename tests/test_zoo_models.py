@@ -83,6 +83,17 @@ def test_every_parameter_gets_a_gradient(arch, size, channels, backbone, options
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+def test_double_backward_through_d(arch):
+    """R1 and gradient penalties differentiate D's input gradient: attention and SN must allow it."""
+    _, D = nets(arch, d_spectral_norm=True, attn_res=16)
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    (g,) = torch.autograd.grad(D(x, torch.tensor([0, 1])).sum(), x, create_graph=True)
+    g.square().sum().backward()
+    grads = [p.grad for p in D.parameters() if p.grad is not None]  # biases drop out of d logit / dx
+    assert len(grads) > len(list(D.parameters())) // 2 and all(torch.isfinite(g).all() for g in grads)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
 def test_size_64(arch):
     G, D = nets(arch, 64, 3)
     y = torch.tensor([0, 1])
@@ -164,6 +175,11 @@ def test_attention_at_16(arch, size):
 def test_attention_where_a_net_has_no_such_map_is_a_config_error(arch, attn_res, size):
     with pytest.raises(ConfigError, match=f"model.attn_res.*{attn_res}x{attn_res}.*valid: 0 \\(off\\) or"):
         nets(arch, size, 3, attn_res=attn_res)
+
+
+def test_a_replaced_d_is_not_built():
+    G, D = nets("sngan", backbone="googlenet", attn_res=4)  # G has a 4x4 map; SNGAN's own D has none
+    assert isinstance(D, GoogLeNetDiscriminator) and any(isinstance(m, SelfAttention) for m in G.modules())
 
 
 def test_attention_level_maps_28_pyramid():
@@ -297,11 +313,7 @@ def test_googlenet_wrong_weights_are_config_errors(googlenet_state, tmp_path):
         nets("cdcgan", backbone="googlenet", backbone_weights=str(reshaped))
 
     with pytest.raises(ConfigError, match="gone.pth.*not found"):
-        load_backbone(D_backbone_stub(), str(tmp_path / "gone.pth"))
-
-
-def D_backbone_stub():
-    return nn.Linear(1, 1)
+        load_backbone(nn.Linear(1, 1), str(tmp_path / "gone.pth"))  # e.g. deleted after the config check
 
 
 def test_googlenet_missing_file_is_rejected_by_the_config(tmp_path):

@@ -7,8 +7,9 @@ import torch.nn as nn
 
 from gan.config import ConfigError, ModelConfig
 
-# name -> factory(cfg) returning (G, D)
-MODELS: dict[str, Callable[[ModelConfig], tuple[nn.Module, nn.Module]]] = {}
+# name -> factory(cfg, build_d=True) returning (G, D); with build_d=False, (G, None): the D is
+# replaced (model.d_backbone), so it is neither built nor checked (e.g. for model.attn_res)
+MODELS: dict[str, Callable[..., tuple[nn.Module, nn.Module | None]]] = {}
 
 
 def register(name: str):
@@ -25,11 +26,11 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     if cfg.name not in MODELS:
         raise ConfigError(f"config key 'model.name': unknown architecture '{cfg.name}'. "
                           f"Valid names: {', '.join(sorted(MODELS))}")
-    G, D = MODELS[cfg.name](cfg)
+    if cfg.d_backbone not in ("", "googlenet"):
+        raise ConfigError(f"config key 'model.d_backbone': '{cfg.d_backbone}' is not one of: '' (own D), googlenet")
+    G, D = MODELS[cfg.name](cfg, build_d=not cfg.d_backbone)
     if cfg.d_backbone == "googlenet":
         D = GoogLeNetDiscriminator(cfg)
-    elif cfg.d_backbone:
-        raise ConfigError(f"config key 'model.d_backbone': '{cfg.d_backbone}' is not one of: '' (own D), googlenet")
     if cfg.init != "default":
         apply_init(G, cfg.init)
         apply_init(D, cfg.init)

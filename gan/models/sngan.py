@@ -86,5 +86,5 @@ class Discriminator(nn.Module):
 
 
 @register("sngan")
-def build(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
-    return Generator(cfg), Discriminator(cfg)
+def build(cfg: ModelConfig, build_d: bool = True) -> tuple[nn.Module, nn.Module | None]:
+    return Generator(cfg), Discriminator(cfg) if build_d else None
