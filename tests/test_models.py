@@ -45,7 +45,7 @@ def test_dcgan_init_statistics():
 
 
 def test_unknown_architecture_lists_valid():
-    with pytest.raises(ConfigError, match="unknown architecture 'stylegan9'.*Valid names: cdcgan"):
+    with pytest.raises(ConfigError, match="unknown architecture .stylegan9.*Valid names: biggan, cdcgan, sngan"):
         build_models(ModelConfig(name="stylegan9"))
 
 
