@@ -205,7 +205,8 @@ class SlurmCluster:
 
     # ------------------------------------------------------------------ stop
     def stop(self) -> None:
-        """Cancel every job, then stop slurmd, slurmctld and munged (each by its own pid)."""
+        """Cancel every job, stop slurmd, slurmctld and munged (each by its own pid), and remove the
+        directory (set GAN_SLURM_KEEP=1 to keep it, logs included)."""
         if "slurmctld" in self.procs and self.procs["slurmctld"].poll() is None:
             self.run(["scancel", "--full", "--user", str(os.getuid())], check=False)
             deadline = time.time() + 30
@@ -221,6 +222,10 @@ class SlurmCluster:
             except subprocess.TimeoutExpired:
                 p.kill()
                 p.wait(timeout=10)
+        if os.environ.get("GAN_SLURM_KEEP"):
+            print(f"[slurm fixture] kept {self.root} (GAN_SLURM_KEEP)", file=sys.stderr)
+        else:
+            shutil.rmtree(self.root, ignore_errors=True)
 
     def __enter__(self):
         return self
