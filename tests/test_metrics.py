@@ -1,0 +1,420 @@
+"""Evaluation (gan.metrics, launch/evaluate.py) on CPU: tiny runs, a tiny classifier, and a stand-in
+Inception weights file (torch-fidelity's architecture, random values: the pipeline and the output
+format are checked, never the numbers)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = [f"class{k}" for k in range(10)]
+
+
+def _env(tmp: Path, **extra) -> dict:
+    """No Inception weights in torch.hub's cache, a private stats cache, one thread."""
+    return {**os.environ, "TORCH_HOME": str(tmp / "torch-home"), "GAN_METRICS_CACHE": str(tmp / "cache"),
+            "OMP_NUM_THREADS": "1", **extra}
+
+
+def train(run_dir: Path, shards: Path, *overrides, check=True):
+    cmd = [sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run_dir),
+           f"data.shards={shards}", *overrides]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "OMP_NUM_THREADS": "1"})
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
+    return r
+
+
+def evaluate(*args, env=None, timeout=600):
+    return subprocess.run([sys.executable, "launch/evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True,
+                          text=True, timeout=timeout, env=env)
+
+
+def cli(name: str):
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "launch" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_shards) -> Path:
+    """A 6-step debug run on tiny_shards (checkpoints step-5 and step-6). Read-only: copy before writing."""
+    run = tmp_path_factory.mktemp("tiny_run") / "run"
+    train(run, tiny_shards, "train.max_steps=6")
+    return run
+
+
+@pytest.fixture
+def run_copy(tiny_run, tmp_path) -> Path:
+    dst = tmp_path / "run"
+    shutil.copytree(tiny_run, dst)
+    return dst
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, tiny_shards) -> Path:
+    """A tiny classifier for the tiny10 classes, trained by benchmarks/train_classifier.py itself."""
+    d = tmp_path_factory.mktemp("tiny_classifier")
+    out = d / "cls.safetensors"
+    r = subprocess.run([sys.executable, "benchmarks/train_classifier.py", "--train-shards", str(tiny_shards),
+                        "--test-shards", str(tiny_shards), "--widths", "8,8,16,16", "--epochs", "2",
+                        "--batch-size", "32", "--out", str(out), "--work", str(d / "work")],
+                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def standin_inception(tmp_path_factory) -> Path:
+    """torch-fidelity's FeatureExtractorInceptionV3 architecture with random values, saved as a state dict:
+    the shapes of the real pt_inception-2015-12-05 file, none of its knowledge."""
+    from unittest import mock
+
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    path = tmp_path_factory.mktemp("standin") / "standin-inception.pth"
+    torch.save(model.state_dict(), path)
+    return path
+
+
+# ---------------------------------------------------------------------------- units
+
+
+def test_metric_names_and_counts():
+    from gan.metrics.names import better, count_problems, keys_of, parse_metrics
+
+    assert parse_metrics(" fid, cls_acc ,fid") == ["fid", "cls_acc"]
+    with pytest.raises(ValueError, match="unknown metric.*'fidd'.*valid metrics: fid, isc, kid, prc, cls_acc, cls_fd"):
+        parse_metrics("fidd,cls_acc")
+    assert keys_of(["isc", "prc"]) == ["isc", "isc_std", "precision", "recall", "f_score"]
+    assert better("fid", 3.0, 4.0) and not better("cls_acc", 0.3, 0.4) and better("cls_fd/cat", 1.0, 2.0)
+    problems = count_problems(["kid", "isc"], 50, kid_subset_size=100, isc_splits=60)
+    assert len(problems) == 2 and "kid_subset_size=100" in problems[0] and "isc_splits=60" in problems[1]
+    assert count_problems(["cls_fd"], 15, 1000, 10, num_classes=10)
+
+
+def test_frechet_distance_known_values():
+    from gan.metrics.frechet import frechet_distance, gaussian_stats
+
+    rng = np.random.default_rng(0)
+    a = rng.normal(size=(20000, 4))
+    mu, sigma = gaussian_stats(a)
+    assert frechet_distance(mu, sigma, mu, sigma) == pytest.approx(0.0, abs=1e-9)
+    # N(0, I) vs N(1, 4I) in 4-d: |1|^2 * 4 + 4 * (1 + 4 - 2 * 2) = 8
+    assert frechet_distance(np.zeros(4), np.eye(4), np.ones(4), 4 * np.eye(4)) == pytest.approx(8.0)
+    with pytest.raises(ValueError):
+        frechet_distance(np.zeros(3), np.eye(3), np.zeros(4), np.eye(4))
+
+
+def test_update_best_and_patience():
+    from gan.config import load_config
+    from gan.metrics.training import update_best
+
+    cfg = load_config(ROOT / "configs/debug_cpu.yaml", ["metrics.every=1", "metrics.patience=2",
+                                                          "metrics.metrics=cls_fd,cls_acc"])
+    assert cfg.metrics.best_metric == "cls_fd"  # the first key by default
+    best: dict = {}
+    seq = [(1, 5.0, True, False), (2, 4.0, True, False), (3, 4.5, False, False), (4, float("nan"), False, True)]
+    for step, v, improved, stop in seq:
+        got = update_best(best, {"cls_fd": v, "cls_acc": 0.1}, cfg, step)
+        assert got[:2] == (improved, stop), (step, got)
+    assert best["value"] == 4.0 and best["step"] == 2 and best["stale"] == 2
+    assert "metrics.patience=2" in got[2]
+
+
+def test_metrics_config_validation():
+    from gan.config import ConfigError, load_config
+
+    for override, words in [("metrics.metrics=fid,bogus", "valid metrics: fid, isc, kid, prc, cls_acc, cls_fd"),
+                            ("metrics.best_metric=fid", "metrics.best_metric"),
+                            ("metrics.patience=3", "metrics.every"),
+                            ("metrics.every=-1", "metrics.every"),
+                            ("metrics.num_samples=20", "kid_subset_size")]:
+        extra = ["metrics.metrics=kid"] if "num_samples" in override else []
+        with pytest.raises(ConfigError, match=words.replace(".", r"\.")):
+            load_config(ROOT / "configs/debug_cpu.yaml", [*extra, override])
+
+
+def test_classifier_file_roundtrip(tmp_path):
+    from gan.metrics.classifier import ResNet9, load_classifier, save_classifier
+
+    torch.manual_seed(0)
+    m = ResNet9((8, 8, 16, 16)).eval()
+    path = save_classifier(m, tmp_path / "c.safetensors", {"classes": CLASSES, "test_accuracy": 0.5})
+    loaded, info = load_classifier(path)
+    x = torch.rand(4, 3, 32, 32) * 2 - 1
+    f0, l0 = m.features_and_logits(x)
+    f1, l1 = loaded.features_and_logits(x)
+    assert info["classes"] == CLASSES and f1.shape == (4, 16) and l1.shape == (4, 10)
+    assert torch.allclose(l0, l1, atol=2e-2, rtol=2e-2)  # stored in fp16
+
+
+def test_committed_classifier_is_small_and_labelled():
+    from gan.metrics.classifier import DEFAULT_WEIGHTS, read_classifier_info
+
+    if not DEFAULT_WEIGHTS.is_file():
+        pytest.skip("classifier weights not committed yet")
+    assert DEFAULT_WEIGHTS.stat().st_size < 5 * 2**20
+    arch, info = read_classifier_info(DEFAULT_WEIGHTS)
+    assert info["classes"][:2] == ["airplane", "automobile"] and 0 < info["test_accuracy"] <= 1
+    assert "recipe" in info and info["epochs_done"] >= 1
+
+
+def test_generation_is_balanced_and_world_size_independent():
+    from gan.metrics.collective import balanced_labels, eval_noise, generate_gathered, rank_range
+
+    assert balanced_labels(25, 10).bincount().tolist() == [3] * 5 + [2] * 5
+    assert [rank_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 8), (8, 10)]
+    G = lambda z, y: torch.tanh(z[:, :3, None, None].expand(-1, 3, 4, 4) + y[:, None, None, None])  # noqa: E731
+    images, labels = generate_gathered(G, 7, 5, 3, seed=1, batch_size=3, device="cpu")
+    assert images.dtype == torch.uint8 and images.shape == (7, 3, 4, 4) and labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
+    assert torch.equal(eval_noise(7, 5, 1), eval_noise(7, 5, 1))
+
+
+# ---------------------------------------------------------------------------- evaluate.py, offline metrics
+
+
+def test_evaluate_cls_end_to_end(run_copy, tiny_classifier, tmp_path):
+    env = _env(tmp_path)
+    r = evaluate("--run", run_copy, "--metrics", "cls_acc,cls_fd", "--num-samples", 40, "--batch-size", 16,
+                 "--classifier", tiny_classifier, env=env)
+    assert r.returncode == 0, r.stderr
+    printed = json.loads(r.stdout)
+    doc = json.loads((run_copy / "metrics.json").read_text())
+    entry = doc["evaluations"]["step-00000006"]
+    assert doc["format"] == 1 and entry["step"] == 6 and entry["source"].endswith("checkpoints/step-00000006")
+    m = entry["metrics"]
+    assert m == printed["metrics"]
+    assert 0.0 <= m["cls_acc"] <= 1.0 and m["cls_fd"] >= 0.0 and math.isfinite(m["cls_fd"])
+    assert {f"cls_acc/{c}" for c in CLASSES} | {f"cls_fd/{c}" for c in CLASSES} <= set(m)
+    det = entry["details"]["cls_fd"]
+    assert det["num_samples"] == 40 and det["classifier"]["path"] == str(tiny_classifier)
+    assert det["real"]["count"] == 240 and det["real"]["dataset"] == "tiny10"
+    assert list((tmp_path / "cache").glob("cls-*.npz"))  # real statistics cached
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    ea = EventAccumulator(str(run_copy), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [e.step for e in ea.Scalars("Eval/cls_fd")] == [6]
+
+    # another evaluation of another checkpoint merges into the same file
+    r = evaluate("--run", run_copy, "--checkpoint", run_copy / "checkpoints/step-00000005", "--metrics", "cls_acc",
+                 "--num-samples", 20, "--classifier", tiny_classifier, env=env)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads((run_copy / "metrics.json").read_text())
+    assert set(doc["evaluations"]) == {"step-00000005", "step-00000006"}
+    assert "cls_fd" in doc["evaluations"]["step-00000006"]["metrics"]
+
+
+def test_evaluate_export_and_same_as_checkpoint(run_copy, tiny_classifier, tmp_path):
+    """The export (EMA G as safetensors) and the checkpoint's EMA give the same numbers."""
+    args = ["--metrics", "cls_acc,cls_fd", "--num-samples", 20, "--classifier", tiny_classifier, "--no-tensorboard"]
+    a = evaluate("--run", run_copy, *args, env=_env(tmp_path))
+    b = evaluate("--run", run_copy, "--checkpoint", run_copy / "export/G_ema.safetensors", *args, env=_env(tmp_path))
+    assert a.returncode == 0 and b.returncode == 0, a.stderr + b.stderr
+    assert json.loads(a.stdout)["metrics"] == pytest.approx(json.loads(b.stdout)["metrics"])
+
+
+def test_real_against_itself_is_the_floor(tiny_shards, tiny_classifier, tmp_path):
+    out = tmp_path / "floor.json"
+    r = evaluate("--fake-shards", tiny_shards, "--real-shards", tiny_shards, "--metrics", "cls_fd,cls_acc",
+                 "--classifier", tiny_classifier, "--out", out, env=_env(tmp_path))
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())
+    assert res["metrics"]["cls_fd"] == pytest.approx(0.0, abs=1e-6)  # the same images: distance 0
+    assert res["metrics"]["cls_acc"] == pytest.approx(res["details"]["offline"]["real_cls_acc"])
+
+
+@pytest.mark.slow
+def test_two_process_gloo_evaluation(run_copy, tiny_classifier, tmp_path):
+    """torchrun, 2 CPU processes (gloo): generation split and gathered, rank 0 computes, same numbers as 1 process."""
+    common = ["--metrics", "cls_acc,cls_fd", "--num-samples", 45, "--batch-size", 8, "--classifier", tiny_classifier,
+              "--no-tensorboard"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "launch/evaluate.py", "--run-dir", str(run_copy), "--out", str(tmp_path / "two.json"), *map(str, common)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["details"]["processes"] == 2
+    one = evaluate("--run", run_copy, "--out", tmp_path / "one.json", *common, env=_env(tmp_path))
+    assert one.returncode == 0, one.stderr
+    assert json.loads((tmp_path / "one.json").read_text())["metrics"] == pytest.approx(two["metrics"], rel=1e-5)
+
+
+# ---------------------------------------------------------------------------- torch-fidelity path
+
+
+@pytest.mark.slow
+def test_inception_path_with_standin_weights(run_copy, standin_inception, tmp_path):
+    """fid, isc, kid, prc through torch-fidelity with generated uint8 images as a Dataset, offline."""
+    env = _env(tmp_path, OMP_NUM_THREADS="2")
+    r = evaluate("--run", run_copy, "--metrics", "fid,isc,kid,prc", "--num-samples", 20, "--kid-subset-size", 10,
+                 "--isc-splits", 2, "--max-real", 30, "--batch-size", 25, "--inception-weights", standin_inception,
+                 env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    entry = json.loads((run_copy / "metrics.json").read_text())["evaluations"]["step-00000006"]
+    assert set(entry["metrics"]) == {"fid", "isc", "isc_std", "kid", "kid_std", "precision", "recall", "f_score"}
+    assert all(isinstance(v, float) for v in entry["metrics"].values())
+    det = entry["details"]["fid"]
+    assert det["extractor"]["name"] == "inception-v3-compat" and det["extractor"]["official"] is False
+    assert det["weights_path"] == str(standin_inception) and det["real"]["count"] == 30
+    assert entry["details"]["kid"]["kid_subset_size"] == 10 and entry["details"]["isc"]["isc_splits"] == 2
+    cached = list((tmp_path / "cache" / "fidelity").glob("real-*-inception-v3-compat-*.pt"))
+    assert cached, "real features are cached under the manifest + extractor key"
+
+
+# ---------------------------------------------------------------------------- bad input, nothing overwritten
+
+
+def _run_cli(capsys, *args):
+    rc = cli("evaluate").main([str(a) for a in args])
+    return rc, capsys.readouterr()
+
+
+@pytest.fixture
+def offline_env(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
+    monkeypatch.setenv("GAN_METRICS_CACHE", str(tmp_path / "cache"))
+
+
+def _snapshot(run: Path) -> dict:
+    return {str(p.relative_to(run)): p.read_bytes() for p in run.rglob("*") if p.is_file()}
+
+
+def test_missing_inception_weights_is_clear(run_copy, capsys, offline_env):
+    before = _snapshot(run_copy)
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "fid", "--num-samples", 20)
+    assert rc == 2
+    for words in ("weights-inception-2015-12-05-6726825d.pth", "pt_inception-2015-12-05",
+                  "https://github.com/toshas/torch-fidelity/releases/download/", "--inception-weights"):
+        assert words in out.err, out.err
+    assert _snapshot(run_copy) == before
+
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "fid", "--num-samples", 20,
+                       "--inception-weights", run_copy / "nope.pth")
+    assert rc == 2 and f"Inception weights file not found: {run_copy / 'nope.pth'}" in out.err
+    garbage = run_copy.parent / "garbage.pth"
+    garbage.write_bytes(b"not a state dict")
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "isc", "--num-samples", 20, "--isc-splits", 2,
+                       "--inception-weights", garbage)
+    assert rc == 2 and "could not be read as Inception weights" in out.err
+    assert _snapshot(run_copy) == before
+
+
+def test_unknown_metric_lists_valid(run_copy, capsys, offline_env):
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "fid,sharpness")
+    assert rc == 2 and "'sharpness'" in out.err and "valid metrics: fid, isc, kid, prc, cls_acc, cls_fd" in out.err
+    assert not (run_copy / "metrics.json").exists()
+
+
+def test_too_few_samples(run_copy, capsys, offline_env):
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "kid", "--num-samples", 50)
+    assert rc == 2 and "kid_subset_size=1000" in out.err and "--kid-subset-size" in out.err
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "isc", "--num-samples", 5)
+    assert rc == 2 and "isc_splits=10" in out.err
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "cls_fd", "--num-samples", 10)
+    assert rc == 2 and "2 samples per class" in out.err
+    # more real images needed than the shards hold (tiny10: 240)
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "kid", "--num-samples", 300, "--kid-subset-size", 250,
+                       "--inception-weights", run_copy / "unused.pth")
+    assert rc == 2 and "240" in out.err
+    assert not (run_copy / "metrics.json").exists()
+
+
+def test_run_without_checkpoints(tmp_path, tiny_run, capsys, offline_env):
+    run = tmp_path / "empty-run"
+    run.mkdir()
+    shutil.copy(tiny_run / "config.yaml", run / "config.yaml")
+    rc, out = _run_cli(capsys, "--run", run, "--metrics", "cls_acc")
+    assert rc == 2 and "no complete checkpoint" in out.err and str(run) in out.err
+    rc, out = _run_cli(capsys, "--run", tmp_path / "nothing-here")
+    assert rc == 2 and "run directory not found" in out.err
+    rc, out = _run_cli(capsys, "--run", tmp_path)
+    assert rc == 2 and "no config.yaml" in out.err
+    assert sorted(p.name for p in run.iterdir()) == ["config.yaml"]
+
+
+def test_checkpoint_of_another_architecture(run_copy, tmp_path, tiny_shards, capsys, offline_env):
+    other = tmp_path / "other"
+    train(other, tiny_shards, "train.max_steps=1", "model.g_channels=16")
+    before = _snapshot(run_copy)
+    rc, out = _run_cli(capsys, "--run", run_copy, "--checkpoint", other / "checkpoints/step-00000001",
+                       "--metrics", "cls_acc")
+    assert rc == 2 and "different architecture" in out.err and "model.g_channels" in out.err
+    rc, out = _run_cli(capsys, "--run", run_copy, "--checkpoint", other / "export/G_ema.safetensors",
+                       "--metrics", "cls_acc")
+    assert rc == 2 and "different architecture" in out.err
+    assert _snapshot(run_copy) == before
+
+
+def test_classifier_of_other_classes(run_copy, capsys, offline_env, tmp_path):
+    from gan.metrics.classifier import ResNet9, save_classifier
+
+    path = save_classifier(ResNet9((8, 8, 8, 8)), tmp_path / "c.safetensors",
+                           {"classes": ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse",
+                                        "ship", "truck"]})
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "cls_acc", "--num-samples", 20, "--classifier", path)
+    assert rc == 2 and "trained on classes" in out.err and "class0" in out.err
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "cls_acc", "--num-samples", 20, "--classifier",
+                       tmp_path / "missing.safetensors")
+    assert rc == 2 and "classifier weights not found" in out.err
+    assert not (run_copy / "metrics.json").exists()
+
+
+def test_damaged_metrics_json_is_not_overwritten(run_copy, tiny_classifier, capsys, offline_env):
+    (run_copy / "metrics.json").write_text("{half")
+    rc, out = _run_cli(capsys, "--run", run_copy, "--metrics", "cls_acc", "--num-samples", 20,
+                       "--classifier", tiny_classifier, "--no-tensorboard")
+    assert rc == 2 and "not valid JSON" in out.err
+    assert (run_copy / "metrics.json").read_text() == "{half"
+
+
+# ---------------------------------------------------------------------------- during training
+
+
+def test_training_evaluates_keeps_best_and_stops_early(tmp_path, tiny_shards, tiny_classifier):
+    run = tmp_path / "run"
+    r = train(run, tiny_shards, "train.max_steps=40", "checkpoint.every=100", "metrics.every=2",
+              "metrics.num_samples=20", f"metrics.classifier={tiny_classifier}", f"metrics.cache_dir={tmp_path / 'c'}",
+              "metrics.metrics=cls_fd,cls_acc", "metrics.patience=1", "ema.decay=0.0", "optim.lr_g=0.05")
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    evals = [row for row in rows if "Eval/cls_fd" in row]
+    assert evals and all("Eval/cls_acc" in row and "Eval/cls_fd/class3" in row for row in evals)
+    status = json.loads((run / "status.json").read_text())
+    best = json.loads((run / "best.json").read_text())
+    assert best["metric"] == "cls_fd" and best["value"] == min(row["Eval/cls_fd"] for row in evals)
+    assert (run / "best" / "G_ema.safetensors").is_file() and json.loads((run / "best/model.json").read_text())["step"] == best["step"]
+    # patience=1: the first evaluation that does not improve stops the run (20 improvements in a row
+    # would be needed to reach step 40)
+    assert status["state"] == "finished" and status["step"] < 40
+    assert "early stop" in status["note"] and "early stop" in r.stdout and f"finished at step {status['step']}" in r.stdout
+    # the best/early-stop record is in the checkpoint (TrainState), so it survives a resume
+    state = torch.load(next((run / "checkpoints").iterdir()) / "custom_checkpoint_1.pkl", weights_only=False)
+    assert state["eval_best"]["value"] == best["value"]
+
+
+def test_training_refuses_missing_weights_before_work(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
+                        f"data.shards={tiny_shards}", "metrics.every=2", "metrics.metrics=fid",
+                        "metrics.num_samples=20"], cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=_env(tmp_path))
+    assert r.returncode == 2 and "--inception-weights" in r.stderr and "metrics.inception_weights" in r.stderr
+    assert not (run / "checkpoints").exists()
