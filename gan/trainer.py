@@ -27,6 +27,23 @@ from gan.models import MODELS, build_models
 from gan.rank_zero import RankZero
 
 
+class StopRequest:
+    """SIGUSR2/SIGTERM -> "checkpoint at the end of this step and exit". Install it as early as
+    possible (launch/train.py does, before anything is built), so a signal that arrives during
+    start-up is not lost; the trainer reads ``reason`` after every step."""
+
+    reason: str | None = None
+
+    @classmethod
+    def install(cls) -> None:
+        for sig in (signal.SIGUSR2, signal.SIGTERM):
+            signal.signal(sig, cls._handler)
+
+    @classmethod
+    def _handler(cls, signum, _frame) -> None:
+        cls.reason = signal.Signals(signum).name
+
+
 class NonFiniteError(RuntimeError):
     """Training hit a non-finite loss or gradient and the policy says stop."""
 
@@ -174,7 +191,6 @@ class Trainer:
         k, n = cfg.log.samples_per_class, cfg.model.num_classes
         self.fixed_z = torch.randn(n * k, cfg.model.z_dim, generator=gen).to(self.device)
         self.fixed_y = torch.arange(n).repeat_interleave(k).to(self.device)
-        self._stop_signal = None
         self._batches = None  # created on first use, after any resume has positioned the stream
         self._fp16_streak = 0
 
@@ -303,9 +319,6 @@ class Trainer:
         return note if stop else ""
 
     # ------------------------------------------------------------------ fit
-    def _on_signal(self, signum, _frame) -> None:
-        self._stop_signal = signal.Signals(signum).name
-
     def fit(self) -> str:
         """Resume if asked, train to ``train.max_steps``. Returns "finished" or "preempted"."""
         acc, cfg = self.accelerator, self.cfg
@@ -313,8 +326,7 @@ class Trainer:
             checkpoint.load(acc, self.resume_from)
             self.stream.load_state_dict(self.state.data)
         self._batches = None
-        for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, self._on_signal)
+        StopRequest.install()  # idempotent; launch/train.py installs it before building
         start = self.state.step
         self.rank0.open(start, cfg.to_yaml())
         if start:
@@ -340,8 +352,8 @@ class Trainer:
                 if step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     last_saved = step
-                if any_rank(self._stop_signal is not None, self.device):  # collective, every rank
-                    self.rank0.print(f"stop requested ({self._stop_signal or 'signal on another rank'}) "
+                if any_rank(StopRequest.reason is not None, self.device):  # collective, every rank
+                    self.rank0.print(f"stop requested ({StopRequest.reason or 'signal on another rank'}) "
                                      f"at step {step}; checkpointing")
                     outcome = "preempted"
                     break

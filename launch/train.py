@@ -33,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from gan.trainer import StopRequest
+
+    StopRequest.install()  # first: a preemption signal during start-up must not be lost
     try:
         cfg = load_config(args.config, args.overrides)
         if args.dry_run:
