@@ -189,15 +189,17 @@ def test_optimizers(name, cls):
 
 def _combos():
     from gan.models import MODELS
-    return [(m, l) for m in sorted(MODELS) for l in sorted(LOSSES)]
+    archs = [(m, "") for m in sorted(MODELS)] + [("cdcgan", "googlenet")]
+    return [(m, b, l) for m, b in archs for l in sorted(LOSSES)]
 
 
-@pytest.mark.parametrize("arch, loss", _combos())
-def test_every_architecture_and_loss_trains_a_finite_step(arch, loss, tiny_shards, tmp_path):
+@pytest.mark.parametrize("arch, backbone, loss", _combos())
+def test_every_architecture_and_loss_trains_a_finite_step(arch, backbone, loss, tiny_shards, tmp_path):
     from gan.trainer import Trainer
 
     cfg = load_config(ROOT / "configs/debug_cpu.yaml", [
-        f"data.shards={tiny_shards}", f"model.name={arch}", f"loss.name={loss}", "model.z_dim=32",
+        f"data.shards={tiny_shards}", f"model.name={arch}", f"model.d_backbone={backbone}", f"loss.name={loss}",
+        "model.z_dim=32",
         "model.shared_dim=16", "loss.r1_gamma=1.0", "loss.r1_every=1", "loss.diffaug=color,translation,cutout",
         "loss.instance_noise=0.1", "optim.n_dis=2", "optim.grad_clip=10"])
     t = Trainer(cfg, tmp_path / "run")
