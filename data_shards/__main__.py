@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 from data_shards.sources import SOURCES, InputError, open_source
 from gan.data.manifest import ENCODINGS, ShardError

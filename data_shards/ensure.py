@@ -59,7 +59,6 @@ def ensure_cifar10(out: str | Path, root: str | Path, shared: str | Path, encodi
     if (root / "cifar-10-batches-py").is_dir():
         log(f"building CIFAR-10 train shards in {out} from torchvision's copy in {root}")
         src = cifar10(root, "train")
-        prepare_output(out)
         return build_shards(src, out, "train", "cifar10", encoding, shard_size, log=log)
     if shared.is_file():
         log(f"building CIFAR-10 train shards in {out} from the JPEG copy {shared}")

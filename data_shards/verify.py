@@ -5,7 +5,7 @@ import re
 import tarfile
 from pathlib import Path
 
-from gan.data.codec import decode_images, decode_label, sha256_file
+from gan.data.codec import SampleDecodeError, decode_images, decode_label, sha256_file
 from gan.data.manifest import Manifest, read_manifest
 
 _MEMBER = re.compile(r"(\d+)\.([a-z0-9]+)")
@@ -18,8 +18,10 @@ def _check_sample(m: Manifest, key: str, files: dict[str, bytes]) -> str | None:
     try:
         decode_label(files["cls"], m.num_classes)
         decode_images([files[m.encoding]], m.encoding, m.image_shape)
-    except ValueError as e:
-        return f"undecodable: {str(e).removeprefix('sample 0: ')}"
+    except SampleDecodeError as e:
+        return f"undecodable: {e.reason}"
+    except ValueError as e:  # the label
+        return f"undecodable: {e}"
     return None
 
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from data_shards.sources import InputError, Source
 from gan.data.codec import encode_image, sample_key
-from gan.data.manifest import ENCODINGS, FORMAT, MANIFEST, Manifest, ShardInfo, parse_manifest
+from gan.data.manifest import ENCODINGS, MANIFEST, Manifest, ShardInfo, parse_manifest
 
 ORDER_SEED = 0
 
@@ -192,4 +192,4 @@ def _commit(out: Path, split: str, temps: list[Path], manifest: Manifest) -> Non
     write_file_atomic(out / MANIFEST, text.encode())
 
 
-__all__ = ["FORMAT", "build_shards", "prepare_output", "shard_name", "tar_bytes", "write_file_atomic"]
+__all__ = ["build_shards", "manifest_text", "prepare_output", "shard_name", "tar_bytes", "write_file_atomic"]

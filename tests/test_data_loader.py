@@ -6,7 +6,6 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -125,8 +124,11 @@ def test_hflip_flips_about_half(tiny_shards):
     assert 70 < flipped < 170 and plain + flipped == 240
 
 
-@pytest.mark.parametrize("workers", [0, 2])
-def test_resume_is_exact(tiny_shards, workers):
+@pytest.mark.parametrize("workers,chunk_images", [(0, 256), (2, 20), (2, 40), (2, 256)])
+def test_resume_is_exact(tiny_shards, workers, chunk_images, monkeypatch):
+    import gan.data.stream
+
+    monkeypatch.setattr(gan.data.stream, "CHUNK_IMAGES", chunk_images)  # 1, 2 or 3 batches per message
     c = cfg(tiny_shards, num_workers=workers, color_jitter=0.3, translate=0.125)
     k = 8  # batches_per_epoch is 6: the resume point (epoch 1, batch 2) is mid-epoch
     straight = take(TrainStream(c, batch_size=20, seed=3, rank=1, world_size=2), 2 * k)

@@ -24,7 +24,6 @@ from conftest import REPO, SHARED_DATA, build_tiny, tiny_images
 from data_shards.__main__ import main
 from data_shards.sources import CIFAR10_CLASSES, FASHION_CLASSES
 from gan.data import ShardError, eval_batches, read_manifest
-from gan.data.manifest import Manifest
 
 
 def run(*argv, capsys=None):

@@ -17,6 +17,14 @@ import torch
 KEY_DIGITS = 8
 
 
+class SampleDecodeError(ValueError):
+    """One sample of a batch could not be decoded; ``index`` is its position in the batch."""
+
+    def __init__(self, index: int, reason: str):
+        super().__init__(f"sample {index}: {reason}")
+        self.index, self.reason = index, reason
+
+
 def sample_key(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
 
@@ -43,13 +51,13 @@ def encode_image(img_chw: np.ndarray, encoding: str) -> bytes:
 
 
 def decode_images(blobs: list[bytes], encoding: str, shape: tuple[int, int, int]) -> torch.Tensor:
-    """Bytes of B samples -> uint8 tensor (B, C, H, W). Raises ValueError naming the bad index."""
+    """Bytes of B samples -> uint8 tensor (B, C, H, W). Raises SampleDecodeError naming the bad index."""
     c, h, w = shape
     n = c * h * w
     if encoding == "raw":
         for i, b in enumerate(blobs):
             if len(b) != n:
-                raise ValueError(f"sample {i}: raw image has {len(b)} bytes, expected {n} for shape {c}x{h}x{w}")
+                raise SampleDecodeError(i, f"raw image has {len(b)} bytes, expected {n} for shape {c}x{h}x{w}")
         buf = bytearray().join(blobs)
         return torch.frombuffer(buf, dtype=torch.uint8).view(len(blobs), c, h, w) if blobs else \
             torch.empty(0, c, h, w, dtype=torch.uint8)
@@ -61,9 +69,9 @@ def decode_images(blobs: list[bytes], encoding: str, shape: tuple[int, int, int]
         try:
             img = decode_png(torch.frombuffer(bytearray(b), dtype=torch.uint8), mode=mode)
         except Exception as e:  # torchvision raises RuntimeError on bad data
-            raise ValueError(f"sample {i}: cannot decode PNG ({str(e).splitlines()[0] if str(e) else e!r})") from None
+            raise SampleDecodeError(i, f"cannot decode PNG ({str(e).splitlines()[0] if str(e) else e!r})") from None
         if tuple(img.shape) != (c, h, w):
-            raise ValueError(f"sample {i}: PNG is {tuple(img.shape)}, expected {(c, h, w)}")
+            raise SampleDecodeError(i, f"PNG is {tuple(img.shape)}, expected {(c, h, w)}")
         out[i] = img
     return out
 

@@ -36,7 +36,8 @@ class _EvalChunks(IterableDataset):
             wds.batched(self.chunk, collation_fn=None, partial=True),
         )
         for samples in pipeline:
-            yield decode_batch(samples, self.m)
+            x, labels = decode_batch(samples, self.m)
+            yield x, torch.tensor(labels, dtype=torch.int64)
 
 
 def eval_batches(shards_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,

@@ -5,15 +5,16 @@ Per rank and epoch ``e`` (one epoch = ``batches_per_epoch`` batches on every ran
     ResampledShards(seed=f(seed, e))          one shard sequence, drawn with replacement, same on all ranks
     -> split by rank  (islice(rank, world))   each rank takes its own positions of that sequence
     -> wds.split_by_worker                    each DataLoader worker takes its own positions again
-    -> wds.tarfile_to_samples -> wds.shuffle(rng seeded by (seed, rank, e, worker))
+    -> tar_samples (fast ustar reader) -> wds.shuffle(rng seeded by (seed, rank, e, worker))
     -> wds.batched(B) -> with_epoch(batches of this worker)
     -> decode + augment in the worker, augmentation RNG seeded by (seed, rank, e, batch index)
 
-Worker ``w`` of ``W`` makes batches ``w, w+W, ...`` of each epoch; the DataLoader returns worker results
-round-robin in order, so batch ``j`` of epoch ``e`` is the same for a given (seed, rank, world_size,
-num_workers) whether the stream started at 0 or was resumed. Shards are resampled, so no rank or worker
-ever runs dry: every rank yields exactly ``batches_per_epoch`` batches per epoch whatever the numbers of
-shards, ranks and workers, and DDP never waits on a rank that ran out of data.
+The batches of an epoch are cut into chunks of ``k ~ 256 / B`` consecutive batches; worker ``w``
+of ``W`` makes chunks ``w, w+W, ...`` and sends each as one uint8 message, and the DataLoader returns
+messages round-robin in order. So batch ``j`` of epoch ``e`` is the same for a given (seed, rank,
+world_size, batch_size, num_workers) whether the stream started at 0 or was resumed. Shards are
+resampled, so no rank or worker ever runs dry: every rank yields exactly ``batches_per_epoch`` batches
+per epoch whatever the numbers of shards, ranks and workers, and DDP never waits on a rank that ran out.
 
 The node split uses the ``rank``/``world_size`` given to :class:`TrainStream` (the same islice as
 ``wds.split_by_node``, which instead reads RANK/WORLD_SIZE from the environment), so the data of a rank
@@ -31,11 +32,12 @@ import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
 from gan.data.augment import augment_batch
-from gan.data.codec import decode_images, decode_label, derive_seed, to_unit_range
+from gan.data.codec import SampleDecodeError, decode_images, decode_label, derive_seed, to_unit_range
 from gan.data.manifest import Manifest, ShardError, read_manifest
 from gan.data.tario import tar_samples
 
 _TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUG = 11, 12, 13
+CHUNK_IMAGES = 256  # images per worker -> consumer message (see chunk_batches)
 
 
 def split_by_rank(src, rank: int, world_size: int):
@@ -52,54 +54,63 @@ def _identity(x):
 
 
 def decode_batch(samples: list[dict], m: Manifest):
-    """List of raw webdataset samples -> (uint8 images (B,C,H,W), int64 labels (B,)). Errors name the sample."""
+    """List of raw webdataset samples -> (uint8 images (B,C,H,W), list of B int labels). Errors name the sample."""
     ext = m.encoding
-    try:
-        blobs = [s[ext] for s in samples]
-        labels = [decode_label(s["cls"], m.num_classes) for s in samples]
-        x = decode_images(blobs, ext, m.image_shape)
-    except (KeyError, ValueError) as e:
-        bad = next((s for s in samples if ext not in s or "cls" not in s), None)
-        if bad is None and str(e).startswith("sample "):
-            idx = int(str(e).split()[1].rstrip(":"))
-            bad = samples[idx]
-        where = f"{bad.get('__url__')} sample {bad.get('__key__')}" if bad else f"a batch from {m.dir}"
-        raise ShardError(f"{where}: {e if not isinstance(e, KeyError) else f'missing .{ext} or .cls member'}. "
-                         f"Check the shards with `python -m data_shards verify {m.dir}` and rebuild them.") from None
-    return x, torch.tensor(labels, dtype=torch.int64)
+    bad, why = None, None
+    for s in samples:
+        if ext not in s or "cls" not in s:
+            bad, why = s, f"missing its .{ext} or .cls member (has {sorted(k for k in s if not k.startswith('__'))})"
+            break
+        try:
+            decode_label(s["cls"], m.num_classes)
+        except ValueError as e:
+            bad, why = s, str(e)
+            break
+    if bad is None:
+        try:
+            x = decode_images([s[ext] for s in samples], ext, m.image_shape)
+        except SampleDecodeError as e:
+            bad, why = samples[e.index], e.reason
+    if bad is not None:
+        raise ShardError(f"{bad.get('__url__')} sample {bad.get('__key__')}: {why}. Check the shards with "
+                         f"`python -m data_shards verify {m.dir}` and rebuild them.")
+    return x, [int(s["cls"]) for s in samples]
 
 
-class _EpochBatches(IterableDataset):
-    """Yields (x, y, epoch, batch) for this worker's batches of one epoch per ``iter()`` call.
+def chunk_batches(batch_size: int, batches_per_epoch: int, workers: int) -> int:
+    """Batches per worker message: about CHUNK_IMAGES images per message keeps the consumer's per-message
+    cost (queue, pickling, shared-memory handles) small next to the images it carries; smaller when an
+    epoch is too short to give every worker a chunk."""
+    return max(1, min(-(-CHUNK_IMAGES // batch_size), batches_per_epoch // max(1, workers)))
 
-    The k-th ``iter()`` (in the main process, or in a persistent worker) is epoch ``start_epoch + k``;
-    only the first one skips batches before ``start_batch`` (they are read and shuffled, not decoded,
-    and come out as ``(None, None, epoch, batch)`` placeholders to keep the workers' round-robin order).
+
+class _EpochChunks(IterableDataset):
+    """One ``iter()`` = this worker's part of one epoch, as messages ``(epoch, j0, x, labels)``: ``x`` is
+    uint8 (n*B, C, H, W) holding the augmented batches ``j0 .. j0+n-1``, ``labels`` a list of n*B ints.
+
+    The epoch's batches are cut into chunks of ``k`` consecutive batches; worker ``w`` of ``W`` makes
+    chunks ``w, w+W, ...`` from its own sample stream, and the in-order DataLoader hands the messages
+    back round-robin, i.e. in batch order. The k-th ``iter()`` (in the main process, or in a persistent
+    worker) is epoch ``start_epoch + k``; only the first one skips batches before ``start_batch``: they
+    are read and shuffled but not decoded, and a chunk with nothing left comes out as
+    ``(epoch, j, None, [])`` to keep the round-robin order.
     """
 
     def __init__(self, m: Manifest, cfg, batch_size: int, seed: int, rank: int, world_size: int,
-                 batches_per_epoch: int, start_epoch: int, start_batch: int):
+                 batches_per_epoch: int, workers: int, start_epoch: int, start_batch: int):
         super().__init__()
         self.m, self.cfg, self.batch_size, self.seed = m, cfg, batch_size, seed
         self.rank, self.world_size, self.n = rank, world_size, batches_per_epoch
         self.start_epoch, self.start_batch = start_epoch, start_batch
+        self.k = chunk_batches(batch_size, batches_per_epoch, workers)
         self._calls = 0
 
-    def __iter__(self):
-        epoch = self.start_epoch + self._calls
-        skip = self.start_batch if self._calls == 0 else 0
-        self._calls += 1
-        info = get_worker_info()
-        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
-        mine = range(worker, self.n, workers)
-        if len(mine) == 0:
-            return
-        bufsize = self.cfg.shuffle_buffer
+    def _pipeline(self, epoch: int, worker: int, n_batches: int):
         shuffle = None
-        if bufsize > 1:
+        if self.cfg.shuffle_buffer > 1:
             rng = random.Random(derive_seed(self.seed, self.rank, epoch, worker, _TAG_SHUFFLE))
-            shuffle = wds.shuffle(bufsize, initial=bufsize, rng=rng)
-        pipeline = wds.DataPipeline(
+            shuffle = wds.shuffle(self.cfg.shuffle_buffer, initial=self.cfg.shuffle_buffer, rng=rng)
+        return wds.DataPipeline(
             wds.ResampledShards(self.m.paths, seed=derive_seed(self.seed, epoch, _TAG_SHARDS),
                                 worker_seed=_zero, deterministic=True),
             partial(split_by_rank, rank=self.rank, world_size=self.world_size),
@@ -107,16 +118,35 @@ class _EpochBatches(IterableDataset):
             tar_samples,
             shuffle,
             wds.batched(self.batch_size, collation_fn=None, partial=False),
-        ).with_epoch(len(mine))
-        for j, samples in zip(mine, pipeline):
-            if j < skip:
-                yield None, None, epoch, j
-                continue
-            x, y = decode_batch(samples, self.m)
-            g = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, epoch, j, _TAG_AUG))
-            x = augment_batch(x, g, hflip=self.cfg.hflip, color_jitter_strength=self.cfg.color_jitter,
-                              translate_fraction=self.cfg.translate)
-            yield x, y, epoch, j
+        ).with_epoch(n_batches)
+
+    def __iter__(self):
+        epoch = self.start_epoch + self._calls
+        skip = self.start_batch if self._calls == 0 else 0
+        self._calls += 1
+        info = get_worker_info()
+        worker, workers = (0, 1) if info is None else (info.id, info.num_workers)
+        chunks = [range(c * self.k, min((c + 1) * self.k, self.n))
+                  for c in range(worker, -(-self.n // self.k), workers)]
+        if not chunks:
+            return
+        batches = iter(self._pipeline(epoch, worker, sum(len(c) for c in chunks)))
+        for chunk in chunks:
+            xs, labels, j0 = [], [], None
+            for j in chunk:
+                samples = next(batches)
+                if j < skip:
+                    continue
+                x, y = decode_batch(samples, self.m)
+                g = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, epoch, j, _TAG_AUG))
+                xs.append(augment_batch(x, g, hflip=self.cfg.hflip, color_jitter_strength=self.cfg.color_jitter,
+                                        translate_fraction=self.cfg.translate))
+                labels.extend(y)
+                j0 = j if j0 is None else j0
+            if j0 is None:
+                yield epoch, chunk.start, None, []
+            else:
+                yield epoch, j0, xs[0] if len(xs) == 1 else torch.cat(xs), labels
 
 
 class TrainStream:
@@ -175,25 +205,28 @@ class TrainStream:
         return self._batches()
 
     def _batches(self):
-        ds = _EpochBatches(self.manifest, self.cfg, self.batch_size, self.seed, self.rank, self.world_size,
-                           self.batches_per_epoch, self._epoch, self._batch)
+        ds = _EpochChunks(self.manifest, self.cfg, self.batch_size, self.seed, self.rank, self.world_size,
+                          self.batches_per_epoch, self.num_workers, self._epoch, self._batch)
         if self.num_workers > 0:
             loader = wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
                                    persistent_workers=True, prefetch_factor=self.prefetch_factor)
         else:
             loader = ds
+        b = self.batch_size
         while True:
             got = 0
-            for x, y, epoch, j in loader:  # one epoch (the first one may start mid-way)
-                if x is None and epoch == self._epoch and j < self._batch:
-                    continue  # fast-forward placeholder after load_state_dict
-                if (epoch, j) != (self._epoch, self._batch):  # the round-robin contract was broken
-                    raise RuntimeError(f"data stream out of order: got batch {j} of epoch {epoch}, "
+            for epoch, j0, x, labels in loader:  # one epoch (the first one may start mid-way)
+                if x is None:
+                    continue  # a chunk fast-forwarded after load_state_dict
+                if (epoch, j0) != (self._epoch, self._batch):  # the round-robin contract was broken
+                    raise RuntimeError(f"data stream out of order: got batch {j0} of epoch {epoch}, "
                                        f"expected {self._batch} of {self._epoch}")
-                self._batch += 1
-                if self._batch == self.batches_per_epoch:
-                    self._epoch, self._batch = self._epoch + 1, 0
-                got += 1
-                yield to_unit_range(x), y
+                y = torch.tensor(labels, dtype=torch.int64)
+                for i in range(len(labels) // b):
+                    self._batch += 1
+                    if self._batch == self.batches_per_epoch:
+                        self._epoch, self._batch = self._epoch + 1, 0
+                    got += 1
+                    yield to_unit_range(x[i * b:(i + 1) * b]), y[i * b:(i + 1) * b]
             if got == 0:
                 raise RuntimeError("data stream produced no batches in an epoch")

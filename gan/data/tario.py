@@ -19,8 +19,7 @@ _BLOCK = 512
 _REGULAR = (b"0", b"\0")
 
 
-def _verify_hint(url: str) -> str:
-    return f"run `python -m data_shards verify` on its directory and rebuild the shards"
+_HINT = "run `python -m data_shards verify` on its directory and rebuild the shards"
 
 
 def _members_fast(buf, url: str):
@@ -37,16 +36,16 @@ def _members_fast(buf, url: str):
         try:
             size = int(header[124:136].strip(b"\0 ") or b"0", 8)
         except ValueError:
-            raise ShardError(f"{url}: corrupt tar header at byte {off}: " + _verify_hint(url)) from None
+            raise ShardError(f"{url}: corrupt tar header at byte {off}: " + _HINT) from None
         start = off + _BLOCK
         if start + size > end:
             raise ShardError(f"{url}: truncated tar (member {name} runs past the end of the file): "
-                             + _verify_hint(url))
+                             + _HINT)
         out.append((name, buf[start:start + size]))
         off = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
     if off == end and end > 0:  # tarfile tolerates a missing end marker only if nothing follows
         return out
-    raise ShardError(f"{url}: truncated tar (ends inside a header at byte {off}): " + _verify_hint(url))
+    raise ShardError(f"{url}: truncated tar (ends inside a header at byte {off}): " + _HINT)
 
 
 def _members_tarfile(buf: bytes, url: str):
@@ -54,14 +53,14 @@ def _members_tarfile(buf: bytes, url: str):
         with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tf:
             return [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardError(f"{url}: unreadable tar ({e}): " + _verify_hint(url)) from None
+        raise ShardError(f"{url}: unreadable tar ({e}): " + _HINT) from None
 
 
 def shard_members(path: str):
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size == 0:
-            raise ShardError(f"{path}: empty shard file: " + _verify_hint(path))
+            raise ShardError(f"{path}: empty shard file: " + _HINT)
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             members = _members_fast(mm, path)
             if members is None:
