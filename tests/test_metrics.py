@@ -418,3 +418,34 @@ def test_training_refuses_missing_weights_before_work(tmp_path, tiny_shards):
                        env=_env(tmp_path))
     assert r.returncode == 2 and "--inception-weights" in r.stderr and "metrics.inception_weights" in r.stderr
     assert not (run / "checkpoints").exists()
+
+
+@pytest.mark.slow
+def test_two_process_training_evaluation_decides_alike(tmp_path, tiny_shards, tiny_classifier):
+    """torchrun, 2 CPU processes: evaluation inside training on every rank, same early-stop step on both
+    (a rank that stopped alone would hang the other in its next collective)."""
+    run = tmp_path / "ddp"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "launch/train.py",
+           "--config", "configs/debug_cpu.yaml", "--run-dir", str(run), f"data.shards={tiny_shards}",
+           "train.max_steps=30", "metrics.every=2", "metrics.num_samples=25", f"metrics.classifier={tiny_classifier}",
+           "metrics.patience=1", "ema.decay=0.0", "optim.lr_g=0.05"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
+                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and status["step"] < 30 and "early stop" in status["note"]
+    assert "replica check: G, D and G_ema identical on all 2 ranks" in r.stdout
+    assert json.loads((run / "best.json").read_text())["metric"] == "cls_fd"
+
+
+@pytest.mark.slow
+def test_two_process_error_on_rank0_reaches_every_rank(run_copy, tmp_path):
+    """A missing classifier file is found on rank 0; rank 1 gets the same error instead of waiting forever."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "launch/evaluate.py", "--run-dir", str(run_copy), "--metrics", "cls_acc", "--num-samples", "20",
+           "--classifier", str(tmp_path / "missing.safetensors")]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    assert r.returncode != 0
+    assert r.stderr.count("classifier weights not found") == 2, r.stderr
+    assert not (run_copy / "metrics.json").exists()

@@ -13,7 +13,6 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 ASSETS = Path(__file__).resolve().parent / "assets"
 DEFAULT_WEIGHTS = ASSETS / "cifar10_classifier.safetensors"
