@@ -141,11 +141,21 @@ def test_resume_is_exact(tiny_shards, workers, chunk_images, monkeypatch):
     assert same(straight, head + take(resumed, k))
 
 
-def test_workers_deterministic(tiny_shards):
+def test_workers_deterministic_and_close(tiny_shards):
+    import multiprocessing
+
     c = cfg(tiny_shards, num_workers=2)
     a = take(TrainStream(c, batch_size=16, seed=4), 18)
-    b = take(TrainStream(c, batch_size=16, seed=4), 18)
+    assert not multiprocessing.active_children()  # the dropped iterator took its workers with it at once
+    s = TrainStream(c, batch_size=16, seed=4)
+    it = iter(s)
+    b = [next(it) for _ in range(18)]
     assert same(a, b)
+    assert len(multiprocessing.active_children()) == 2
+    s.close()
+    assert not multiprocessing.active_children()
+    with pytest.raises(StopIteration):
+        next(it)
 
 
 def test_load_state_dict_validation(tiny_shards):

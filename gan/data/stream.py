@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import random
 import warnings
+import weakref
 from functools import partial
 from itertools import islice
 
@@ -184,6 +185,7 @@ class TrainStream:
         self.prefetch_factor = prefetch_factor
         self.batches_per_epoch = max(1, self.manifest.total // (world_size * batch_size))
         self._epoch, self._batch = 0, 0
+        self._gen = None
 
     def state_dict(self) -> dict:
         return {"epoch": self._epoch, "batch": self._batch}
@@ -202,7 +204,17 @@ class TrainStream:
         self._epoch, self._batch = epoch, batch
 
     def __iter__(self):
-        return self._batches()
+        self.close()
+        gen = self._batches()
+        self._gen = weakref.ref(gen)  # no reference cycle: dropping the iterator frees its workers at once
+        return gen
+
+    def close(self) -> None:
+        """Stop the current iteration and its worker processes (dropping the iterator does the same)."""
+        gen = self._gen() if self._gen is not None else None
+        self._gen = None
+        if gen is not None:
+            gen.close()
 
     def _batches(self):
         ds = _EpochChunks(self.manifest, self.cfg, self.batch_size, self.seed, self.rank, self.world_size,
