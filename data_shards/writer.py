@@ -22,6 +22,7 @@ import random
 import re
 import tarfile
 import tempfile
+import uuid
 from pathlib import Path
 
 import numpy as np
@@ -76,9 +77,9 @@ def _fsync_dir(d: Path) -> None:
 def write_file_atomic(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace."""
     path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.name}.")
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # permissions from the umask (mkstemp would make it 0600)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())

@@ -6,7 +6,7 @@ trainer's conditional samples), ``save_png`` to write either.
 from __future__ import annotations
 
 import os
-import tempfile
+import uuid
 from pathlib import Path
 
 import torch
@@ -75,9 +75,9 @@ def save_png(img: torch.Tensor, path: str | Path) -> Path:
         raise ValueError(f"expected (3, H, W), (1, H, W) or (H, W), got {tuple(img.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}.", suffix=".png")
+    tmp = path.with_name(f".tmp-{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.png")
     try:
-        with os.fdopen(fd, "wb") as f:
+        with open(tmp, "xb") as f:  # permissions from the umask, like any new file
             Image.fromarray(arr).save(f, format="PNG")
         os.replace(tmp, path)
     except BaseException:

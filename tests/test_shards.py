@@ -224,6 +224,9 @@ def test_byte_identical_rebuild_and_keys(tmp_path):
     assert files == sorted(p.name for p in b.iterdir()) and "manifest.json" in files
     for name in files:
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (a / "manifest.json").stat().st_mode & 0o777 == 0o666 & ~umask  # readable like any new file
     build_tiny(a, 50, 3, 8, 16, "t", encoding="png")  # rebuilt in place: still the same bytes
     assert all((a / n).read_bytes() == (b / n).read_bytes() for n in files)
     with tarfile.open(a / "train-000000.tar") as tf:
