@@ -22,13 +22,14 @@ import random
 import re
 import tarfile
 import tempfile
-import uuid
 from pathlib import Path
 
 import numpy as np
 
 from data_shards.sources import InputError, Source
 from gan.data.codec import encode_image, sample_key
+from gan.io import fsync_dir as _fsync_dir
+from gan.io import write_file_atomic
 from gan.data.manifest import ENCODINGS, MANIFEST, Manifest, ShardInfo, parse_manifest
 
 ORDER_SEED = 0
@@ -61,36 +62,6 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _fsync_dir(d: Path) -> None:
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_file_atomic(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` via a temp file in the same directory + fsync + os.replace."""
-    path = Path(path)
-    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "xb") as f:  # permissions from the umask (mkstemp would make it 0600)
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    _fsync_dir(path.parent)
 
 
 def prepare_output(out: str | Path) -> Path:

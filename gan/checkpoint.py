@@ -17,7 +17,9 @@ import re
 import shutil
 from pathlib import Path
 
-from safetensors.torch import save_file
+from safetensors.torch import save as safetensors_bytes
+
+from gan.io import fsync_dir, write_file_atomic, write_json_atomic
 
 _NAME = re.compile(r"^step-(\d{8})$")
 META = "meta.json"
@@ -56,26 +58,6 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((path / META).read_text())
 
 
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-
-
 def save(accelerator, root: str | Path, step: int, meta: dict, keep: int) -> Path:
     """Collective. Writes ``root/step-XXXXXXXX`` atomically and keeps the newest ``keep``."""
     root = Path(root)
@@ -87,15 +69,15 @@ def save(accelerator, root: str | Path, step: int, meta: dict, keep: int) -> Pat
     accelerator.save_state(str(tmp))
     accelerator.wait_for_everyone()  # every rank's RNG file is in place
     if accelerator.is_main_process:
-        _write_json(tmp / META, {**meta, "step": step, "world_size": accelerator.num_processes})
-        _fsync_dir(tmp)
+        write_json_atomic(tmp / META, {**meta, "step": step, "world_size": accelerator.num_processes})
+        fsync_dir(tmp)
         old = None
         if final.exists():  # same step saved again (e.g. after a resume): swap, never delete first
             old = root / f".old-{ckpt_name(step)}"
             shutil.rmtree(old, ignore_errors=True)
             os.replace(final, old)
         os.replace(tmp, final)
-        _fsync_dir(root)
+        fsync_dir(root)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
         for stale in list_checkpoints(root)[:-keep]:
@@ -117,7 +99,5 @@ def export_generator(out_dir: str | Path, g_ema, model_cfg: dict, step: int) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in g_ema.state_dict().items()}
-    tmp = out / "G_ema.safetensors.tmp"
-    save_file(state, str(tmp), metadata={"step": str(step)})
-    os.replace(tmp, out / "G_ema.safetensors")
-    _write_json(out / "model.json", {"model": model_cfg, "step": step})
+    write_file_atomic(out / "G_ema.safetensors", safetensors_bytes(state, metadata={"step": str(step)}))
+    write_json_atomic(out / "model.json", {"model": model_cfg, "step": step})

@@ -10,11 +10,11 @@ from __future__ import annotations
 import datetime as _dt
 import json
 import math
-import os
 from pathlib import Path
 
 import torch
 
+from gan.io import write_json_atomic, write_text_atomic
 from gan.viz import class_grid, save_png
 
 
@@ -38,9 +38,7 @@ class RankZero:
         from torch.utils.tensorboard import SummaryWriter
 
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "config.yaml.tmp"
-        tmp.write_text(config_yaml)
-        os.replace(tmp, self.run_dir / "config.yaml")
+        write_text_atomic(self.run_dir / "config.yaml", config_yaml)
         self._tb = SummaryWriter(str(self.run_dir))
         if self._progress:
             from tqdm import tqdm
@@ -61,11 +59,9 @@ class RankZero:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.run_dir / "status.json.tmp"
         extra = {"note": note} if note else {}
-        tmp.write_text(json.dumps({"state": state, "step": step, "max_steps": self.max_steps,
-                                   "updated": _now(), "error": error, **extra}, indent=2))
-        os.replace(tmp, self.run_dir / "status.json")
+        write_json_atomic(self.run_dir / "status.json", {"state": state, "step": step, "max_steps": self.max_steps,
+                                                         "updated": _now(), "error": error, **extra})
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:

@@ -25,7 +25,6 @@ import difflib
 import hashlib
 import itertools
 import json
-import os
 import re
 import shlex
 import shutil
@@ -37,6 +36,7 @@ from pathlib import Path
 import yaml
 
 from gan.config import ConfigError, load_config
+from gan.io import write_json_atomic
 
 SWEEP_KEYS = ("base", "grid", "overrides", "max_concurrent", "out", "slurm")
 MANIFEST = "sweep.json"
@@ -334,9 +334,7 @@ def write_manifest(manifest: dict) -> Path:
             print(f"note: {path} existed; {len(changed)} run(s) now get different arguments "
                   f"(e.g. {changed[0]}); they resume from their checkpoints with --resume auto",
                   file=sys.stderr)
-    tmp = path.with_name(MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=2))
-    os.replace(tmp, path)
+    write_json_atomic(path, manifest)
     return path
 
 

@@ -5,11 +5,12 @@ trainer's conditional samples), ``save_png`` to write either.
 """
 from __future__ import annotations
 
-import os
-import uuid
+import io
 from pathlib import Path
 
 import torch
+
+from gan.io import write_file_atomic
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:
@@ -75,15 +76,6 @@ def save_png(img: torch.Tensor, path: str | Path) -> Path:
         raise ValueError(f"expected (3, H, W), (1, H, W) or (H, W), got {tuple(img.shape)}")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".tmp-{path.stem}.{os.getpid()}.{uuid.uuid4().hex[:8]}.png")
-    try:
-        with open(tmp, "xb") as f:  # permissions from the umask, like any new file
-            Image.fromarray(arr).save(f, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-    return path
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, format="PNG")
+    return write_file_atomic(path, buf.getvalue())

@@ -9,7 +9,7 @@ import torch
 import torch.nn as nn
 
 from gan.config import ConfigError, LossConfig, OptimConfig, load_config
-from gan.diffaug import color, cutout, diff_augment, translation
+from gan.diffaug import color, cutout, translation
 from gan.losses import (LOSSES, build_loss, gradient_penalty, hinge_d_loss, hinge_g_loss, ls_d_loss, ls_g_loss,
                         ns_d_loss, r1_penalty, wasserstein_d_loss)
 

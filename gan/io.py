@@ -1,0 +1,49 @@
+"""Crash-safe file writes: a temp file in the same directory, fsync, ``os.replace``, fsync of the
+directory. A reader sees either the old file or the complete new one, never a partial write."""
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+
+
+def fsync_dir(d: str | Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_file_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically (permissions from the umask)."""
+    path = Path(path)
+    tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
+    try:
+        with open(tmp, "xb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+    fsync_dir(path.parent)
+    return path
+
+
+def write_text_atomic(path: str | Path, text: str) -> Path:
+    return write_file_atomic(path, text.encode())
+
+
+def write_json_atomic(path: str | Path, obj, indent: int = 2) -> Path:
+    return write_file_atomic(path, (json.dumps(obj, indent=indent) + "\n").encode())
