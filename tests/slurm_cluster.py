@@ -21,11 +21,14 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from debian import Unavailable, apt_install  # noqa: E402
+
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo", "munged")
 PACKAGES = ("slurm-wlm", "munge")
 
 
-class SlurmUnavailable(RuntimeError):
+class SlurmUnavailable(Unavailable):
     """Slurm can't be installed here (not root, no apt-get, apt failed): a reason to skip."""
 
 
@@ -38,22 +41,10 @@ def ensure_installed(log=print) -> None:
     missing = missing_binaries()
     if not missing:
         return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) and installing it "
-                               f"needs root: apt-get install {' '.join(PACKAGES)}")
-    if shutil.which("apt-get") is None:
-        raise SlurmUnavailable(f"Slurm is not installed ({', '.join(missing)} missing) and there is no "
-                               f"apt-get to install {' '.join(PACKAGES)}")
-    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    log(f"installing {' '.join(PACKAGES)} with apt-get (missing: {', '.join(missing)})")
-    for cmd in (["apt-get", "update"], ["apt-get", "install", "-y", *PACKAGES]):
-        try:
-            r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1200)
-        except subprocess.TimeoutExpired:
-            raise SlurmUnavailable(f"{' '.join(cmd)} timed out after 20 minutes") from None
-        if r.returncode != 0:
-            raise SlurmUnavailable(f"{' '.join(cmd)} failed ({r.returncode}): "
-                                   f"{(r.stderr or r.stdout).strip()[-800:]}")
+    try:
+        apt_install(PACKAGES, f"Slurm ({', '.join(missing)} missing)", log=log)
+    except Unavailable as e:
+        raise SlurmUnavailable(str(e)) from None
     still = missing_binaries()
     if still:
         raise SlurmUnavailable(f"apt-get installed {' '.join(PACKAGES)} but {', '.join(still)} is still missing")

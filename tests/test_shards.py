@@ -170,9 +170,20 @@ def test_mnist_in_torchvision_layout(tmp_path, capsys):
 FASHION_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 
 
-@pytest.mark.skipif(not (FASHION_SYSTEM / "t10k-images-idx3-ubyte.gz").is_file(),
-                    reason="Debian's dataset-fashion-mnist is not installed (/usr/share/datasets/fashion-mnist)")
-def test_real_fashion_mnist_from_debian_package(tmp_path, capsys):
+@pytest.fixture(scope="session")
+def debian_fashion_mnist() -> Path:
+    """The real Fashion-MNIST idx files from Debian's package, installed if missing."""
+    if not (FASHION_SYSTEM / "t10k-images-idx3-ubyte.gz").is_file():
+        from debian import Unavailable, apt_install
+        try:
+            apt_install(("dataset-fashion-mnist",), "Debian's dataset-fashion-mnist")
+        except Unavailable as e:
+            pytest.skip(str(e))
+    return FASHION_SYSTEM
+
+
+@pytest.mark.slow
+def test_real_fashion_mnist_from_debian_package(tmp_path, capsys, debian_fashion_mnist):
     rc, _ = run("build", "--source", "fashion-mnist", "--root", FASHION_SYSTEM, "--split", "test", "--out",
                 tmp_path / "fm", capsys=capsys)
     assert rc == 0
