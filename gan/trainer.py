@@ -342,6 +342,7 @@ class Trainer:
                 if step % cfg.log.every == 0 or step == cfg.train.max_steps:
                     self._log(t0, step - s0, self.state.images_seen - i0)
                     t0, s0, i0 = time.perf_counter(), step, self.state.images_seen
+                t_aside = time.perf_counter()  # samples, evaluation and checkpoints don't count as training time
                 if step % cfg.log.sample_every == 0:
                     self._samples()
                 if cfg.metrics.every and step % cfg.metrics.every == 0:  # before the checkpoint: it keeps eval_best
@@ -352,6 +353,7 @@ class Trainer:
                 if step % cfg.checkpoint.every == 0:
                     self.save_checkpoint()
                     last_saved = step
+                t0 += time.perf_counter() - t_aside
                 if any_rank(StopRequest.reason is not None, self.device):  # collective, every rank
                     self.rank0.print(f"stop requested ({StopRequest.reason or 'signal on another rank'}) "
                                      f"at step {step}; checkpointing")
