@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from gan.config import ConfigError, ModelConfig
 from gan.models import register
-from gan.models.layers import (ConditionalBatchNorm2d, DBlock, GBlock, SelfAttention, apply_init,
+from gan.models.layers import (ResidualProjectionD, ConditionalBatchNorm2d, DBlock, GBlock, SelfAttention, apply_init,
                                base_and_ups, check_attention, d_down_schedule)
 
 
@@ -95,7 +95,7 @@ class Generator(nn.Module):
         return torch.tanh(self.out(F.relu(self.bn(h))))
 
 
-class Discriminator(nn.Module):
+class Discriminator(ResidualProjectionD):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         layout = d_layout(cfg.img_size, cfg.img_channels, cfg.d_channels)
@@ -112,16 +112,6 @@ class Discriminator(nn.Module):
         self.linear = nn.Linear(ch, 1)
         self.embed = nn.Embedding(cfg.num_classes, ch)
         apply_init(self, "ortho")
-
-    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        h = x
-        for i, block in enumerate(self.blocks):
-            h = block(h)
-            if i == self.attn_after:
-                h = self.attn(h)
-        h = F.relu(h).sum(dim=(2, 3))
-        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(1)
-
 
 @register("biggan")
 def build(cfg: ModelConfig, build_d: bool = True) -> tuple[nn.Module, nn.Module | None]:

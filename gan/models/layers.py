@@ -230,3 +230,24 @@ def d_down_schedule(img_size: int) -> list[bool]:
     while n_down == 0 or (size > 8 and size % 2 == 0):
         size, n_down = size // 2, n_down + 1
     return [True] * n_down + [False] * max(4 - n_down, 1)
+
+
+class ResidualProjectionD(nn.Module):
+    """The forward shared by the residual discriminators (SNGAN, BigGAN): ``blocks`` (with optional
+    self-attention after block ``attn_after``), ReLU, global sum pooling, then a linear logit plus the
+    projection <embed(y), h> (Miyato & Koyama 2018). Subclasses build the modules."""
+
+    blocks: nn.ModuleList
+    attn: nn.Module | None
+    attn_after: int
+    linear: nn.Linear
+    embed: nn.Embedding
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        h = x
+        for i, block in enumerate(self.blocks):
+            h = block(h)
+            if i == self.attn_after:
+                h = self.attn(h)
+        h = F.relu(h).sum(dim=(2, 3))
+        return self.linear(h).squeeze(1) + (self.embed(y) * h).sum(1)
