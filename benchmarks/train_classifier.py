@@ -95,6 +95,9 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-bf16", action="store_true", help="train in fp32 (bf16 autocast is the default)")
     p.add_argument("--max-train", type=int, default=0, help="use only the first N training images (tests)")
+    p.add_argument("--init", help="start from this run's --work/state.pt (a second, fine-tuning phase with its own "
+                                  "schedule, e.g. --init runs/classifier/state.pt --epochs 6 --lr 0.04 --warmup 0); "
+                                  "the first phase's recipe and history are kept in the file's metadata")
     return p.parse_args(argv)
 
 
@@ -117,7 +120,12 @@ def main(argv=None) -> int:
     gen = torch.Generator().manual_seed(a.seed)
     steps_per_epoch = (len(x_tr) + a.batch_size - 1) // a.batch_size
     total = a.epochs * steps_per_epoch
-    start, history = 0, []
+    start, history, before = 0, [], None
+    if a.init:
+        s0 = torch.load(a.init, map_location="cpu", weights_only=False)
+        model.load_state_dict(s0["model"])
+        before = {"recipe": {k: v for k, v in s0["args"].items() if k not in ("out", "work", "threads")},
+                  "history": s0["history"], "init": s0.get("before")}
     state_path = work / "state.pt"
     if state_path.is_file():
         s = torch.load(state_path, map_location="cpu", weights_only=False)
@@ -125,7 +133,7 @@ def main(argv=None) -> int:
             model.load_state_dict(s["model"])
             opt.load_state_dict(s["opt"])
             gen.set_state(s["gen"])
-            start, history = s["epoch"], s["history"]
+            start, history, before = s["epoch"], s["history"], s.get("before", before)
             print(f"resumed at epoch {start}", flush=True)
     recipe = {k: v for k, v in vars(a).items() if k not in ("out", "work", "threads")}
     for epoch in range(start, a.epochs):
@@ -150,7 +158,7 @@ def main(argv=None) -> int:
                "epoch_s": round(train_s, 1), "img_per_s": round(seen / train_s, 1)}
         history.append(row)
         print(json.dumps(row), flush=True)
-        info = {"classes": classes, "test_accuracy": test_acc, "test_accuracy_fp32": None,
+        info = {"classes": classes, "test_accuracy": test_acc, "test_accuracy_fp32": None, "earlier_phase": before,
                 "epochs_done": epoch + 1, "recipe": recipe, "train_manifest": manifest_fingerprint(a.train_shards), "history": history,
                 "device": f"{platform.processor() or platform.machine()}, {a.threads} thread(s)"}
         if epoch + 1 == a.epochs:  # the metrics run the classifier in fp32: measure that too
@@ -158,7 +166,7 @@ def main(argv=None) -> int:
         save_classifier(model, a.out, info)
         tmp = state_path.with_name("state.pt.tmp")
         torch.save({"model": model.state_dict(), "opt": opt.state_dict(), "gen": gen.get_state(),
-                    "epoch": epoch + 1, "history": history, "args": vars(a)}, tmp)
+                    "epoch": epoch + 1, "history": history, "args": vars(a), "before": before}, tmp)
         os.replace(tmp, state_path)
     print(json.dumps({"out": a.out, "test_accuracy": history[-1]["test_acc"] if history else None}), flush=True)
     return 0

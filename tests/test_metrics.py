@@ -23,7 +23,7 @@ CLASSES = [f"class{k}" for k in range(10)]
 def _env(tmp: Path, **extra) -> dict:
     """No Inception weights in torch.hub's cache, a private stats cache, one thread."""
     return {**os.environ, "TORCH_HOME": str(tmp / "torch-home"), "GAN_METRICS_CACHE": str(tmp / "cache"),
-            "OMP_NUM_THREADS": "1", **extra}
+            "GAN_METRICS_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1", **extra}
 
 
 def train(run_dir: Path, shards: Path, *overrides, check=True):
@@ -292,6 +292,7 @@ def _run_cli(capsys, *args):
 def offline_env(tmp_path, monkeypatch):
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch-home"))
     monkeypatch.setenv("GAN_METRICS_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GAN_METRICS_NO_DOWNLOAD", "1")
 
 
 def _snapshot(run: Path) -> dict:
@@ -316,6 +317,32 @@ def test_missing_inception_weights_is_clear(run_copy, capsys, offline_env):
                        "--inception-weights", garbage)
     assert rc == 2 and "could not be read as Inception weights" in out.err
     assert _snapshot(run_copy) == before
+
+
+def test_failed_download_is_clear_and_leaves_nothing(tmp_path, monkeypatch):
+    """With no file anywhere, one download into torch.hub's cache is tried; offline it fails clearly."""
+    import urllib.error
+    import urllib.request
+
+    from gan.metrics import MetricError
+    from gan.metrics.fidelity import INCEPTION_FILE, resolve_inception_weights
+
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "th"))
+    monkeypatch.delenv("GAN_METRICS_NO_DOWNLOAD", raising=False)
+    tried = []
+
+    def offline(url, timeout=None):
+        tried.append(url)
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(urllib.request, "urlopen", offline)
+    with pytest.raises(MetricError, match="download failed .*Name or service not known.*--inception-weights"):
+        resolve_inception_weights(None)
+    assert tried and tried[0].endswith(INCEPTION_FILE)
+    assert list((tmp_path / "th" / "hub" / "checkpoints").iterdir()) == []  # no partial file left
+    # a file already in torch.hub's cache is used as it is, no download
+    (tmp_path / "th" / "hub" / "checkpoints" / INCEPTION_FILE).write_bytes(b"x")
+    assert resolve_inception_weights(None).name == INCEPTION_FILE and len(tried) == 1
 
 
 def test_unknown_metric_lists_valid(run_copy, capsys, offline_env):

@@ -6,8 +6,11 @@
 * Real images are the shard set's (``input2``), read lazily: torch-fidelity looks its feature cache
   up first (``input2_cache_name`` = a key of the shard manifest + the weights file's sha256 + the
   real-image count), so a cache hit reads no shard.
-* The weights are always given as a local file (``feature_extractor_weights_path``); nothing is
-  downloaded here. :func:`resolve_inception_weights` says what to fetch when the file is missing.
+* The weights are always given to torch-fidelity as a local file (``feature_extractor_weights_path``):
+  ``--inception-weights PATH``, else torch.hub's cached copy, else (with internet) one download into
+  that cache, checked against its sha256 prefix. Offline, :func:`resolve_inception_weights` says which
+  file is needed, where it comes from and which flag takes it. ``GAN_METRICS_NO_DOWNLOAD=1`` skips
+  the download attempt.
 * Precision/recall use the same Inception pool features (2048-d) as FID/KID, so one weights file
   serves every metric (torch-fidelity's default for prc would be VGG-16, a second download).
 * torch-fidelity has no torch.distributed inside: call this on one rank (see ``collective.on_rank0``).
@@ -44,16 +47,44 @@ def hub_cache_path() -> Path:
 
 def _howto() -> str:
     return (f"FID, IS, KID and precision/recall need torch-fidelity's Inception-v3 weights "
-            f"(pt_inception-2015-12-05, file {INCEPTION_FILE}, about 91 MB), and they are not downloaded here. "
+            f"(pt_inception-2015-12-05, file {INCEPTION_FILE}, about 91 MB). "
             f"Fetch {inception_url()} on a machine with internet, e.g. "
             f"`curl -L -o {INCEPTION_FILE} {inception_url()}`, then pass it with --inception-weights PATH "
             f"(metrics.inception_weights=PATH in a config), or put it at {hub_cache_path()}. "
             f"Without it, use the offline metrics: cls_acc, cls_fd")
 
 
+def _download(dst: Path, timeout: float = 30.0) -> None:
+    """torch-fidelity's weights into ``dst`` (temp file + rename), verified by the sha256 prefix in the name."""
+    import hashlib
+    import sys
+    import tempfile
+    import urllib.request
+
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    print(f"downloading {inception_url()} to {dst}", file=sys.stderr, flush=True)
+    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-inception-")
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(inception_url(), timeout=timeout) as r:
+            for block in iter(lambda: r.read(1 << 20), b""):
+                f.write(block)
+                h.update(block)
+        if not h.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
+            raise OSError(f"downloaded file has sha256 {h.hexdigest()[:16]}..., expected {INCEPTION_SHA256_PREFIX}...")
+        os.replace(tmp, dst)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except FileNotFoundError:
+            pass
+        raise
+
+
 def resolve_inception_weights(path: str | os.PathLike | None) -> Path:
-    """The weights file to use: ``path`` if given (it must exist), else torch.hub's cached copy.
-    Raises :class:`MetricError` saying which file is needed, where it comes from and which flag takes it."""
+    """The weights file to use: ``path`` if given (it must exist), else torch.hub's cached copy, else a
+    download into that cache (unless ``GAN_METRICS_NO_DOWNLOAD=1``). Raises :class:`MetricError` saying
+    which file is needed, where it comes from and which flag takes it."""
     if path:
         p = Path(path).expanduser()
         if not p.is_file():
@@ -62,7 +93,15 @@ def resolve_inception_weights(path: str | os.PathLike | None) -> Path:
     cached = hub_cache_path()
     if cached.is_file():
         return cached
-    raise MetricError("no Inception weights file given and none at " + str(cached) + ". " + _howto())
+    if os.environ.get("GAN_METRICS_NO_DOWNLOAD", "") not in ("", "0"):
+        raise MetricError(f"no Inception weights file given, none at {cached}, and GAN_METRICS_NO_DOWNLOAD is "
+                          f"set. " + _howto())
+    try:
+        _download(cached)
+    except Exception as e:  # noqa: BLE001 - offline, proxy, disk: all mean "get the file yourself"
+        raise MetricError(f"no Inception weights file given, none at {cached}, and the download failed "
+                          f"({type(e).__name__}: {e}). " + _howto()) from None
+    return cached
 
 
 _checked: set = set()
