@@ -202,6 +202,8 @@ class TrainConfig:
     max_skipped: int = 100  # with on_nonfinite=skip: stop after this many skipped steps
     channels_last: bool = False  # NHWC memory format for G, D and batches (faster convs on GPUs)
     compile: bool = False  # torch.compile G and D (Accelerate's dynamo backend "inductor")
+    max_minutes: float = 0.0  # stop (checkpointed, "finished") after this much training wall-clock, summed over resumes; 0 = off
+    stop_check_every: int = 10  # multi-process: steps between the ranks' agreement on a stop signal
 
     def __post_init__(self):
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -211,6 +213,8 @@ class TrainConfig:
         _check(self.on_nonfinite in ("stop", "skip"), "train.on_nonfinite",
                f"'{self.on_nonfinite}' is not one of: stop, skip")
         _check(self.max_skipped >= 0, "train.max_skipped", "must be >= 0")
+        _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no time budget)")
+        _check(self.stop_check_every >= 1, "train.stop_check_every", "must be >= 1")
 
 
 @dataclass

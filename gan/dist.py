@@ -22,36 +22,47 @@ def all_reduce_(t: torch.Tensor, op=None) -> torch.Tensor:
     return t
 
 
-def any_rank(flag: bool, device: torch.device) -> bool:
-    """True on every rank if ``flag`` is true on any rank (a collective: call on every rank)."""
-    t = torch.tensor([1.0 if flag else 0.0], device=device)
-    return bool(all_reduce_(t, dist.ReduceOp.MAX).item() > 0) if world_size() > 1 else flag
+def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
+    """For each flag: True on every rank if it is true on any rank (a collective: call on every rank)."""
+    if world_size() == 1:
+        return [bool(f) for f in flags]
+    t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
+    return [v > 0 for v in all_reduce_(t, dist.ReduceOp.MAX).tolist()]
 
 
 class Stats:
     """``report(name, value)`` anywhere; ``reduce()`` on every rank returns the mean per name
-    over all reports on all ranks since the last reduce, then starts over."""
+    over all reports on all ranks since the last reduce, then starts over. Tensor values are summed
+    on the device and Python numbers on the host, so a report never waits for the GPU."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._sum: dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device, dtype=torch.float64))
+        self._dev: dict[str, torch.Tensor] = {}
+        self._host: dict[str, float] = defaultdict(float)
         self._count: dict[str, int] = defaultdict(int)
 
     def report(self, name: str, value) -> None:
-        v = value.detach().to(self.device, torch.float64) if torch.is_tensor(value) else torch.tensor(
-            float(value), device=self.device, dtype=torch.float64)
-        self._sum[name] += v.mean() if v.ndim else v
+        if torch.is_tensor(value):
+            v = value.detach().to(self.device, torch.float64)
+            v = v.mean() if v.ndim else v
+            self._dev[name] = self._dev[name] + v if name in self._dev else v
+        else:
+            self._host[name] += float(value)
         self._count[name] += 1
 
     def reduce(self) -> dict[str, float]:
-        names = sorted(self._sum)
+        names = sorted(self._count)
         if not names and world_size() == 1:
             return {}
-        packed = torch.stack([torch.stack([self._sum[n] for n in names]) if names else torch.zeros(0, device=self.device, dtype=torch.float64),
-                              torch.tensor([float(self._count[n]) for n in names], device=self.device, dtype=torch.float64)])
+        zero = torch.zeros((), device=self.device, dtype=torch.float64)
+        dev = torch.stack([self._dev.get(n, zero) for n in names]) if names else zero.new_zeros(0)
+        host = torch.tensor([[self._host.get(n, 0.0) for n in names], [float(self._count[n]) for n in names]],
+                            dtype=torch.float64).reshape(2, len(names))
+        packed = torch.stack([dev, torch.zeros_like(dev)]) + host.to(self.device)
         all_reduce_(packed)
         packed = packed.cpu()
-        self._sum.clear()
+        self._dev.clear()
+        self._host.clear()
         self._count.clear()
         return {n: float(packed[0, i] / packed[1, i]) for i, n in enumerate(names) if packed[1, i] > 0}
 

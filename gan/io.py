@@ -2,6 +2,7 @@
 directory. A reader sees either the old file or the complete new one, never a partial write."""
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import uuid
@@ -21,13 +22,15 @@ def fsync_dir(d: str | Path) -> None:
         os.close(fd)
 
 
-def write_file_atomic(path: str | Path, data: bytes) -> Path:
-    """Write ``data`` to ``path`` atomically (permissions from the umask)."""
+@contextlib.contextmanager
+def atomic_writer(path: str | Path):
+    """``with atomic_writer(path) as f: f.write(...)``: ``path`` appears, complete, when the block
+    ends; if the block raises, nothing appears and the temp file is gone (permissions from the umask)."""
     path = Path(path)
     tmp = path.with_name(f".tmp-{path.name}.{os.getpid()}.{uuid.uuid4().hex[:8]}")
     try:
         with open(tmp, "xb") as f:
-            f.write(data)
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -38,7 +41,13 @@ def write_file_atomic(path: str | Path, data: bytes) -> Path:
             pass
         raise
     fsync_dir(path.parent)
-    return path
+
+
+def write_file_atomic(path: str | Path, data: bytes) -> Path:
+    """Write ``data`` to ``path`` atomically."""
+    with atomic_writer(path) as f:
+        f.write(data)
+    return Path(path)
 
 
 def write_text_atomic(path: str | Path, text: str) -> Path:

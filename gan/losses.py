@@ -59,13 +59,19 @@ def ls_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 # ---------------------------------------------------------------------------- penalties
 
 
+def uncompiled(D):
+    """D without torch.compile's wrapper: the same parameters and the same DDP wrapper, run eagerly.
+    Gradient penalties need double backward, which compiled graphs do not support."""
+    return getattr(D, "_orig_mod", D)
+
+
 def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor,
                      alpha: torch.Tensor | None = None) -> torch.Tensor:
     """WGAN-GP (Gulrajani et al. 2017): E (|grad D(x_hat)|_2 - 1)^2 on x_hat between real and fake."""
     if alpha is None:
         alpha = torch.rand(real.shape[0], 1, 1, 1, device=real.device, dtype=real.dtype)
     x_hat = (alpha * real.detach() + (1 - alpha) * fake.detach()).requires_grad_(True)
-    out = D(x_hat, y)
+    out = uncompiled(D)(x_hat, y)
     (grad,) = torch.autograd.grad(out.float().sum(), x_hat, create_graph=True)
     return ((grad.float().flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
 
@@ -73,7 +79,7 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor,
 def r1_penalty(D, real: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """R1 (Mescheder et al. 2018): E |grad_x D(x)|^2 on real data (multiply by gamma / 2)."""
     x = real.detach().requires_grad_(True)
-    out = D(x, y)
+    out = uncompiled(D)(x, y)
     (grad,) = torch.autograd.grad(out.float().sum(), x, create_graph=True)
     return grad.float().square().flatten(1).sum(1).mean()
 

@@ -55,11 +55,11 @@ class RankZero:
             self._tb = None
 
     # ------------------------------------------------------------------ writing
-    def status(self, state: str, step: int, error: str | None = None, note: str | None = None) -> None:
+    def status(self, state: str, step: int, error: str | None = None, note: str | None = None, **fields) -> None:
         if not self.enabled:
             return
         self.run_dir.mkdir(parents=True, exist_ok=True)
-        extra = {"note": note} if note else {}
+        extra = {**({"note": note} if note else {}), **fields}
         write_json_atomic(self.run_dir / "status.json", {"state": state, "step": step, "max_steps": self.max_steps,
                                                          "updated": _now(), "error": error, **extra})
 

@@ -153,6 +153,8 @@ def run_status(run_dir: Path, log: dict) -> tuple[str, str]:
                 return "preempted", f"stopped with a checkpoint, job {cancelled.lower()}: resubmit the sweep to resume"
             if end and end[2] == "requeue":
                 return "preempted", "checkpointed, requeued"
+            if end and end[2] == "stopped":
+                return "preempted", "checkpointed, not requeued (GAN_MAX_REQUEUES reached): resubmit the sweep to resume"
             return "preempted", "checkpointed"
         if state == "running":
             if end and end[0] != 0:

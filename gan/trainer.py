@@ -55,6 +55,7 @@ class TrainState:
     images_seen: int = 0  # real images consumed, all ranks
     skipped_nonfinite: int = 0
     fp16_skipped: int = 0
+    train_seconds: float = 0.0  # wall-clock of the training loop, summed over resumes (train.max_minutes)
     data: dict = dataclasses.field(default_factory=dict)  # TrainStream position
     eval_best: dict = dataclasses.field(default_factory=dict)  # gan.metrics.update_best: metric, value, step, stale
 
@@ -128,12 +129,18 @@ def lr_factor(o, max_steps: int):
 
 
 def build_optimizer(params, o, lr: float, betas, device: torch.device) -> torch.optim.Optimizer:
-    fast = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    if o.name == "adam":
-        return torch.optim.Adam(params, lr=lr, betas=tuple(betas), eps=o.eps, weight_decay=o.weight_decay, **fast)
-    if o.name == "adamw":
-        return torch.optim.AdamW(params, lr=lr, betas=tuple(betas), eps=o.eps, weight_decay=o.weight_decay, **fast)
+    """Adam and AdamW use the fused kernels (CUDA and CPU): one launch per step, and the non-finite
+    skip happens on the device (see Trainer._optimize). RMSprop has no fused kernel: foreach."""
+    if o.name in ("adam", "adamw"):
+        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
+        return cls(params, lr=lr, betas=tuple(betas), eps=o.eps, weight_decay=o.weight_decay, fused=True)
     return torch.optim.RMSprop(params, lr=lr, eps=o.eps, weight_decay=o.weight_decay, foreach=True)
+
+
+def skips_on_device(opt: torch.optim.Optimizer) -> bool:
+    """True for optimizers whose step() honours ``found_inf`` on the device (fused Adam/AdamW):
+    a step with found_inf=1 changes neither the weights nor the moments nor the step count."""
+    return bool(getattr(opt, "_step_supports_amp_scaling", False))
 
 
 @contextlib.contextmanager
@@ -193,6 +200,8 @@ class Trainer:
         self.fixed_y = torch.arange(n).repeat_interleave(k).to(self.device)
         self._batches = None  # created on first use, after any resume has positioned the stream
         self._fp16_streak = 0
+        self._nonfinite: dict[str, torch.Tensor | int] = {}  # phase -> non-finite updates since the last check
+        self._nonfinite_since = 0
 
     # ------------------------------------------------------------------ pieces
     def _noise(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -204,19 +213,26 @@ class Trainer:
         if self._batches is None:
             self._batches = iter(self.stream)
         x, y = next(self._batches)
+        if self.device.type == "cuda" and x.device.type == "cpu":  # from pinned memory the copy is
+            x, y = x.pin_memory(), y.pin_memory()  # asynchronous; from pageable memory it waits for the GPU
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=True)
 
     def _optimize(self, name: str, loss: torch.Tensor, model, opt, sched) -> None:
-        """One optimizer update: the only place that calls backward() and step()."""
+        """One optimizer update: the only place that calls backward() and step(). No host sync
+        here on the bf16/fp32 path with a fused optimizer: a non-finite gradient skips the update on
+        the device and is counted there; ``_check_nonfinite`` reads the count once per log interval."""
         opt.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.accelerator.unscale_gradients(opt)  # no-op unless fp16
-        clip = self.cfg.optim.grad_clip or float("inf")
-        gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+        params = [p for p in model.parameters() if p.grad is not None]
+        if self.cfg.optim.grad_clip:
+            gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
+        else:
+            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
         # gnorm is identical on every rank (gradients are all-reduced), so every rank decides alike.
         if self.accelerator.mixed_precision == "fp16":
-            opt.step()  # the shared GradScaler skips overflowing steps and lowers the scale
+            opt.step()  # the shared GradScaler skips overflowing steps and lowers the scale (it syncs)
             if opt.step_was_skipped:
                 self.state.fp16_skipped += 1
                 self.stats.report("Mixed/fp16_skipped", 1.0)
@@ -227,20 +243,49 @@ class Trainer:
             else:
                 self._fp16_streak = 0
                 self.stats.report("Mixed/fp16_skipped", 0.0)
-        elif torch.isfinite(gnorm):
+        elif skips_on_device(opt.optimizer):
+            bad = (~torch.isfinite(gnorm)).float()
+            opt.optimizer.found_inf = bad  # the fused kernel leaves everything as it was where this is 1
+            try:
+                opt.step()
+            finally:
+                del opt.optimizer.found_inf
+            self._nonfinite[name] = self._nonfinite.get(name, 0) + bad
+        elif torch.isfinite(gnorm):  # RMSprop: one host sync per update
             opt.step()
         else:
-            self.state.skipped_nonfinite += 1
-            msg = (f"non-finite {name} loss/gradient at step {self.state.step} "
-                   f"(loss {loss.item():.4g}, grad norm {gnorm.item():.4g})")
-            if self.cfg.train.on_nonfinite == "stop" or self.state.skipped_nonfinite > self.cfg.train.max_skipped:
-                raise NonFiniteError(msg + "; stopped without training on it. The last good checkpoint is "
-                                     "kept; lower the learning rates or set train.on_nonfinite=skip")
-            self.rank0.print(f"warning: {msg}; step skipped ({self.state.skipped_nonfinite} so far)")
-            opt.zero_grad(set_to_none=True)
+            self._nonfinite[name] = self._nonfinite.get(name, 0) + 1
+            self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {gnorm.item():.4g}", last=self.state.step)
         self.stats.report(f"GradNorm/{name}", gnorm.float())
         if name in ("D", "G"):
             self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
+
+    def _check_nonfinite(self, detail: str = "", last: int | None = None) -> None:
+        """Every rank (the counts agree, so every rank decides alike): fold the non-finite updates
+        counted since the last check into the state and apply ``train.on_nonfinite``. Those updates
+        were never applied, so the weights are still those of the last finite update."""
+        counts = dict(self._nonfinite)
+        self._nonfinite.clear()
+        since, self._nonfinite_since = self._nonfinite_since, self.state.step
+        if not counts:
+            return
+        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                              for v in counts.values()]).tolist()  # the one host sync
+        counts = {k: int(v) for k, v in zip(counts, values) if v}
+        n = sum(counts.values())
+        if n == 0:
+            return
+        self.state.skipped_nonfinite += n
+        last = self.state.step - 1 if last is None else last  # steps are numbered by G steps done before them
+        where = f"step {last}" if last <= since else f"steps {since}-{last}"
+        msg = (f"non-finite loss/gradient in {n} update(s) ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
+               f"in {where}{f' ({detail})' if detail else ''}; those updates were not applied")
+        t = self.cfg.train
+        if t.on_nonfinite == "stop" or self.state.skipped_nonfinite > t.max_skipped:
+            raise NonFiniteError(msg + f" ({self.state.skipped_nonfinite} in this run). Stopped; the last good "
+                                 f"checkpoint is kept. Lower the learning rates, or set train.on_nonfinite=skip "
+                                 f"(train.max_skipped={t.max_skipped}) to go on past them")
+        self.rank0.print(f"warning: {msg}; skipped ({self.state.skipped_nonfinite} so far)")
 
     def train_step(self) -> None:
         acc, B, n_dis = self.accelerator, self.cfg.train.batch_size, self.cfg.optim.n_dis
@@ -276,6 +321,7 @@ class Trainer:
 
     # ------------------------------------------------------------------ intervals
     def _log(self, t0: float, steps: int, images: int) -> None:
+        self._check_nonfinite()
         values = self.stats.reduce()  # collective, every rank
         dt = max(time.perf_counter() - t0, 1e-9)
         ips = images / dt
@@ -294,6 +340,7 @@ class Trainer:
                            self.cfg.log.samples_per_class)
 
     def save_checkpoint(self) -> Path:
+        self._check_nonfinite()  # policy first: a stop leaves the last good checkpoint the newest
         broadcast_buffers([self.G, self.D, self.ema.model])  # collective, every rank
         check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model}, self.device)  # collective
         path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
@@ -318,6 +365,12 @@ class Trainer:
             save_best(self.run_dir, self.ema.model, self.cfg.model, step, self.state.eval_best, values)
         return note if stop else ""
 
+    def _stop_check_due(self, step: int) -> bool:
+        """A single process reads its own flag every step for free; with several, the agreement is a
+        collective that waits for the GPU, so it runs every ``train.stop_check_every`` steps."""
+        every = self.cfg.train.stop_check_every if self.accelerator.num_processes > 1 else 1
+        return step % every == 0 or step == self.cfg.train.max_steps
+
     # ------------------------------------------------------------------ fit
     def fit(self) -> str:
         """Resume if asked, train to ``train.max_steps``. Returns "finished" or "preempted"."""
@@ -327,16 +380,21 @@ class Trainer:
             self.stream.load_state_dict(self.state.data)
         self._batches = None
         StopRequest.install()  # idempotent; launch/train.py installs it before building
-        start = self.state.step
+        start = self._nonfinite_since = self.state.step
         self.rank0.open(start, cfg.to_yaml())
-        if start:
+        if self.resume_from is not None:
             self.rank0.print(f"resumed from {self.resume_from} at step {start} ({self.state.images_seen / 1000:.1f} kimg)")
         outcome, note = "finished", None
+        budget = cfg.train.max_minutes * 60.0
+        # From the checkpoint, so the same on every rank; in the loop the ranks agree on it (their clocks differ).
+        spent = bool(budget) and self.state.train_seconds >= budget
         try:
             t0, s0, i0 = time.perf_counter(), self.state.step, self.state.images_seen
+            clock0, seconds0 = t0, self.state.train_seconds
             last_saved = start if self.resume_from is not None else -1
-            while self.state.step < cfg.train.max_steps:
+            while self.state.step < cfg.train.max_steps and not spent:
                 self.train_step()
+                self.state.train_seconds = seconds0 + time.perf_counter() - clock0
                 step = self.state.step
                 self.rank0.advance()
                 if step % cfg.log.every == 0 or step == cfg.train.max_steps:
@@ -354,17 +412,25 @@ class Trainer:
                     self.save_checkpoint()
                     last_saved = step
                 t0 += time.perf_counter() - t_aside
-                if any_rank(StopRequest.reason is not None, self.device):  # collective, every rank
+                if not self._stop_check_due(step):
+                    continue
+                signalled, spent = any_rank([StopRequest.reason is not None,  # collective, every rank
+                                             bool(budget) and self.state.train_seconds >= budget], self.device)
+                if signalled and not spent:  # a spent budget ends the run anyway: "finished", no requeue
                     self.rank0.print(f"stop requested ({StopRequest.reason or 'signal on another rank'}) "
                                      f"at step {step}; checkpointing")
                     outcome = "preempted"
                     break
+            if spent:
+                note = f"time budget of {cfg.train.max_minutes:g} min (train.max_minutes) reached at step {self.state.step}"
+                self.rank0.print(note)
             if self.state.step != last_saved:
                 self._samples()
                 self.save_checkpoint()
             if acc.num_processes > 1:
                 self.rank0.print(f"replica check: G, D and G_ema identical on all {acc.num_processes} ranks")
-            self.rank0.status(outcome, self.state.step, note=note)
+            self.rank0.status(outcome, self.state.step, note=note, kimg=round(self.state.images_seen / 1000, 3),
+                              train_seconds=round(self.state.train_seconds, 3))
             return outcome
         except BaseException as e:
             self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")

@@ -7,6 +7,8 @@ Both are session-scoped and read-only: copy them before changing anything.
 """
 from __future__ import annotations
 
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -51,3 +53,16 @@ def tiny_shards(tmp_path_factory) -> Path:
 def tiny_shards_gray28(tmp_path_factory) -> Path:
     """Directory of a 10-class 1x28x28 shard set (120 samples, 2 shards)."""
     return build_tiny(tmp_path_factory.mktemp("tiny_shards_gray28") / "shards", 120, 1, 28, 60, "tiny10-gray")
+
+
+@pytest.fixture(scope="session")
+def tiny_classifier(tmp_path_factory, tiny_shards) -> Path:
+    """A tiny classifier for the tiny10 classes, trained by benchmarks/train_classifier.py itself."""
+    d = tmp_path_factory.mktemp("tiny_classifier")
+    out = d / "cls.safetensors"
+    r = subprocess.run([sys.executable, "benchmarks/train_classifier.py", "--train-shards", str(tiny_shards),
+                        "--test-shards", str(tiny_shards), "--widths", "8,8,16,16", "--epochs", "2",
+                        "--batch-size", "32", "--out", str(out), "--work", str(d / "work")],
+                       cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    return out

@@ -4,6 +4,7 @@ format are checked, never the numbers)."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import math
 import os
@@ -61,19 +62,6 @@ def run_copy(tiny_run, tmp_path) -> Path:
     dst = tmp_path / "run"
     shutil.copytree(tiny_run, dst)
     return dst
-
-
-@pytest.fixture(scope="session")
-def tiny_classifier(tmp_path_factory, tiny_shards) -> Path:
-    """A tiny classifier for the tiny10 classes, trained by benchmarks/train_classifier.py itself."""
-    d = tmp_path_factory.mktemp("tiny_classifier")
-    out = d / "cls.safetensors"
-    r = subprocess.run([sys.executable, "benchmarks/train_classifier.py", "--train-shards", str(tiny_shards),
-                        "--test-shards", str(tiny_shards), "--widths", "8,8,16,16", "--epochs", "2",
-                        "--batch-size", "32", "--out", str(out), "--work", str(d / "work")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
-    return out
 
 
 @pytest.fixture(scope="session")
@@ -340,6 +328,11 @@ def test_failed_download_is_clear_and_leaves_nothing(tmp_path, monkeypatch):
         resolve_inception_weights(None)
     assert tried and tried[0].endswith(INCEPTION_FILE)
     assert list((tmp_path / "th" / "hub" / "checkpoints").iterdir()) == []  # no partial file left
+    # a download that completes with the wrong bytes is refused and leaves nothing either
+    monkeypatch.setattr(urllib.request, "urlopen", lambda url, timeout=None: io.BytesIO(b"not the weights" * 99999))
+    with pytest.raises(MetricError, match="download failed .*sha256"):
+        resolve_inception_weights(None)
+    assert list((tmp_path / "th" / "hub" / "checkpoints").iterdir()) == []
     # a file already in torch.hub's cache is used as it is, no download
     (tmp_path / "th" / "hub" / "checkpoints" / INCEPTION_FILE).write_bytes(b"x")
     assert resolve_inception_weights(None).name == INCEPTION_FILE and len(tried) == 1

@@ -275,3 +275,26 @@ def test_multi_process_run_through_accelerate_is_preempted_and_resumes(slurm, sh
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     logged = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, steps + 1))
+
+
+def test_requeue_cap_stops_with_the_checkpoint(slurm, shards, tmp_path):
+    """GAN_MAX_REQUEUES: a job already requeued that many times (here 0) is not requeued again; it
+    ends as preempted with its checkpoint and says how to continue."""
+    run = tmp_path / "run"
+    r = slurm.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path / 'job.log'}",
+                   "slurm/train.sbatch", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
+                   f"data.shards={shards}", "train.max_steps=100000", "checkpoint.every=100000", "log.every=1"],
+                  cwd=ROOT, env={**_env(), "GAN_MAX_REQUEUES": "0"})
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    log = tmp_path / "job.log"
+    assert (run / "metrics.jsonl").is_file(), log.read_text()
+    slurm.run(["scancel", "--signal=USR2", "--batch", job])
+    wait_done(slurm, job, 300)
+    text = log.read_text()
+    assert f"not requeueing {job}: it was requeued 0 times (GAN_MAX_REQUEUES=0)" in text, text
+    assert "restart=1" not in text and text.rstrip().endswith("end rc=0 state=preempted action=stopped"), text
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "preempted" and (run / "checkpoints" / f"step-{status['step']:08d}").is_dir()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -249,14 +250,15 @@ def test_one_step_changes_both_nets(tmp_path, tiny_shards):
 def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shards):
     from gan.trainer import NonFiniteError
 
-    t = _trainer(tmp_path, tiny_shards, "train.max_steps=4", "checkpoint.every=2")
+    t = _trainer(tmp_path, tiny_shards, "train.max_steps=4", "checkpoint.every=2", "log.every=10")
     t.cfg.train.max_steps = 2
     t.fit()
     good = (ckpt(tmp_path / "run", 2) / "model.safetensors").read_bytes()
     t.cfg.train.max_steps = 4
     with torch.no_grad():
-        next(t.D.parameters()).fill_(float("nan"))  # the D of step 3 diverges
-    with pytest.raises(NonFiniteError, match="non-finite D loss/gradient at step 2"):
+        next(t.D.parameters()).fill_(float("nan"))  # D diverges from step 2 on
+    # Counted on the device, read at the next checkpoint (step 4), before anything is written.
+    with pytest.raises(NonFiniteError, match=r"non-finite loss/gradient in 4 update\(s\) \(D 2, G 2\) in steps 2-3"):
         t.fit()
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "non-finite" in status["error"]
@@ -268,9 +270,75 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shar
 def test_nonfinite_skip_policy_counts(tmp_path, tiny_shards):
     from gan.trainer import NonFiniteError
 
-    t = _trainer(tmp_path, tiny_shards, "train.max_steps=3", "train.on_nonfinite=skip", "train.max_skipped=2")
+    t = _trainer(tmp_path, tiny_shards, "train.max_steps=3", "train.on_nonfinite=skip", "train.max_skipped=2",
+                 "log.every=1")
     with torch.no_grad():
         next(t.D.parameters()).fill_(float("nan"))
-    with pytest.raises(NonFiniteError):  # NaN weights stay NaN: skipped thrice > max_skipped
+    with pytest.raises(NonFiniteError, match="4 in this run"):  # NaN weights stay NaN: D and G, every step
         t.fit()
-    assert t.state.skipped_nonfinite == 3
+    assert t.state.skipped_nonfinite == 4 and t.state.step == 2
+
+
+def _tensors_of(opt) -> dict:
+    return {f"{i}:{k}": v.clone() for i, st in enumerate(opt.state.values()) for k, v in st.items() if torch.is_tensor(v)}
+
+
+@pytest.mark.parametrize("optim", ["adam", "adamw", "rmsprop"])
+def test_nonfinite_update_is_skipped_exactly(tmp_path, tiny_shards, optim):
+    """One D update with a NaN loss, policy skip: D's weights and optimizer state come out as if that
+    update never ran (fused Adam/AdamW skip it on the device, RMSprop on the host), and the run goes on."""
+    t = _trainer(tmp_path, tiny_shards, "train.max_steps=3", "train.on_nonfinite=skip", "log.every=1",
+                 f"optim.name={optim}")
+    d_loss, step, seen = t.loss.d_loss, t.train_step, {}
+
+    def poisoned(D, *args):  # the second step's D update gets a NaN loss
+        loss, stats = d_loss(D, *args)
+        if t.state.step == 1:
+            seen["before"] = ([p.detach().clone() for p in t.D.parameters()], _tensors_of(t.opt_D.optimizer))
+            loss = loss * float("nan")
+        return loss, stats
+
+    def train_step():
+        step()
+        if t.state.step == 2:
+            seen["after"] = ([p.detach().clone() for p in t.D.parameters()], _tensors_of(t.opt_D.optimizer))
+
+    t.loss.d_loss, t.train_step = poisoned, train_step
+    assert t.fit() == "finished"
+    assert t.state.skipped_nonfinite == 1 and t.state.step == 3
+    (p0, o0), (p1, o1) = seen["before"], seen["after"]
+    assert all(torch.equal(a, b) for a, b in zip(p0, p1)) and o0.keys() == o1.keys() and o0
+    assert all(torch.equal(o0[k], o1[k]) for k in o0), [k for k in o0 if not torch.equal(o0[k], o1[k])]
+    assert all(torch.isfinite(p).all() for p in t.D.parameters())
+
+
+
+def test_time_budget_stops_checkpoints_and_holds_across_resumes(tmp_path, tiny_shards):
+    """train.max_minutes: the run stops at the budget as "finished" with a checkpoint; the time is
+    kept in the checkpoint, so a resumed run with the budget spent trains no further step, and a
+    larger budget goes on from there."""
+    run = tmp_path / "run"
+    train(run, tiny_shards, "train.max_steps=100000", "train.max_minutes=0.002", "checkpoint.every=100000")
+    status = json.loads((run / "status.json").read_text())
+    assert status["state"] == "finished" and "time budget of 0.002 min" in status["note"]
+    assert 0.12 <= status["train_seconds"] < 60 and 0 < status["step"] < 100000 and status["kimg"] > 0
+    assert ckpt(run, status["step"]).is_dir()
+    r = train(run, tiny_shards, "train.max_steps=100000", "train.max_minutes=0.002", resume="auto")
+    again = json.loads((run / "status.json").read_text())
+    assert again["step"] == status["step"] and "reached at step" in r.stdout + r.stderr
+    train(run, tiny_shards, "train.max_steps=100000", "train.max_minutes=0.004", resume="auto")
+    more = json.loads((run / "status.json").read_text())
+    assert more["step"] > status["step"] and more["train_seconds"] >= 0.24
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("g++") is None, reason="torch.compile's CPU backend needs a C++ compiler")
+def test_compiled_training_with_gradient_penalties(tmp_path, tiny_shards):
+    """train.compile=true with both penalties that need double backward (WGAN-GP in the D loss, lazy
+    R1 as its own update): compiled graphs can't do it, so the penalties run D eagerly."""
+    run = tmp_path / "run"
+    train(run, tiny_shards, "train.max_steps=2", "train.compile=true", "log.every=1", "loss.name=wgan_gp",
+          "loss.r1_gamma=1", "loss.r1_every=1", timeout=900)
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 and all(torch.isfinite(torch.tensor([r["Loss/D/gp"], r["Loss/D/r1"], r["Loss/G/main"]])).all()
+                                  for r in rows)

@@ -55,30 +55,22 @@ def _howto() -> str:
 
 
 def _download(dst: Path, timeout: float = 30.0) -> None:
-    """torch-fidelity's weights into ``dst`` (temp file + rename), verified by the sha256 prefix in the name."""
+    """torch-fidelity's weights into ``dst`` (atomically), verified by the sha256 prefix in the name."""
     import hashlib
     import sys
-    import tempfile
     import urllib.request
+
+    from gan.io import atomic_writer
 
     dst.parent.mkdir(parents=True, exist_ok=True)
     print(f"downloading {inception_url()} to {dst}", file=sys.stderr, flush=True)
-    fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=".tmp-inception-")
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(inception_url(), timeout=timeout) as r:
-            for block in iter(lambda: r.read(1 << 20), b""):
-                f.write(block)
-                h.update(block)
+    with atomic_writer(dst) as f, urllib.request.urlopen(inception_url(), timeout=timeout) as r:
+        for block in iter(lambda: r.read(1 << 20), b""):
+            f.write(block)
+            h.update(block)
         if not h.hexdigest().startswith(INCEPTION_SHA256_PREFIX):
             raise OSError(f"downloaded file has sha256 {h.hexdigest()[:16]}..., expected {INCEPTION_SHA256_PREFIX}...")
-        os.replace(tmp, dst)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
 
 
 def resolve_inception_weights(path: str | os.PathLike | None) -> Path:

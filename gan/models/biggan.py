@@ -16,12 +16,11 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gan.config import ConfigError, ModelConfig
 from gan.models import register
-from gan.models.layers import (ResidualProjectionD, ConditionalBatchNorm2d, DBlock, GBlock, SelfAttention, apply_init,
-                               base_and_ups, check_attention, d_down_schedule)
+from gan.models.layers import (ConditionalBatchNorm2d, DBlock, GBlock, ResidualG, ResidualProjectionD, SelfAttention,
+                               apply_init, base_and_ups, check_attention, d_down_schedule, map_sizes)
 
 
 def g_widths(img_size: int, ch: int) -> list[tuple[int, int]]:
@@ -48,7 +47,7 @@ def z_chunks(z_dim: int, n: int) -> list[int]:
     return [z_dim // n + (1 if i < z_dim % n else 0) for i in range(n)]
 
 
-class Generator(nn.Module):
+class Generator(ResidualG):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.z_dim, self.num_classes, self.hier_z = cfg.z_dim, cfg.num_classes, cfg.hier_z
@@ -87,22 +86,14 @@ class Generator(nn.Module):
         else:
             zs, conds = (z,), [shared] * len(self.blocks)
         h = self.linear(zs[0]).view(z.shape[0], -1, self.base, self.base)
-        for i in range(len(self.blocks) + 1):
-            if i > 0:
-                h = self.blocks[i - 1](h, conds[i - 1])
-            if i == self.attn_after:
-                h = self.attn(h)
-        return torch.tanh(self.out(F.relu(self.bn(h))))
+        return self.synthesize(h, conds)
 
 
 class Discriminator(ResidualProjectionD):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         layout = d_layout(cfg.img_size, cfg.img_channels, cfg.d_channels)
-        sizes, s = [], cfg.img_size
-        for _, _, d in layout:
-            s //= 2 if d else 1
-            sizes.append(s)
+        sizes = map_sizes(cfg.img_size, [d for _, _, d in layout])
         level = check_attention(cfg, "discriminator", sizes)
         self.attn_after = sizes.index(level) if level else -1
         self.blocks = nn.ModuleList(DBlock(cin, cout, down=d, optimized=i == 0)
@@ -112,6 +103,7 @@ class Discriminator(ResidualProjectionD):
         self.linear = nn.Linear(ch, 1)
         self.embed = nn.Embedding(cfg.num_classes, ch)
         apply_init(self, "ortho")
+
 
 @register("biggan")
 def build(cfg: ModelConfig, build_d: bool = True) -> tuple[nn.Module, nn.Module | None]:

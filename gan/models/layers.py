@@ -223,6 +223,27 @@ class DBlock(nn.Module):
         return h + sc
 
 
+class ResidualG(nn.Module):
+    """The synthesis shared by the residual generators (SNGAN, BigGAN): the up ``blocks``, each
+    with its own condition, self-attention after block ``attn_after`` (0 = right after the input
+    linear), then BN-ReLU-conv3x3-Tanh. Subclasses build the modules and map (z, y) to the first
+    feature map and the per-block conditions."""
+
+    blocks: nn.ModuleList
+    attn: nn.Module | None
+    attn_after: int
+    bn: nn.BatchNorm2d
+    out: nn.Conv2d
+
+    def synthesize(self, h: torch.Tensor, conds: list[torch.Tensor]) -> torch.Tensor:
+        for i in range(len(self.blocks) + 1):
+            if i > 0:
+                h = self.blocks[i - 1](h, conds[i - 1])
+            if i == self.attn_after:
+                h = self.attn(h)
+        return torch.tanh(self.out(F.relu(self.bn(h))))
+
+
 def d_down_schedule(img_size: int) -> list[bool]:
     """SNGAN-style D: which blocks halve the map. Halve until it is 8x8 (7x7 for 28, at least
     once), then plain blocks so there are at least 4: 32 -> [T, T, F, F], 64 -> [T, T, T, F]."""
@@ -230,6 +251,15 @@ def d_down_schedule(img_size: int) -> list[bool]:
     while n_down == 0 or (size > 8 and size % 2 == 0):
         size, n_down = size // 2, n_down + 1
     return [True] * n_down + [False] * max(4 - n_down, 1)
+
+
+def map_sizes(img_size: int, downs: list[bool]) -> list[int]:
+    """The feature-map size after each D block of a down schedule."""
+    sizes = []
+    for d in downs:
+        img_size //= 2 if d else 1
+        sizes.append(img_size)
+    return sizes
 
 
 class ResidualProjectionD(nn.Module):

@@ -14,12 +14,11 @@ import math
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
 from gan.config import ModelConfig
 from gan.models import register
-from gan.models.layers import (ResidualProjectionD, ClassConditionalBatchNorm2d, DBlock, GBlock, SelfAttention, apply_init,
-                               base_and_ups, check_attention, d_down_schedule)
+from gan.models.layers import (ClassConditionalBatchNorm2d, DBlock, GBlock, ResidualG, ResidualProjectionD,
+                               SelfAttention, apply_init, base_and_ups, check_attention, d_down_schedule, map_sizes)
 
 
 def sngan_init(module: nn.Module) -> None:
@@ -30,7 +29,7 @@ def sngan_init(module: nn.Module) -> None:
                 nn.init.xavier_uniform_(conv.weight, math.sqrt(2))
 
 
-class Generator(nn.Module):
+class Generator(ResidualG):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.z_dim, self.num_classes = cfg.z_dim, cfg.num_classes
@@ -49,12 +48,7 @@ class Generator(nn.Module):
 
     def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
         h = self.linear(z).view(z.shape[0], self.ch, self.base, self.base)
-        for i in range(len(self.blocks) + 1):
-            if i > 0:
-                h = self.blocks[i - 1](h, y)
-            if i == self.attn_after:
-                h = self.attn(h)
-        return torch.tanh(self.out(F.relu(self.bn(h))))
+        return self.synthesize(h, [y] * len(self.blocks))
 
 
 class Discriminator(ResidualProjectionD):
@@ -62,10 +56,7 @@ class Discriminator(ResidualProjectionD):
         super().__init__()
         ch = cfg.d_channels
         downs = d_down_schedule(cfg.img_size)
-        sizes, s = [], cfg.img_size
-        for d in downs:
-            s //= 2 if d else 1
-            sizes.append(s)
+        sizes = map_sizes(cfg.img_size, downs)
         level = check_attention(cfg, "discriminator", sizes)
         self.attn_after = sizes.index(level) if level else -1  # after block i (first map of that size)
         self.blocks = nn.ModuleList(
@@ -74,6 +65,7 @@ class Discriminator(ResidualProjectionD):
         self.linear = nn.Linear(ch, 1)
         self.embed = nn.Embedding(cfg.num_classes, ch)
         sngan_init(self)
+
 
 @register("sngan")
 def build(cfg: ModelConfig, build_d: bool = True) -> tuple[nn.Module, nn.Module | None]:
