@@ -2,8 +2,9 @@
 """Images/s of the full training step (n_dis D updates + one G update + EMA) for each recipe:
 our Trainer (bf16 autocast, channels_last, torch.compile, fused Adam on a GPU) against a plain
 eager fp32 loop of the same networks and losses, side by side in one run. Also reports the model
-FLOPs per real image (torch.utils.flop_counter, fp32 eager step) and the achieved fraction of the
-GPU's dense bf16 peak.
+FLOPs per real image (torch.utils.flop_counter, fp32 eager step), the achieved fraction of the
+GPU's dense bf16 peak, and whether one of our steps makes the host wait for the GPU anywhere
+(torch.cuda.set_sync_debug_mode("error")).
 
 Batches come from memory (one fixed batch on the device) so the figure is the step, not the
 loader; the loader has its own benchmark (benchmarks/data_loader.py).
@@ -105,6 +106,21 @@ def baseline_step_fn(cfg, device, batch):
     return step
 
 
+def host_syncs(step, device) -> str:
+    """One more step with CUDA's sync debug mode set to "error": "none" if nothing in it made the
+    host wait for the GPU, else the first offender. On a CPU there is nothing to check: "n/a"."""
+    if device.type != "cuda":
+        return "n/a"
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        step()
+        return "none"
+    except RuntimeError as e:
+        return str(e).strip().splitlines()[0]
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def flops_per_step(step) -> int:
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -137,6 +153,7 @@ def run_recipe(name: str, args, device) -> dict:
         trainer = Trainer(cfg, Path(tmp) / "run")
         trainer._batches = itertools.repeat((real.cpu() if device.type == "cpu" else real, y))
         t_ours = time_steps(trainer.train_step, device, args.warmup + (3 if args.compile else 0), args.steps)
+        syncs = host_syncs(trainer.train_step, device)
 
     ips_base = images_per_step * args.steps / t_base
     ips_ours = images_per_step * args.steps / t_ours
@@ -146,7 +163,7 @@ def run_recipe(name: str, args, device) -> dict:
             "img_per_s_baseline": ips_base, "img_per_s_ours": ips_ours, "speedup": ips_ours / ips_base,
             "gflops_per_image": flops_per_image / 1e9,
             "peak_fraction_ours": (flops_per_image * ips_ours / peak) if peak else None,
-            "precision": precision, "compile": args.compile}
+            "precision": precision, "compile": args.compile, "host_syncs": syncs}
 
 
 def main(argv=None) -> int:
@@ -165,7 +182,7 @@ def main(argv=None) -> int:
     print(f"device: {name}; bf16 peak {peak / 1e12:.0f} TFLOP/s" if peak else f"device: {name}")
     rows = []
     print(f"{'recipe':16} {'batch':>5} {'n_dis':>5} {'eager fp32 img/s':>17} {'ours img/s':>11} {'speedup':>8} "
-          f"{'GFLOP/img':>10} {'peak %':>7}")
+          f"{'GFLOP/img':>10} {'peak %':>7}  host syncs in the step")
     for r in args.recipes.split(","):
         if r not in RECIPES:
             p.error(f"unknown recipe {r!r}; valid: {', '.join(RECIPES)}")
@@ -173,7 +190,8 @@ def main(argv=None) -> int:
         rows.append(row)
         pk = f"{100 * row['peak_fraction_ours']:.1f}" if row["peak_fraction_ours"] is not None else "n/a"
         print(f"{r:16} {row['batch_size']:5d} {row['n_dis']:5d} {row['img_per_s_baseline']:17.0f} "
-              f"{row['img_per_s_ours']:11.0f} {row['speedup']:7.2f}x {row['gflops_per_image']:10.3f} {pk:>7}", flush=True)
+              f"{row['img_per_s_ours']:11.0f} {row['speedup']:7.2f}x {row['gflops_per_image']:10.3f} {pk:>7}  "
+              f"{row['host_syncs']}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": name, "rows": rows}, indent=2))
     return 0

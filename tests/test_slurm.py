@@ -72,6 +72,24 @@ def array_job_of(out: Path, timeout: float = 60) -> str:
     pytest.fail(f"slurm/sweep.sh recorded no submission in {f}")
 
 
+def submit_and_signal(cluster: SlurmCluster, shards: Path, run: Path, *overrides, cpus: int = 1,
+                      env: dict | None = None) -> tuple[str, Path]:
+    """sbatch one debug run of slurm/train.sbatch (log beside RUN), wait for its first logged step,
+    then send USR2 to its batch shell as a time limit would. Returns (job id, log file)."""
+    log = run.parent / "job.log"
+    r = cluster.run(["sbatch", "--parsable", f"--cpus-per-task={cpus}", f"--output={log}", "slurm/train.sbatch",
+                     "--config", "configs/debug_cpu.yaml", "--run-dir", str(run), f"data.shards={shards}",
+                     "checkpoint.every=100000", "log.every=1", "log.sample_every=100000", *overrides],
+                    cwd=ROOT, env={**_env(), **(env or {})})
+    job = r.stdout.strip().split(";")[0]
+    deadline = time.time() + 180
+    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
+        time.sleep(0.2)
+    assert (run / "metrics.jsonl").is_file(), log.read_text() if log.is_file() else "no job log"
+    cluster.run(["scancel", "--signal=USR2", "--batch", job])
+    return job, log
+
+
 def task_logs(out: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text()}" for p in sorted((out / "logs").glob("*.log")))
 
@@ -160,7 +178,8 @@ def preempted_at(run: Path, steps: int) -> int:
 
 def checkpoint_contents(ckpt: Path) -> dict:
     """Every tensor and value of a checkpoint directory (models, optimizers, EMA, train state,
-    RNG states), except meta.json (it holds the config, which differs in checkpoint.keep)."""
+    RNG states), except meta.json (it holds the config, which differs in checkpoint.keep) and the
+    wall-clock the training loop has run (train.max_minutes' counter)."""
     out = {}
     for f in sorted(ckpt.iterdir()):
         if f.suffix == ".safetensors":
@@ -173,7 +192,8 @@ def checkpoint_contents(ckpt: Path) -> dict:
         else:
             continue
         for k, v in _flatten(obj):
-            out[f"{f.name}{k}"] = v
+            if not k.endswith("/train_seconds"):
+                out[f"{f.name}{k}"] = v
     return out
 
 
@@ -252,18 +272,8 @@ def test_multi_process_run_through_accelerate_is_preempted_and_resumes(slurm, sh
     (the launcher ignores it), they checkpoint together, the job requeues itself under its plain
     job id and resumes; every step is logged exactly once."""
     steps, run = 300, tmp_path / "run"
-    r = slurm.run(["sbatch", "--parsable", "--cpus-per-task=2", f"--output={tmp_path / 'job.log'}",
-                   "slurm/train.sbatch", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
-                   f"data.shards={shards}", f"train.max_steps={steps}", "checkpoint.every=100000", "log.every=1",
-                   "log.sample_every=100000"],
-                  cwd=ROOT, env={**_env(), "GPUS_PER_NODE": "2", "ACCELERATE_USE_CPU": "1"})
-    job = r.stdout.strip().split(";")[0]
-    deadline = time.time() + 180
-    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
-        time.sleep(0.2)
-    log = tmp_path / "job.log"
-    assert (run / "metrics.jsonl").is_file(), log.read_text()
-    slurm.run(["scancel", "--signal=USR2", "--batch", job])
+    job, log = submit_and_signal(slurm, shards, run, f"train.max_steps={steps}", cpus=2,
+                                 env={"GPUS_PER_NODE": "2", "ACCELERATE_USE_CPU": "1"})
     wait_done(slurm, job, 420, release_requeued=True)
     text = log.read_text()
     assert "processes=2" in text and "accelerate.commands.launch" in text and "--multi_gpu" in text
@@ -281,17 +291,7 @@ def test_requeue_cap_stops_with_the_checkpoint(slurm, shards, tmp_path):
     """GAN_MAX_REQUEUES: a job already requeued that many times (here 0) is not requeued again; it
     ends as preempted with its checkpoint and says how to continue."""
     run = tmp_path / "run"
-    r = slurm.run(["sbatch", "--parsable", "--cpus-per-task=1", f"--output={tmp_path / 'job.log'}",
-                   "slurm/train.sbatch", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
-                   f"data.shards={shards}", "train.max_steps=100000", "checkpoint.every=100000", "log.every=1"],
-                  cwd=ROOT, env={**_env(), "GAN_MAX_REQUEUES": "0"})
-    job = r.stdout.strip().split(";")[0]
-    deadline = time.time() + 180
-    while time.time() < deadline and not (run / "metrics.jsonl").is_file():
-        time.sleep(0.2)
-    log = tmp_path / "job.log"
-    assert (run / "metrics.jsonl").is_file(), log.read_text()
-    slurm.run(["scancel", "--signal=USR2", "--batch", job])
+    job, log = submit_and_signal(slurm, shards, run, "train.max_steps=100000", env={"GAN_MAX_REQUEUES": "0"})
     wait_done(slurm, job, 300)
     text = log.read_text()
     assert f"not requeueing {job}: it was requeued 0 times (GAN_MAX_REQUEUES=0)" in text, text

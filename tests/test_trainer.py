@@ -304,6 +304,8 @@ def test_nonfinite_update_is_skipped_exactly(tmp_path, tiny_shards, optim):
             seen["after"] = ([p.detach().clone() for p in t.D.parameters()], _tensors_of(t.opt_D.optimizer))
 
     t.loss.d_loss, t.train_step = poisoned, train_step
+    from gan.trainer import skips_on_device
+    assert skips_on_device(t.opt_D.optimizer) == (optim != "rmsprop")  # the path under test
     assert t.fit() == "finished"
     assert t.state.skipped_nonfinite == 1 and t.state.step == 3
     (p0, o0), (p1, o1) = seen["before"], seen["after"]
