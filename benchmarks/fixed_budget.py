@@ -41,15 +41,27 @@ def read_json(path: Path) -> dict | None:
         return None
 
 
+def training(run: Path, since: float) -> bool:
+    """Has the process started after ``since`` reached its training loop? Only then is its signal
+    handler surely installed (a USR2 before it would kill the process instead of stopping it)."""
+    status = run / "status.json"
+    try:
+        fresh = status.stat().st_mtime >= since - 1
+    except OSError:
+        return False
+    return fresh and (read_json(status) or {}).get("state") == "running"
+
+
 def train(recipe: str, run: Path, args, deadline: float | None) -> str:
     """Train (or resume) one recipe up to the budget. Returns the run's state: finished | preempted | failed."""
     cmd = [sys.executable, "launch/train.py", "--config", RECIPES[recipe], "--run-dir", str(run), "--resume", "auto",
            f"train.max_minutes={args.minutes}", *args.set]
     print(f"[{recipe}] {' '.join(cmd)}", flush=True)
+    launched = time.time()
     proc = subprocess.Popen(cmd, cwd=ROOT)
     signalled = False
     while proc.poll() is None:
-        if deadline is not None and not signalled and time.monotonic() > deadline:
+        if deadline is not None and not signalled and time.monotonic() > deadline and training(run, launched):
             print(f"[{recipe}] deadline: SIGUSR2 (checkpoint and stop; the next call resumes)", flush=True)
             proc.send_signal(signal.SIGUSR2)
             signalled = True
