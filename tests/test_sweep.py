@@ -413,3 +413,11 @@ def test_summary_cli_errors(tmp_path):
     r = subprocess.run([sys.executable, "launch/sweep_summary.py", str(tmp_path / "nope")], cwd=ROOT,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "sweep directory not found" in r.stderr
+
+
+def test_summary_of_a_task_past_its_requeue_cap(tmp_path):
+    from gan.sweep_summary import run_status
+
+    _write_run(tmp_path / "r", "preempted")
+    status, detail = run_status(tmp_path / "r", {"end": (0, "preempted", "stopped")})
+    assert status == "preempted" and "not requeued (GAN_MAX_REQUEUES reached): resubmit the sweep" in detail
