@@ -32,30 +32,35 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
 
 class Stats:
     """``report(name, value)`` anywhere; ``reduce()`` on every rank returns the mean per name
-    over all reports on all ranks since the last reduce, then starts over. Tensor values are summed
-    on the device and Python numbers on the host, so a report never waits for the GPU."""
+    over all reports on all ranks since the last reduce, then starts over. A report launches no
+    GPU work and never waits: tensors are kept as they are and summed in ``reduce`` (a few kernels
+    per name per log interval), Python numbers are summed on the host."""
 
     def __init__(self, device: torch.device):
         self.device = device
-        self._dev: dict[str, torch.Tensor] = {}
+        self._dev: dict[str, list[torch.Tensor]] = defaultdict(list)
         self._host: dict[str, float] = defaultdict(float)
         self._count: dict[str, int] = defaultdict(int)
 
     def report(self, name: str, value) -> None:
         if torch.is_tensor(value):
-            v = value.detach().to(self.device, torch.float64)
-            v = v.mean() if v.ndim else v
-            self._dev[name] = self._dev[name] + v if name in self._dev else v
+            self._dev[name].append(value.detach())
         else:
             self._host[name] += float(value)
         self._count[name] += 1
+
+    def _device_sum(self, name: str) -> torch.Tensor:
+        values = [t if t.ndim == 0 else t.float().mean() for t in self._dev.get(name, ())]
+        if not values:
+            return torch.zeros((), device=self.device, dtype=torch.float64)
+        return torch.stack([t.to(self.device, torch.float64) for t in values]).sum()
 
     def reduce(self) -> dict[str, float]:
         names = sorted(self._count)
         if not names and world_size() == 1:
             return {}
-        zero = torch.zeros((), device=self.device, dtype=torch.float64)
-        dev = torch.stack([self._dev.get(n, zero) for n in names]) if names else zero.new_zeros(0)
+        dev = torch.stack([self._device_sum(n) for n in names]) if names else \
+            torch.zeros(0, device=self.device, dtype=torch.float64)
         host = torch.tensor([[self._host.get(n, 0.0) for n in names], [float(self._count[n]) for n in names]],
                             dtype=torch.float64).reshape(2, len(names))
         packed = torch.stack([dev, torch.zeros_like(dev)]) + host.to(self.device)

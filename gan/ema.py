@@ -31,8 +31,9 @@ class EMA:
         ema_p = [p for p in self.model.parameters()]
         src_p = [p.detach().to(e.dtype) for e, p in zip(ema_p, model.parameters())]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
-        for e, b in zip(self.model.buffers(), model.buffers()):
-            e.copy_(b)
+        buffers = list(self.model.buffers())
+        if buffers:
+            torch._foreach_copy_(buffers, list(model.buffers()))
         self.num_updates += 1
 
     def state_dict(self) -> dict:
