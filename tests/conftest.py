@@ -7,6 +7,7 @@ Both are session-scoped and read-only: copy them before changing anything.
 """
 from __future__ import annotations
 
+import importlib.util
 import os
 import subprocess
 import sys
@@ -41,6 +42,31 @@ def build_tiny(out: Path, n: int, channels: int, size: int, shard_size: int, nam
     src = array_source(name, [f"class{k}" for k in range(10)], imgs, labels)
     build_shards(src, out, split, name, encoding=encoding, shard_size=shard_size, log=None)
     return out
+
+
+def train_cmd(run_dir, shards, *overrides, resume=None) -> list[str]:
+    """The command line of a launch/train.py run of configs/debug_cpu.yaml on ``shards``."""
+    cmd = [sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run_dir)]
+    if resume:
+        cmd += ["--resume", str(resume)]
+    return cmd + [f"data.shards={shards}", *overrides]
+
+
+def train_debug(run_dir, shards, *overrides, resume=None, env=None, timeout=300, check=True):
+    """Run :func:`train_cmd` in a subprocess (``env`` added to this one's); with ``check``, it must succeed."""
+    r = subprocess.run(train_cmd(run_dir, shards, *overrides, resume=resume), cwd=REPO, capture_output=True,
+                       text=True, timeout=timeout, env={**os.environ, **(env or {})})
+    if check:
+        assert r.returncode == 0, f"train failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
+    return r
+
+
+def load_cli(name: str):
+    """launch/<name>.py as a module, to call its main() in this process."""
+    spec = importlib.util.spec_from_file_location(f"{name}_cli", REPO / "launch" / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 @pytest.fixture(scope="session")

@@ -3,7 +3,6 @@ Inception weights file (torch-fidelity's architecture, random values: the pipeli
 format are checked, never the numbers)."""
 from __future__ import annotations
 
-import importlib.util
 import io
 import json
 import math
@@ -17,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import load_cli, train_debug
+
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{k}" for k in range(10)]
 
@@ -28,25 +29,12 @@ def _env(tmp: Path, **extra) -> dict:
 
 
 def train(run_dir: Path, shards: Path, *overrides, check=True):
-    cmd = [sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run_dir),
-           f"data.shards={shards}", *overrides]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env={**os.environ, "OMP_NUM_THREADS": "1"})
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
+    return train_debug(run_dir, shards, *overrides, check=check, env={"OMP_NUM_THREADS": "1"})
 
 
 def evaluate(*args, env=None, timeout=600):
     return subprocess.run([sys.executable, "launch/evaluate.py", *map(str, args)], cwd=ROOT, capture_output=True,
                           text=True, timeout=timeout, env=env)
-
-
-def cli(name: str):
-    spec = importlib.util.spec_from_file_location(f"{name}_cli", ROOT / "launch" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 @pytest.fixture(scope="session")
@@ -272,7 +260,7 @@ def test_inception_path_with_standin_weights(run_copy, standin_inception, tmp_pa
 
 
 def _run_cli(capsys, *args):
-    rc = cli("evaluate").main([str(a) for a in args])
+    rc = load_cli("evaluate").main([str(a) for a in args])
     return rc, capsys.readouterr()
 
 
@@ -432,10 +420,8 @@ def test_training_evaluates_keeps_best_and_stops_early(tmp_path, tiny_shards, ti
 
 def test_training_refuses_missing_weights_before_work(tmp_path, tiny_shards):
     run = tmp_path / "run"
-    r = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
-                        f"data.shards={tiny_shards}", "metrics.every=2", "metrics.metrics=fid",
-                        "metrics.num_samples=20"], cwd=ROOT, capture_output=True, text=True, timeout=300,
-                       env=_env(tmp_path))
+    r = train_debug(run, tiny_shards, "metrics.every=2", "metrics.metrics=fid", "metrics.num_samples=20",
+                    env=_env(tmp_path), check=False)
     assert r.returncode == 2 and "--inception-weights" in r.stderr and "metrics.inception_weights" in r.stderr
     assert not (run / "checkpoints").exists()
 

@@ -3,15 +3,14 @@ TensorBoard image); bad input fails clearly and overwrites nothing."""
 from __future__ import annotations
 
 import csv
-import importlib.util
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from PIL import Image
+
+from conftest import load_cli, train_debug
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD = 2  # gan.viz default padding
@@ -25,10 +24,7 @@ def grid_size(rows: int, cols: int, h: int = 32, w: int = 32) -> tuple[int, int]
 @pytest.fixture(scope="module")
 def sample_run(tmp_path_factory, tiny_shards) -> Path:
     run = tmp_path_factory.mktemp("sample_run") / "run"
-    r = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
-                        f"data.shards={tiny_shards}", "train.max_steps=4", "log.every=1"],
-                       cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    train_debug(run, tiny_shards, "train.max_steps=4", "log.every=1")
     return run
 
 
@@ -40,10 +36,7 @@ def run(sample_run, tmp_path) -> Path:
 
 
 def sample(capsys, *args):
-    spec = importlib.util.spec_from_file_location("sample_cli", ROOT / "launch" / "sample.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    rc = mod.main([str(a) for a in args])
+    rc = load_cli("sample").main([str(a) for a in args])
     return rc, capsys.readouterr()
 
 

@@ -14,19 +14,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from conftest import train_cmd
+from conftest import train_debug as train
+
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def train(run_dir, shards, *overrides, resume=None, env=None, timeout=300, check=True):
-    cmd = [sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run_dir)]
-    if resume:
-        cmd += ["--resume", str(resume)]
-    cmd += [f"data.shards={shards}", *overrides]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, **(env or {})})
-    if check:
-        assert r.returncode == 0, f"train failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
-    return r
 
 
 def ckpt(run_dir, step):
@@ -118,9 +109,7 @@ def test_preempt_signal_checkpoints_and_resumes_exactly(tmp_path, tiny_shards):
     straight, pre = tmp_path / "straight", tmp_path / "pre"
     steps = ["train.max_steps=40", "checkpoint.every=100"]
     train(straight, tiny_shards, *steps)
-    cmd = [sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(pre),
-           f"data.shards={tiny_shards}", *steps]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(train_cmd(pre, tiny_shards, *steps), cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until training is under way
         if (pre / "metrics.jsonl").exists():
