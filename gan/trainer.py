@@ -21,7 +21,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from gan import checkpoint
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
-from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
+from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas, same_on_all_ranks
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
@@ -345,7 +345,8 @@ class Trainer:
 
     def _check_finite_weights(self, nets: dict) -> None:
         """Every rank (replicas agree): refuse to checkpoint non-finite weights, naming the tensors."""
-        bad = [f"{name}.{k}" for name, net in nets.items() for k, t in net.state_dict().items()
+        bad = [f"{name}.{k}" for name, net in nets.items()
+               for k, t in self.accelerator.unwrap_model(net).state_dict().items()
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise NonFiniteError(
@@ -409,6 +410,10 @@ class Trainer:
             meta = checkpoint.read_meta(self.resume_from)
             checkpoint.check_resume(self.resume_from, meta, cfg, acc.num_processes)  # before any work
             checkpoint.load(acc, self.resume_from)
+            if not same_on_all_ranks(self.state.step, self.device):  # collective, every rank
+                raise checkpoint.CheckpointError(
+                    f"the ranks resumed from different checkpoints (this one: {self.resume_from}); do all nodes "
+                    f"see the same {self.run.checkpoints}? Pass --resume PATH to name one")
             self.stream.load_state_dict(self.state.data)
             self._apply_config()
         self._batches = None

@@ -230,14 +230,17 @@ def test_two_ranks_checkpoint_every_rng_state_and_world_size_changes_are_refused
     cmd = torchrun + train_cmd(run, tiny_shards, "train.max_steps=2", "checkpoint.every=2")[1:]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
-    meta = verify(ckpt(run, 2))
-    assert meta["world_size"] == 2 and "random_states_1.pkl" in meta["files"]
-    r = train(run, tiny_shards, "train.max_steps=4", resume="auto", check=False)  # one process
-    assert r.returncode == 2 and "world size (processes): checkpoint 2, now 1" in r.stderr, r.stderr
-    (ckpt(run, 2) / "random_states_1.pkl").unlink()  # rank 1's RNG state lost: refused, naming it
-    cmd = torchrun + train_cmd(run, tiny_shards, "train.max_steps=4", resume=ckpt(run, 2))[1:]
+    cmd = torchrun + train_cmd(run, tiny_shards, "train.max_steps=4", "checkpoint.every=2", resume="auto")[1:]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert r.returncode != 0 and f"{ckpt(run, 2) / 'random_states_1.pkl'} is missing" in r.stderr, r.stderr
+    assert r.returncode == 0 and f"resumed from {ckpt(run, 2)} at step 2" in r.stdout, r.stdout + r.stderr
+    meta = verify(ckpt(run, 4))
+    assert meta["world_size"] == 2 and "random_states_1.pkl" in meta["files"]
+    r = train(run, tiny_shards, "train.max_steps=6", resume="auto", check=False)  # one process
+    assert r.returncode == 2 and "world size (processes): checkpoint 2, now 1" in r.stderr, r.stderr
+    (ckpt(run, 4) / "random_states_1.pkl").unlink()  # rank 1's RNG state lost: refused, naming it
+    cmd = torchrun + train_cmd(run, tiny_shards, "train.max_steps=6", resume=ckpt(run, 4))[1:]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode != 0 and f"{ckpt(run, 4) / 'random_states_1.pkl'} is missing" in r.stderr, r.stderr
 
 
 # ---------------------------------------------------------------------------- item 9: full disk
