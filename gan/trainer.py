@@ -350,7 +350,7 @@ class Trainer:
                if t.is_floating_point() and not bool(torch.isfinite(t).all())]
         if bad:
             raise NonFiniteError(
-                f"non-finite weights at step {self.state.step} in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''}"
+                f"non-finite weights in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} at step {self.state.step}"
                 f"; not checkpointed, so the newest checkpoint is still {self.run.latest_checkpoint()}. Lower the "
                 f"learning rates (or set a train.on_nonfinite policy that stops earlier) and resume from it")
 
