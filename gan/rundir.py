@@ -328,6 +328,9 @@ class RunDir:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
             os.close(fd)
+            if e.errno in (errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOSYS):
+                raise RunDirError(f"can't lock {path}: its filesystem does not support file locks ({e.strerror}); "
+                                  f"put the run directory on one that does (Lustre: mount with -o flock)") from None
             if e.errno not in (errno.EWOULDBLOCK, errno.EACCES, errno.EAGAIN):
                 raise
             raise RunDirError(f"run directory {self.root} is in use by {_read_holder(path)}: one run directory "

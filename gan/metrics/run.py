@@ -7,6 +7,7 @@ import datetime as _dt
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
@@ -45,7 +46,7 @@ def _model_diff(saved: dict, cfg: Config) -> list[str]:
 
 
 def resolve_source(run_dir: Path, checkpoint: str | Path | None) -> Path:
-    """--checkpoint, else the newest complete checkpoint, else export/G_ema.safetensors."""
+    """--checkpoint, else the newest checkpoint that verifies, else export/G_ema.safetensors."""
     if checkpoint:
         p = Path(checkpoint)
         if not p.exists():
@@ -53,7 +54,9 @@ def resolve_source(run_dir: Path, checkpoint: str | Path | None) -> Path:
                               f"G_ema.safetensors export")
         return p
     run = RunDir(run_dir)
-    latest = run.latest_checkpoint()
+    latest, skipped = run.newest_valid()
+    for line in skipped:
+        print(f"warning: skipped a damaged checkpoint: {line}", file=sys.stderr)
     if latest is not None:
         return latest
     export = run.export / "G_ema.safetensors"
