@@ -68,12 +68,18 @@ def _save_error(run: RunDir, tmp: Path, error: BaseException | None, expected: i
     return SaveError(f"could not write checkpoint {tmp}: {type(error).__name__}: {error}; {keep}")
 
 
+def _size(path: Path | None) -> int:
+    try:
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path else 0
+    except OSError:
+        return 0
+
+
 def save(accelerator, run: RunDir, step: int, meta: dict, keep: int) -> Path:
     """Collective. Writes ``step-X`` atomically and keeps it plus the newest ``keep - 1`` before it.
     Raises SaveError on every rank if any rank failed (nothing partial stays behind)."""
     tmp, main = run.tmp_checkpoint(step), accelerator.is_main_process
-    newest = run.latest_checkpoint()
-    expected = sum(f.stat().st_size for f in newest.iterdir() if f.is_file()) if newest else 0
+    expected = _size(run.latest_checkpoint())
     error = None
     if main:
         try:
