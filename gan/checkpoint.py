@@ -203,3 +203,8 @@ def resume_point(run: RunDir, resume: str | None, cfg, world_size: int, writer: 
         notes.append(f"resuming {path.name} with changed settings, in effect from step {meta.get('step')} on: "
                      + "; ".join(changed))
     return path, notes
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint in a run's ``checkpoints/`` directory ``root`` (see RunDir.latest_checkpoint)."""
+    return RunDir(Path(root).parent).latest_checkpoint()
