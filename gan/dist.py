@@ -30,6 +30,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
     return [v > 0 for v in all_reduce_(t, dist.ReduceOp.MAX).tolist()]
 
 
+def same_on_all_ranks(value: int, device: torch.device) -> bool:
+    """True on every rank if ``value`` is the same on all ranks (a collective: call on every rank)."""
+    if world_size() == 1:
+        return True
+    t = torch.tensor([float(value), -float(value)], device=device, dtype=torch.float64)
+    all_reduce_(t, dist.ReduceOp.MAX)
+    return t[0].item() == -t[1].item()
+
+
 class Stats:
     """``report(name, value)`` anywhere; ``reduce()`` on every rank returns the mean per name
     over all reports on all ranks since the last reduce, then starts over. A report launches no

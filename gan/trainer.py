@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import signal
 import time
 from pathlib import Path
@@ -20,11 +21,12 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 from gan import checkpoint
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
-from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
+from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas, same_on_all_ranks
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
 from gan.rank_zero import RankZero
+from gan.rundir import RunDir
 
 
 class StopRequest:
@@ -70,12 +72,23 @@ class TrainState:
 # ---------------------------------------------------------------------------- preflight
 
 
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) as the launcher (torchrun, accelerate launch) sets them, before any process group."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
-    """All checks that need no work: the run directory, the shards against the model, and the
-    checkpoint to resume from. Returns that checkpoint (or None for a fresh start)."""
+    """All checks that need no work: the run directory (locked by rank 0 from here on, leftovers of a
+    crash cleaned), the shards against the model, and the checkpoint to resume from. Returns that
+    checkpoint (or None for a fresh start)."""
+    run, (rank, world_size) = RunDir(run_dir), _launch_rank()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        run.root.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            run.lock()  # raises RunDirError naming the holder
+            for line in run.clean_leftovers():  # before the probe: a full disk may be full of them
+                print(line, flush=True)
+        probe = run.root / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
@@ -91,19 +104,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     if cfg.metrics.every:  # weights files, classifier, counts: fail now, not at the first evaluation
         from gan.metrics import check_setup
         check_setup(cfg)
-    if resume is None:
-        return None
-    path = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume == "auto" else Path(resume)
-    if path is None:
-        return None
-    meta = checkpoint.read_meta(path)
-    saved = meta.get("config", {}).get("model", {})
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in dataclasses.asdict(m).items()
-            if saved.get(k) != v]
-    if diff:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} was written for a different architecture ({'; '.join(diff)}). "
-            f"Resume with the config saved in {path / checkpoint.META}, or start a new --run-dir")
+    path, notes = checkpoint.resume_point(run, resume, cfg, world_size, writer=rank == 0)
+    for line in notes if rank == 0 else ():
+        print(line, flush=True)
     return path
 
 
@@ -161,6 +164,7 @@ def _frozen(module: torch.nn.Module):
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, Path(run_dir), resume_from
+        self.run = RunDir(run_dir)
         t = cfg.train
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_precision(t.mixed_precision),
@@ -171,7 +175,7 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = acc.device
-        self.rank0 = RankZero(self.run_dir, acc.is_main_process, t.max_steps, cfg.log.progress)
+        self.rank0 = RankZero(self.run, acc.is_main_process, t.max_steps, cfg.log.progress)
 
         set_seed(t.seed)  # identical initial weights on every rank
         G, D = build_models(cfg.model)
@@ -188,7 +192,7 @@ class Trainer:
         self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D.optimizer, factor)
         self.loss = build_loss(cfg.loss)
         self.state = TrainState()
-        acc.register_for_checkpointing(self.ema, self.state, self.sched_G, self.sched_D)
+        checkpoint.register(acc, ema=self.ema, train_state=self.state, sched_G=self.sched_G, sched_D=self.sched_D)
 
         set_seed(t.seed, device_specific=True)  # different noise per rank
         self.stream = TrainStream(cfg.data, batch_size=t.batch_size, seed=t.seed,
@@ -339,14 +343,27 @@ class Trainer:
         self.rank0.samples(self.state.step, images, self.fixed_y, self.cfg.model.num_classes,
                            self.cfg.log.samples_per_class)
 
+    def _check_finite_weights(self, nets: dict) -> None:
+        """Every rank (replicas agree): refuse to checkpoint non-finite weights, naming the tensors."""
+        bad = [f"{name}.{k}" for name, net in nets.items()
+               for k, t in self.accelerator.unwrap_model(net).state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(
+                f"non-finite weights in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} at step {self.state.step}"
+                f"; not checkpointed, so the newest checkpoint is still {self.run.latest_checkpoint()}. Lower the "
+                f"learning rates (or set a train.on_nonfinite policy that stops earlier) and resume from it")
+
     def save_checkpoint(self) -> Path:
         self._check_nonfinite()  # policy first: a stop leaves the last good checkpoint the newest
         broadcast_buffers([self.G, self.D, self.ema.model])  # collective, every rank
-        check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model}, self.device)  # collective
-        path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
-                               {"config": self.cfg.to_dict()}, self.cfg.checkpoint.keep)
+        nets = {"G": self.G, "D": self.D, "G_ema": self.ema.model}
+        self._check_finite_weights(nets)
+        check_replicas(nets, self.device)  # collective
+        path = checkpoint.save(self.accelerator, self.run, self.state.step, {"config": self.cfg.to_dict()},
+                               self.cfg.checkpoint.keep)
         if self.rank0.enabled:
-            checkpoint.export_generator(self.run_dir / "export", self.ema.model,
+            checkpoint.export_generator(self.run.export, self.ema.model,
                                         dataclasses.asdict(self.cfg.model), self.state.step)
         return path
 
@@ -371,13 +388,34 @@ class Trainer:
         every = self.cfg.train.stop_check_every if self.accelerator.num_processes > 1 else 1
         return step % every == 0 or step == self.cfg.train.max_steps
 
+    def _apply_config(self) -> None:
+        """After a resume: the config's learning rates, betas, eps and weight decay replace those restored
+        with the optimizers and schedulers (the schedule's factor comes from the config already), so a
+        value given on resume takes effect, as config.yaml says. Unchanged values give the same floats."""
+        o = self.cfg.optim
+        for opt, sched, lr, betas in ((self.opt_G.optimizer, self.sched_G, o.lr_g, o.betas_g),
+                                      (self.opt_D.optimizer, self.sched_D, o.lr_d, o.betas_d)):
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+                group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), eps=o.eps, weight_decay=o.weight_decay)
+                if "betas" in group:
+                    group["betas"] = tuple(betas)
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
+
     # ------------------------------------------------------------------ fit
     def fit(self) -> str:
         """Resume if asked, train to ``train.max_steps``. Returns "finished" or "preempted"."""
         acc, cfg = self.accelerator, self.cfg
         if self.resume_from is not None:
+            meta = checkpoint.read_meta(self.resume_from)
+            checkpoint.check_resume(self.resume_from, meta, cfg, acc.num_processes)  # before any work
             checkpoint.load(acc, self.resume_from)
+            if not same_on_all_ranks(self.state.step, self.device):  # collective, every rank
+                raise checkpoint.CheckpointError(
+                    f"the ranks resumed from different checkpoints (this one: {self.resume_from}); do all nodes "
+                    f"see the same {self.run.checkpoints}? Pass --resume PATH to name one")
             self.stream.load_state_dict(self.state.data)
+            self._apply_config()
         self._batches = None
         StopRequest.install()  # idempotent; launch/train.py installs it before building
         start = self._nonfinite_since = self.state.step
@@ -433,7 +471,8 @@ class Trainer:
                               train_seconds=round(self.state.train_seconds, 3))
             return outcome
         except BaseException as e:
-            self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")
+            with contextlib.suppress(OSError):  # a full disk must not hide the error itself
+                self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")
             raise
         finally:
             self.rank0.close()

@@ -14,9 +14,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gan.checkpoint import CheckpointError  # noqa: E402
+from gan.checkpoint import CheckpointError, SaveError  # noqa: E402
 from gan.config import ConfigError, load_config  # noqa: E402
 from gan.data import ShardError  # noqa: E402
+from gan.rundir import RunDirError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -45,7 +46,7 @@ def main(argv=None) -> int:
 
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = preflight(cfg, run_dir, args.resume)
-    except (ConfigError, ShardError, CheckpointError) as e:
+    except (ConfigError, ShardError, CheckpointError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from gan.trainer import NonFiniteError
@@ -53,7 +54,7 @@ def main(argv=None) -> int:
     trainer = Trainer(cfg, run_dir, resume_from)
     try:
         outcome = trainer.fit()
-    except NonFiniteError as e:
+    except (NonFiniteError, SaveError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     finally:

@@ -199,17 +199,17 @@ def test_run_dir_not_writable(tmp_path, tiny_shards):
 
 
 def test_interrupted_save_never_becomes_newest(tmp_path, tiny_shards):
-    from gan import checkpoint
+    from gan.rundir import RunDir
     run = tmp_path / "run"
     train(run, tiny_shards, "train.max_steps=2")
     # a save that crashed half-way leaves only a hidden temp dir behind
     partial = run / "checkpoints" / ".tmp-step-00000004"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")
-    assert checkpoint.latest_checkpoint(run / "checkpoints") == ckpt(run, 2)
+    assert RunDir(run).latest_checkpoint() == ckpt(run, 2)
     r = train(run, tiny_shards, "train.max_steps=4", resume="auto")
     assert "at step 2" in r.stdout
-    assert checkpoint.latest_checkpoint(run / "checkpoints") == ckpt(run, 4)
+    assert RunDir(run).latest_checkpoint() == ckpt(run, 4)
     assert not partial.exists()
 
 
@@ -251,8 +251,8 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shar
         t.fit()
     status = json.loads((tmp_path / "run" / "status.json").read_text())
     assert status["state"] == "failed" and "non-finite" in status["error"]
-    from gan import checkpoint
-    assert checkpoint.latest_checkpoint(tmp_path / "run" / "checkpoints") == ckpt(tmp_path / "run", 2)
+    from gan.rundir import RunDir
+    assert RunDir(tmp_path / "run").latest_checkpoint() == ckpt(tmp_path / "run", 2)
     assert (ckpt(tmp_path / "run", 2) / "model.safetensors").read_bytes() == good
 
 
