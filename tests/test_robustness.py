@@ -307,6 +307,18 @@ def test_skip_policy_never_checkpoints_nonfinite_weights(tmp_path, tiny_shards):
 
 
 @pytest.fixture
+def deadline():
+    """Fail (instead of hanging the suite) if the test body runs past 120 s: the bug was an endless loop."""
+    def expired(*_):
+        raise TimeoutError("still running after 120 s: the loader is looping for ever")
+    previous = signal.signal(signal.SIGALRM, expired)
+    signal.alarm(120)
+    yield
+    signal.alarm(0)
+    signal.signal(signal.SIGALRM, previous)
+
+
+@pytest.fixture
 def shard_copy(tmp_path, tiny_shards):
     d = tmp_path / "shards"
     shutil.copytree(tiny_shards, d)
@@ -314,7 +326,7 @@ def shard_copy(tmp_path, tiny_shards):
 
 
 @pytest.mark.parametrize("damage", ["zero-filled", "truncated", "all-zero"])
-def test_damaged_shards_are_refused_before_step_0(cli, capsys, tmp_path, shard_copy, damage):
+def test_damaged_shards_are_refused_before_step_0(cli, capsys, tmp_path, shard_copy, damage, deadline):
     names = sorted(p.name for p in shard_copy.glob("*.tar"))
     for name in names if damage == "all-zero" else names[1:2]:
         f = shard_copy / name
@@ -351,7 +363,7 @@ def test_shard_damaged_mid_run_stops_naming_it_with_workers(tmp_path, shard_copy
     assert status(run)["state"] == "failed" and "ShardError" in status(run)["error"]
 
 
-def test_all_zero_shards_never_spin(shard_copy):
+def test_all_zero_shards_never_spin(shard_copy, deadline):
     """Past the start-up checks (a stream built directly), zero-filled shards raise instead of looping
     for ever at step 0, with workers too."""
     from gan.config import DataConfig
