@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
+import gc
 import math
 import os
 import signal
@@ -15,13 +17,14 @@ import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from gan import checkpoint
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
-from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas, same_on_all_ranks
+from gan.dist import Stats, all_reduce_, any_rank, broadcast_buffers, check_replicas, peer_failure, same_on_all_ranks
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
@@ -35,11 +38,21 @@ class StopRequest:
     start-up is not lost; the trainer reads ``reason`` after every step."""
 
     reason: str | None = None
+    _previous: dict = {}  # signal -> the handler install() replaced
 
     @classmethod
     def install(cls) -> None:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, cls._handler)
+            previous = signal.signal(sig, cls._handler)
+            if previous is not cls._handler:
+                cls._previous[sig] = previous
+
+    @classmethod
+    def uninstall(cls) -> None:
+        """Restore the handlers install() replaced: after training a plain SIGTERM ends the process."""
+        for sig, previous in cls._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        cls._previous = {}
 
     @classmethod
     def _handler(cls, signum, _frame) -> None:
@@ -48,6 +61,15 @@ class StopRequest:
 
 class NonFiniteError(RuntimeError):
     """Training hit a non-finite loss or gradient and the policy says stop."""
+
+
+class DivergenceError(NonFiniteError):
+    """A finite blow-up: a loss, gradient norm or weight above its limit (train.max_loss,
+    train.max_grad_norm, train.max_abs_weight)."""
+
+
+class PeerError(RuntimeError):
+    """A collective failed because another rank stalled or died: the message says which and what next."""
 
 
 @dataclasses.dataclass
@@ -94,13 +116,15 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     except OSError as e:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir "
                           f"with a directory you can write to") from None
-    build_loss(cfg.loss)  # unknown names fail here, listing the valid ones
-    if cfg.model.name not in MODELS:
-        build_models(cfg.model)  # raises ConfigError listing the valid architectures
+    check_names(cfg)
     manifest = read_manifest(cfg.data.shards)
     m = cfg.model
     manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
                    num_classes=m.num_classes)
+    manifest.check_files()  # zero-filled or truncated shards fail here, not at step 0 (or never)
+    if cfg.train.batch_size > manifest.total:
+        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} is larger than the data set "
+                          f"({manifest.total} samples in {manifest.dir}); use a batch of at most {manifest.total}")
     if cfg.metrics.every:  # weights files, classifier, counts: fail now, not at the first evaluation
         from gan.metrics import check_setup
         check_setup(cfg)
@@ -108,6 +132,14 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     for line in notes if rank == 0 else ():
         print(line, flush=True)
     return path
+
+
+def check_names(cfg: Config) -> None:
+    """The registered names of the config exist (ConfigError listing the valid ones): the loss and the
+    model here; metric names are checked by MetricsConfig itself when the config is built."""
+    build_loss(cfg.loss)
+    if cfg.model.name not in MODELS:
+        build_models(cfg.model)  # raises ConfigError listing the valid architectures
 
 
 def resolve_precision(name: str) -> str:
@@ -166,10 +198,17 @@ class Trainer:
         self.cfg, self.run_dir, self.resume_from = cfg, Path(run_dir), resume_from
         self.run = RunDir(run_dir)
         t = cfg.train
+        pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.collective_timeout))
+        pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default (600 s), and
+        # torch's own default for gloo is 30 min: pass it always
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_precision(t.mixed_precision),
             dynamo_backend="inductor" if t.compile else "no",
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), pg])
+        if acc.mixed_precision == "fp16" and acc.scaler is None:  # e.g. on CPU: fp16 without loss scaling
+            raise ConfigError(f"config key 'train.mixed_precision': fp16 needs a gradient scaler, and Accelerate "
+                              f"provides none on this {acc.device.type} device (it would train without one). "
+                              f"Use train.mixed_precision=bf16 or no here")
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic
         if t.deterministic:
@@ -205,6 +244,8 @@ class Trainer:
         self._batches = None  # created on first use, after any resume has positioned the stream
         self._fp16_streak = 0
         self._nonfinite: dict[str, torch.Tensor | int] = {}  # phase -> non-finite updates since the last check
+        self._too_large: dict[str, torch.Tensor | int] = {}  # phase -> updates skipped for train.max_grad_norm
+        self._peak_loss: dict[str, torch.Tensor] = {}  # phase -> largest finite |loss| since the last check
         self._nonfinite_since = 0
 
     # ------------------------------------------------------------------ pieces
@@ -235,7 +276,17 @@ class Trainer:
         else:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
         # gnorm is identical on every rank (gradients are all-reduced), so every rank decides alike.
+        # The loss is not (each rank has its own batch): it is only recorded, and the ranks agree in _check_nonfinite.
+        t = self.cfg.train
+        loss_abs = loss.detach().float().abs()
+        peak = torch.where(torch.isfinite(loss_abs), loss_abs, 0.0)
+        self._peak_loss[name] = torch.maximum(self._peak_loss[name], peak) if name in self._peak_loss else peak
+        too_large = (gnorm > t.max_grad_norm) & torch.isfinite(gnorm) if t.max_grad_norm else None
         if self.accelerator.mixed_precision == "fp16":
+            if too_large is not None and bool(too_large):  # the fp16 path syncs anyway; the scaler can't skip it
+                raise DivergenceError(f"gradient norm {gnorm.item():.4g} in {name} at step {self.state.step} is above "
+                                      f"train.max_grad_norm={t.max_grad_norm:g}; the training is diverging. Stopped; "
+                                      f"the last good checkpoint is kept. Lower the learning rates")
             opt.step()  # the shared GradScaler skips overflowing steps and lowers the scale (it syncs)
             if opt.step_was_skipped:
                 self.state.fp16_skipped += 1
@@ -248,48 +299,89 @@ class Trainer:
                 self._fp16_streak = 0
                 self.stats.report("Mixed/fp16_skipped", 0.0)
         elif skips_on_device(opt.optimizer):
-            bad = (~torch.isfinite(gnorm)).float()
-            opt.optimizer.found_inf = bad  # the fused kernel leaves everything as it was where this is 1
+            nonfinite = ~torch.isfinite(gnorm)
+            bad = nonfinite if too_large is None else nonfinite | too_large
+            opt.optimizer.found_inf = bad.float()  # the fused kernel leaves everything as it was where this is 1
             try:
                 opt.step()
             finally:
                 del opt.optimizer.found_inf
-            self._nonfinite[name] = self._nonfinite.get(name, 0) + bad
-        elif torch.isfinite(gnorm):  # RMSprop: one host sync per update
-            opt.step()
-        else:
-            self._nonfinite[name] = self._nonfinite.get(name, 0) + 1
-            self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {gnorm.item():.4g}", last=self.state.step)
+            self._nonfinite[name] = self._nonfinite.get(name, 0) + nonfinite.float()
+            if too_large is not None:
+                self._too_large[name] = self._too_large.get(name, 0) + too_large.float()
+        else:  # RMSprop: one host sync per update
+            finite, large = bool(torch.isfinite(gnorm)), too_large is not None and bool(too_large)
+            if finite and not large:
+                opt.step()
+            else:
+                counts = self._nonfinite if not finite else self._too_large
+                counts[name] = counts.get(name, 0) + 1
+                self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {gnorm.item():.4g}", last=self.state.step)
         self.stats.report(f"GradNorm/{name}", gnorm.float())
         if name in ("D", "G"):
             self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
 
     def _check_nonfinite(self, detail: str = "", last: int | None = None) -> None:
-        """Every rank (the counts agree, so every rank decides alike): fold the non-finite updates
-        counted since the last check into the state and apply ``train.on_nonfinite``. Those updates
-        were never applied, so the weights are still those of the last finite update."""
-        counts = dict(self._nonfinite)
+        """Every rank, a collective (it decides alike everywhere): read what the updates since the last
+        check recorded on the device, with one all-reduce and one host sync, and apply the policy.
+
+        Skipped updates (non-finite gradient, or gradient norm above ``train.max_grad_norm``) were never
+        applied, so the weights are still those of the last good update: ``train.on_nonfinite`` says
+        stop or skip (up to ``train.max_skipped``). A loss above ``train.max_loss`` or a weight above
+        ``train.max_abs_weight`` (or a non-finite one) was already trained on: that always stops, and
+        since this runs before every checkpoint, no checkpoint ever holds such weights."""
+        t = self.cfg.train
+        phases = {"non-finite": dict(self._nonfinite), "large": dict(self._too_large)}
+        peaks = dict(self._peak_loss)
         self._nonfinite.clear()
+        self._too_large.clear()
+        self._peak_loss.clear()
         since, self._nonfinite_since = self._nonfinite_since, self.state.step
-        if not counts:
-            return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device)
-                              for v in counts.values()]).tolist()  # the one host sync
-        counts = {k: int(v) for k, v in zip(counts, values) if v}
-        n = sum(counts.values())
-        if n == 0:
-            return
-        self.state.skipped_nonfinite += n
+        nets = {"G": self.G, "D": self.D, "G_ema": self.ema.model}
+        weights = [torch.nn.utils.get_total_norm([p.detach() for p in m.parameters()], norm_type=math.inf)
+                   for m in nets.values()]  # the largest |weight| of each net; NaN if any is NaN
+        values = [torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                  for kind in phases.values() for v in kind.values()] + \
+                 [v.float() for v in peaks.values()] + [w.float().to(self.device) for w in weights]
+        packed = torch.stack(values)
+        packed = torch.where(torch.isnan(packed), torch.full_like(packed, math.inf), packed)  # MAX keeps inf, not NaN
+        values = iter(all_reduce_(packed, dist.ReduceOp.MAX).tolist())  # the one sync
+        counts = {kind: {k: int(next(values)) for k in c} for kind, c in phases.items()}
+        peaks = {k: next(values) for k in peaks}
+        weights = dict(zip(nets, values))
         last = self.state.step - 1 if last is None else last  # steps are numbered by G steps done before them
         where = f"step {last}" if last <= since else f"steps {since}-{last}"
-        msg = (f"non-finite loss/gradient in {n} update(s) ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
-               f"in {where}{f' ({detail})' if detail else ''}; those updates were not applied")
-        t = self.cfg.train
-        if t.on_nonfinite == "stop" or self.state.skipped_nonfinite > t.max_skipped:
-            raise NonFiniteError(msg + f" ({self.state.skipped_nonfinite} in this run). Stopped; the last good "
-                                 f"checkpoint is kept. Lower the learning rates, or set train.on_nonfinite=skip "
-                                 f"(train.max_skipped={t.max_skipped}) to go on past them")
-        self.rank0.print(f"warning: {msg}; skipped ({self.state.skipped_nonfinite} so far)")
+        advice = "Stopped; the last good checkpoint is kept. Lower the learning rates (optim.lr_d, optim.lr_g)"
+
+        n = sum(v for c in counts.values() for v in c.values())
+        if n:
+            self.state.skipped_nonfinite += n
+            parts = []
+            for kind, c in counts.items():
+                c = {k: v for k, v in c.items() if v}
+                if c:
+                    what = ("non-finite loss/gradient" if kind == "non-finite" else
+                            f"gradient norm above train.max_grad_norm={t.max_grad_norm:g}")
+                    parts.append(f"{what} in {sum(c.values())} update(s) ({', '.join(f'{k} {v}' for k, v in c.items())})")
+            msg = f"{'; '.join(parts)} in {where}{f' ({detail})' if detail else ''}; those updates were not applied"
+            if t.on_nonfinite == "stop" or self.state.skipped_nonfinite > t.max_skipped:
+                error = DivergenceError if not any(counts["non-finite"].values()) else NonFiniteError
+                raise error(msg + f" ({self.state.skipped_nonfinite} in this run). {advice}, or set "
+                                  f"train.on_nonfinite=skip (train.max_skipped={t.max_skipped}) to go on past them")
+            self.rank0.print(f"warning: {msg}; skipped ({self.state.skipped_nonfinite} so far)")
+        bad = {k: v for k, v in weights.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteError(f"non-finite weights in {', '.join(bad)} at step {self.state.step}. {advice}")
+        if t.max_abs_weight and max(weights.values()) > t.max_abs_weight:
+            big = ", ".join(f"{k} {v:.3g}" for k, v in weights.items() if v > t.max_abs_weight)
+            raise DivergenceError(f"the training is diverging: largest |weight| above train.max_abs_weight="
+                                  f"{t.max_abs_weight:g} at step {self.state.step} ({big}). {advice}, or raise "
+                                  f"train.max_abs_weight if such weights are expected")
+        if t.max_loss and peaks and max(peaks.values()) > t.max_loss:
+            big = ", ".join(f"{k} {v:.3g}" for k, v in peaks.items() if v > t.max_loss)
+            raise DivergenceError(f"the training is diverging: |loss| above train.max_loss={t.max_loss:g} in "
+                                  f"{where} (largest: {big}). {advice}, or raise train.max_loss if such losses are "
+                                  f"expected")
 
     def train_step(self) -> None:
         acc, B, n_dis = self.accelerator, self.cfg.train.batch_size, self.cfg.optim.n_dis
@@ -471,11 +563,38 @@ class Trainer:
                               train_seconds=round(self.state.train_seconds, 3))
             return outcome
         except BaseException as e:
+            why = peer_failure(e) if acc.num_processes > 1 else None
+            if why is not None:  # say it in words on every rank (and in status.json), not as a gloo/NCCL trace
+                e = PeerError(f"rank {acc.process_index} at step {self.state.step}: {why} "
+                              f"(train.collective_timeout={cfg.train.collective_timeout:g} s). The other rank's log "
+                              f"says why; then --resume auto continues from the last checkpoint. "
+                              f"[{str(e).splitlines()[0]}]")
             with contextlib.suppress(OSError):  # a full disk must not hide the error itself
                 self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")
+            if why is not None:
+                raise e from None
             raise
         finally:
             self.rank0.close()
 
+    def close(self) -> None:
+        """Every rank, once, after ``fit`` (also after a failure): an explicit teardown, so that no rank can
+        hang at exit. A process group left for the interpreter's exit to destroy can deadlock there
+        (``~Reducer`` -> ``~ProcessGroupGloo`` joins a gloo thread that waits for the GIL), so: stop the
+        loader's workers, drop every reference to the DDP-wrapped models and optimizers (ours and
+        Accelerate's), end the trackers, destroy the process group, restore the signal handlers."""
+        self.stream.close()
+        self._batches = None
+        self.rank0.close()
+        acc = self.accelerator
+        acc.end_training()
+        self.G = self.D = self.opt_G = self.opt_D = self.sched_G = self.sched_D = None
+        acc.free_memory()  # Accelerate's own lists of prepared models and optimizers
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        StopRequest.uninstall()
 
-__all__ = ["Trainer", "TrainState", "NonFiniteError", "preflight", "ShardError", "ConfigError"]
+
+__all__ = ["Trainer", "TrainState", "NonFiniteError", "DivergenceError", "PeerError", "check_names", "preflight", "ShardError",
+           "ConfigError"]

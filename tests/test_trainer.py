@@ -144,15 +144,12 @@ def test_two_process_gloo_ddp(tmp_path, tiny_shards):
     assert rows[-1]["Progress/kimg"] == pytest.approx(6 * 8 * 2 / 1000)  # both ranks' images counted
 
 
-@pytest.mark.parametrize("precision", ["bf16", "fp16"])
-def test_mixed_precision_runs(tmp_path, tiny_shards, precision):
-    run = tmp_path / precision
-    train(run, tiny_shards, "train.max_steps=2", "log.every=1", f"train.mixed_precision={precision}")
+def test_mixed_precision_runs(tmp_path, tiny_shards):
+    run = tmp_path / "bf16"
+    train(run, tiny_shards, "train.max_steps=2", "log.every=1", "train.mixed_precision=bf16")
     assert json.loads((run / "status.json").read_text())["state"] == "finished"
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert all(isinstance(r["Loss/G/main"], float) for r in rows)
-    if precision == "fp16":  # the shared GradScaler's skipped steps are counted and logged
-        assert all("Mixed/fp16_skipped" in r for r in rows)
 
 
 # ------------------------------------------------------------------ bad input, before any work
@@ -259,13 +256,14 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shar
 def test_nonfinite_skip_policy_counts(tmp_path, tiny_shards):
     from gan.trainer import NonFiniteError
 
-    t = _trainer(tmp_path, tiny_shards, "train.max_steps=3", "train.on_nonfinite=skip", "train.max_skipped=2",
+    t = _trainer(tmp_path, tiny_shards, "train.max_steps=6", "train.on_nonfinite=skip", "train.max_skipped=2",
                  "log.every=1")
-    with torch.no_grad():
-        next(t.D.parameters()).fill_(float("nan"))
-    with pytest.raises(NonFiniteError, match="4 in this run"):  # NaN weights stay NaN: D and G, every step
+    d_loss = t.loss.d_loss
+    t.loss.d_loss = lambda *a: (lambda loss, stats: (loss * float("nan"), stats))(*d_loss(*a))  # every D update
+    with pytest.raises(NonFiniteError, match="3 in this run"):  # skipped twice, stopped at the third
         t.fit()
-    assert t.state.skipped_nonfinite == 4 and t.state.step == 2
+    assert t.state.skipped_nonfinite == 3 and t.state.step == 3
+    assert all(torch.isfinite(p).all() for p in t.D.parameters())
 
 
 def _tensors_of(opt) -> dict:
