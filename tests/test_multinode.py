@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -41,6 +42,32 @@ def cluster():
         yield c
     finally:
         c.stop()
+
+
+def test_leftovers_of_a_crashed_run_are_removed_at_the_next_start(tmp_path):
+    """A run killed with -9 (no finally, no atexit) leaves daemons, namespaces and the bridge; the
+    next start removes them all, and its own stop leaves nothing. (First in the file: the module's
+    cluster holds the lock once it is up.)"""
+    code = ("import os, sys; sys.path.insert(0, 'tests'); from slurm_multinode import MultiNodeCluster as C\n"
+            "try:\n    c = C.start(log=lambda m: None)\nexcept Exception as e:\n    print('unavailable', e, flush=True); sys.exit(0)\n"
+            "print('up', c.root, flush=True); os.kill(os.getpid(), 9)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    if r.stdout.startswith("unavailable"):
+        pytest.skip(f"no two-node cluster here: {r.stdout}")
+    assert r.returncode == -9 and r.stdout.startswith("up"), r.stdout + r.stderr
+    old_root = r.stdout.split()[1]
+    assert Path("/sys/class/net/gmn-br").exists() and Path("/run/netns/gmn-node1").exists()
+
+    code = ("import sys; sys.path.insert(0, 'tests'); from slurm_multinode import MultiNodeCluster as C\n"
+            "c = C.start(log=print); print('second', c.root, c.node_states(), flush=True); c.stop()")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "removing what an earlier multinode run left behind" in r.stdout, r.stdout + r.stderr
+    assert "['idle', 'idle']" in r.stdout, r.stdout
+    assert not Path(old_root).exists() and not Path(r.stdout.split("second ")[1].split()[0]).exists()
+    assert not Path("/sys/class/net/gmn-br").exists()
+    assert not any(Path(f"/run/netns/gmn-node{i}").exists() for i in (1, 2))
+    survivors = subprocess.run(["pgrep", "-f", old_root], capture_output=True, text=True).stdout.split()
+    assert survivors == [], f"processes of the crashed run still alive: {survivors}"
 
 
 @pytest.fixture(scope="module")
@@ -142,32 +169,38 @@ def test_usr2_checkpoints_both_nodes_requeues_and_resumes_exactly(cluster, shard
     assert_same(checkpoint_contents(final(straight)), checkpoint_contents(final(run)))
 
 
-@pytest.mark.xfail(not HAS_COLLECTIVE_TIMEOUT, run=False, strict=False,
-                   reason="train.collective_timeout (issue 'Never lose a run', branch i10-proc) is not on this branch yet")
 def test_kill_9_on_one_node_ends_the_other_and_resume_continues(cluster, shards, tmp_path):
-    """kill -9 of the training process on node 2: node 1's rank does not hang; it exits within
-    train.collective_timeout with a message naming it, the job ends failed (no requeue: it is not a
-    preemption), and resubmitting with --resume auto continues from the last good checkpoint."""
+    """kill -9 of the training process on node 2: node 1's rank does not hang (gloo sees the peer's
+    socket close; train.collective_timeout bounds a silent hang), the job ends failed (no requeue:
+    it is not a preemption), and resubmitting with --resume auto continues from the last good
+    checkpoint. The surviving rank's own clear message ("error: ...") comes with
+    train.collective_timeout (issue 'Never lose a run'); without that key that part is xfail."""
     run, timeout_s = tmp_path / "run", 30
-    job, log = sbatch(cluster, run, shards, "train.max_steps=100000", "checkpoint.every=20",
-                      f"train.collective_timeout={timeout_s}")
+    extra = [f"train.collective_timeout={timeout_s}"] if HAS_COLLECTIVE_TIMEOUT else []
+    job, log = sbatch(cluster, run, shards, "train.max_steps=100000", "checkpoint.every=20", *extra)
     wait_for(final(run, 20), log)
-    victims = cluster.node_processes(1, "launch/train.py")
-    victims = [p for p in victims if "accelerate" not in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
+    victims = [p for p in cluster.node_processes(1, "launch/train.py")
+               if "accelerate" not in Path(f"/proc/{p}/cmdline").read_text(errors="replace")]
     assert victims, f"no training process on gmnode2\n{log.read_text()}"
     for p in victims:
         os.kill(p, 9)
     wait_done(cluster, job, 10 * timeout_s)  # a hang fails here
     text = log.read_text()
-    assert "action=failed" in text and "action=requeue" not in text, text
-    assert "collective_timeout" in text or "killed" in text.lower(), text
+    assert text.rstrip().endswith("action=failed") and "action=requeue" not in text, text
+    assert "host      : gmnode2" in text and "Signal 9 (SIGKILL)" in text, text  # what died, and where
+    assert cluster.node_processes(0, "launch/train.py") == [], "a rank on gmnode1 outlived the job"
     last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
+    assert last >= 20
 
-    job, log = sbatch(cluster, run, shards, f"train.max_steps={last + 10}", "checkpoint.every=20",
-                      f"train.collective_timeout={timeout_s}")
-    wait_done(cluster, job, 600)
-    text = log.read_text()
-    assert f"at step {last}" in text and text.rstrip().endswith("action=done"), text
+    job2, log2 = sbatch(cluster, run, shards, f"train.max_steps={last + 10}", "checkpoint.every=20", *extra)
+    wait_done(cluster, job2, 600)
+    text2 = log2.read_text()
+    assert f"at step {last}" in text2 and text2.rstrip().endswith("action=done"), text2
+    assert json.loads((run / "status.json").read_text())["step"] == last + 10
+    if not HAS_COLLECTIVE_TIMEOUT:
+        pytest.xfail("train.collective_timeout (issue 'Never lose a run', branch i10-proc) is not on this branch: "
+                     "the surviving rank ends with gloo's raw traceback, not a clear message")
+    assert re.search(r"^error: .*(collective|rank)", text, re.M), text
 
 
 def test_two_node_sweep_runs_and_summarises(cluster, shards, tmp_path):
