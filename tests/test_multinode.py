@@ -11,8 +11,10 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -68,6 +70,33 @@ def test_leftovers_of_a_crashed_run_are_removed_at_the_next_start(tmp_path):
     assert not any(Path(f"/run/netns/gmn-node{i}").exists() for i in (1, 2))
     survivors = subprocess.run(["pgrep", "-f", old_root], capture_output=True, text=True).stdout.split()
     assert survivors == [], f"processes of the crashed run still alive: {survivors}"
+
+
+def test_a_cluster_that_cannot_be_built_says_why_and_leaves_nothing(tmp_path):
+    """No `ip` on the PATH: the reason, before anything is made. The subnet already in use (a veth
+    pair holding an address in it): the reason, and the bridge, namespaces and directory made so
+    far are gone."""
+    code = ("import sys; sys.path.insert(0, 'tests'); from slurm_multinode import MultiNodeCluster as C, "
+            "ClusterUnavailable as U\ntry:\n    C.start(log=lambda m: None)\nexcept U as e:\n    print('unavailable:', e)")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PATH": str(tmp_path)})
+    assert "unavailable: `ip` is not installed" in r.stdout, r.stdout + r.stderr
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("the second half needs root and `ip`")
+    before = set(Path(tempfile.gettempdir()).glob("gan-slurm2-*"))
+    made = subprocess.run(["ip", "link", "add", "gmn-test0", "type", "veth", "peer", "name", "gmn-test1"],
+                          capture_output=True, text=True)
+    if made.returncode != 0:
+        pytest.skip(f"can't add a veth pair here: {made.stderr}")
+    try:
+        subprocess.run(["ip", "addr", "add", "10.213.13.77/24", "dev", "gmn-test0"], check=True)
+        subprocess.run(["ip", "link", "set", "gmn-test0", "up"], check=True)
+        r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    finally:
+        subprocess.run(["ip", "link", "del", "gmn-test0"], capture_output=True)
+    assert "unavailable: the subnet 10.213.13.0/24 is already routed here" in r.stdout, r.stdout + r.stderr
+    assert not Path("/sys/class/net/gmn-br").exists() and not Path("/run/netns/gmn-node1").exists()
+    assert set(Path(tempfile.gettempdir()).glob("gan-slurm2-*")) == before
 
 
 @pytest.fixture(scope="module")
