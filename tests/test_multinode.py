@@ -23,7 +23,7 @@ from safetensors.torch import load_file
 
 from gan.config import TrainConfig
 from slurm_multinode import ClusterUnavailable, MultiNodeCluster
-from test_slurm import array_job_of, assert_same, checkpoint_contents, task_logs, wait_done
+from test_slurm import array_job_of, assert_same, checkpoint_contents, task_logs
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = [pytest.mark.multinode, pytest.mark.slow]
@@ -110,13 +110,43 @@ def _env(**extra):
     return {"GAN_PYTHON": sys.executable, "GAN_REPO": str(ROOT), "OMP_NUM_THREADS": "1", **extra}
 
 
-def sbatch(cluster, run: Path, shards: Path, *overrides, nodes: int = 2, env: dict | None = None) -> tuple[str, Path]:
-    log = run.parent / f"{run.name}.log"
+def sbatch(cluster, run: Path, shards: Path, *overrides, nodes: int = 2, env: dict | None = None,
+           log_name: str = "") -> tuple[str, Path]:
+    log = run.parent / f"{log_name or run.name}.log"
     r = cluster.run(["sbatch", "--parsable", f"--nodes={nodes}", "--cpus-per-task=1", f"--output={log}",
                      "slurm/train.sbatch", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
                      f"data.shards={shards}", *QUIET, *overrides],
                     cwd=ROOT, env=_env(**(env or CPU_RANKS)))
     return r.stdout.strip().split(";")[0], log
+
+
+def ended(log: Path) -> bool:
+    """The job's log ends with train.sbatch's last line, and not with a requeue (that job runs again)."""
+    if not log.is_file():
+        return False
+    last = [line for line in log.read_text(errors="replace").splitlines() if line.startswith("[train.sbatch] end ")]
+    return bool(last) and "action=requeue" not in last[-1]
+
+
+def wait_done(cluster, job: str, logs: list[Path], timeout: float, release_requeued: bool = False) -> None:
+    """Wait until every log has ended (see :func:`ended`) and squeue, answering, lists no task of
+    ``job``. A requeued job is held by Slurm for about two minutes (BeginTime); with
+    ``release_requeued`` it starts at once. (The log, not squeue alone: a requeued job can be
+    missing from squeue's default states for a moment.)"""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        r = cluster.run(["squeue", "-h", "-r", "-o", "%i|%T|%r"], check=False)
+        mine = [line.split("|") for line in r.stdout.splitlines()
+                if line.split("|")[0] == job or line.startswith(job + "_")]
+        if r.returncode == 0 and not mine and all(ended(f) for f in logs):
+            return
+        if release_requeued:
+            for jid, state, reason in mine:
+                if state == "PENDING" and reason == "BeginTime":
+                    cluster.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=False)
+        time.sleep(1)
+    pytest.fail(f"job {job} not done after {timeout:.0f} s: {cluster.jobs()}\n"
+                + "\n".join(f.read_text() for f in logs if f.is_file()) + cluster.logs())
 
 
 def wait_for(path: Path, log: Path, timeout: float = 240) -> None:
@@ -139,7 +169,7 @@ def two_node_run(cluster, shards, tmp_path_factory):
     """One straight 2-node x 1-process run of STEPS steps (also the reference for the preemption test)."""
     run = tmp_path_factory.mktemp("two_node") / "run"
     job, log = sbatch(cluster, run, shards, f"train.max_steps={STEPS}")
-    wait_done(cluster, job, 600)
+    wait_done(cluster, job, [log], 600)
     return run, log.read_text()
 
 
@@ -160,7 +190,7 @@ def test_two_nodes_train_with_identical_replicas_and_match_one_node(cluster, sha
     one = tmp_path / "one_node"
     job, log = sbatch(cluster, one, shards, f"train.max_steps={STEPS}", nodes=1,
                       env={"GPUS_PER_NODE": "2", "ACCELERATE_USE_CPU": "1"})
-    wait_done(cluster, job, 600)
+    wait_done(cluster, job, [log], 600)
     one_text = log.read_text()
     assert "nodes=1 gpus/node=2 processes=2" in one_text and "action=done" in one_text, one_text
     rows2 = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -181,7 +211,7 @@ def test_usr2_checkpoints_both_nodes_requeues_and_resumes_exactly(cluster, shard
     job, log = sbatch(cluster, run, shards, f"train.max_steps={STEPS}")
     wait_for(run / "metrics.jsonl", log)
     cluster.run(["scancel", "--signal=USR2", "--batch", job])
-    wait_done(cluster, job, 600, release_requeued=True)
+    wait_done(cluster, job, [log], 600, release_requeued=True)
     text = log.read_text()
     found = sorted(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert len(found) == 2 and found[-1] == STEPS, (found, text)
@@ -213,7 +243,7 @@ def test_kill_9_on_one_node_ends_the_other_and_resume_continues(cluster, shards,
     assert victims, f"no training process on gmnode2\n{log.read_text()}"
     for p in victims:
         os.kill(p, 9)
-    wait_done(cluster, job, 10 * timeout_s)  # a hang fails here
+    wait_done(cluster, job, [log], 10 * timeout_s)  # a hang fails here
     text = log.read_text()
     assert text.rstrip().endswith("action=failed") and "action=requeue" not in text, text
     assert "host      : gmnode2" in text and "Signal 9 (SIGKILL)" in text, text  # what died, and where
@@ -221,8 +251,9 @@ def test_kill_9_on_one_node_ends_the_other_and_resume_continues(cluster, shards,
     last = max(int(p.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*"))
     assert last >= 20
 
-    job2, log2 = sbatch(cluster, run, shards, f"train.max_steps={last + 10}", "checkpoint.every=20", *extra)
-    wait_done(cluster, job2, 600)
+    job2, log2 = sbatch(cluster, run, shards, f"train.max_steps={last + 10}", "checkpoint.every=20", *extra,
+                        log_name="resumed")
+    wait_done(cluster, job2, [log2], 600)
     text2 = log2.read_text()
     assert f"at step {last}" in text2 and text2.rstrip().endswith("action=done"), text2
     assert json.loads((run / "status.json").read_text())["step"] == last + 10
@@ -244,8 +275,8 @@ def test_two_node_sweep_runs_and_summarises(cluster, shards, tmp_path):
     cluster.run(["bash", "slurm/sweep.sh", str(sweep), "--out", str(out), "--set", f"data.shards={shards}"],
                 cwd=ROOT, env=_env(**CPU_RANKS))
     job = array_job_of(out)
-    wait_done(cluster, job, 600)
     tasks = json.loads((out / "sweep.json").read_text())["tasks"]
+    wait_done(cluster, job, [out / "logs" / f"{job}_{t['index']}.log" for t in tasks], 600)
     assert len(tasks) == 2
     for t in tasks:
         log = (out / "logs" / f"{job}_{t['index']}.log").read_text()
