@@ -61,10 +61,12 @@ def interpolation(G, z_dim: int, num_classes: int, steps: int, device, seed: int
 
 
 def class_variation(G, z_dim: int, num_classes: int, rows: int, device, seed: int = 0) -> torch.Tensor:
-    """One z per row, the same z across all classes (columns = classes)."""
+    """One z per row, the same z across all classes (columns = classes). With one class (unconditional)
+    there is nothing to vary: the ``rows`` samples fill a near-square grid."""
     z = _noise(rows, z_dim, seed).repeat_interleave(num_classes, dim=0)
     y = torch.arange(num_classes).repeat(rows)
-    return make_grid_uint8(_run(G, z, y, device), nrow=num_classes)
+    nrow = num_classes if num_classes > 1 else math.ceil(math.sqrt(rows))
+    return make_grid_uint8(_run(G, z, y, device), nrow=nrow)
 
 
 def real_per_class(shards_dir: str | Path, num_classes: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -6,6 +6,7 @@ trainer's conditional samples), ``save_png`` to write either.
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import torch
@@ -45,7 +46,9 @@ def make_grid_uint8(images: torch.Tensor, nrow: int = 8, padding: int = 2, pad_v
 def class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int,
                padding: int = 2, pad_value: int = 0) -> torch.Tensor:
     """One row per class (row k = class k), the first ``per_class`` images of that class in order;
-    slots without an image stay ``pad_value``. Images in [-1, 1] or uint8 -> uint8 (C, H', W')."""
+    slots without an image stay ``pad_value``. Images in [-1, 1] or uint8 -> uint8 (C, H', W').
+    With one class (an unconditional data set) there are no class rows: the ``per_class`` images
+    fill a near-square grid instead."""
     if images.dim() != 4 or len(images) != len(labels):
         raise ValueError(f"expected (N, C, H, W) images and N labels, got {tuple(images.shape)} and "
                          f"{tuple(labels.shape)}")
@@ -58,6 +61,9 @@ def class_grid(images: torch.Tensor, labels: torch.Tensor, num_classes: int, per
     for k in range(num_classes):
         idx = torch.nonzero(labels == k).flatten()[:per_class]
         slots[k * per_class:k * per_class + len(idx)] = imgs[idx]
+    if num_classes == 1:
+        cols = math.ceil(math.sqrt(per_class))
+        return _grid(slots, math.ceil(per_class / cols), cols, padding, pad_value)
     return _grid(slots, num_classes, per_class, padding, pad_value)
 
 

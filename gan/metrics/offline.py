@@ -107,7 +107,7 @@ def cls_metrics(images: torch.Tensor, labels: torch.Tensor, names: list[str], cl
     values = {}
     if "cls_acc" in names:
         values["cls_acc"] = float((preds == labels).double().mean())
-        for k, name in enumerate(class_names):
+        for k, name in enumerate(class_names if len(class_names) > 1 else []):  # no class rows for one class
             sel = labels == k
             if sel.any():
                 values[f"cls_acc/{name}"] = float((preds[sel] == k).double().mean())
@@ -116,7 +116,7 @@ def cls_metrics(images: torch.Tensor, labels: torch.Tensor, names: list[str], cl
         real = real_stats(real_shards, path, device, batch_size, max_real, cache_dir)
         mu, sigma = gaussian_stats(feats)
         values["cls_fd"] = frechet_distance(mu, sigma, real["mu"], real["sigma"])
-        for k, name in enumerate(class_names):
+        for k, name in enumerate(class_names if len(class_names) > 1 else []):
             sel = feats[labels == k]
             if len(sel) >= 2 and real["count_k"][k] >= 2:
                 mk, sk = gaussian_stats(sel)
