@@ -36,6 +36,8 @@ class DataConfig:
     hflip: bool = True  # random horizontal flip (train only)
     color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
     translate: float = 0.0  # max shift as a fraction of the image size, 0 = off
+    on_device: bool = False  # keep the whole uint8 data set on the training device, batches made there (gan/data/device.py)
+    on_device_budget: float = 0.5  # with on_device: largest share of the device's free memory the data may take
 
     def __post_init__(self):
         _check(bool(self.shards), "data.shards", "must name a shard directory")
@@ -43,6 +45,7 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(0.0 <= self.color_jitter <= 1.0, "data.color_jitter", "must be in [0, 1]")
         _check(0.0 <= self.translate < 0.5, "data.translate", "must be in [0, 0.5)")
+        _check(0.0 < self.on_device_budget <= 1.0, "data.on_device_budget", "must be in (0, 1]")
 
 
 @dataclass

@@ -19,7 +19,7 @@ from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from gan import checkpoint
 from gan.config import Config, ConfigError
-from gan.data import ShardError, TrainStream, read_manifest
+from gan.data import ShardError, read_manifest, train_stream
 from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
 from gan.ema import EMA
 from gan.losses import build_loss
@@ -88,6 +88,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     m = cfg.model
     manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
                    num_classes=m.num_classes)
+    if cfg.data.on_device:  # a data set too big for the device fails here, not after the models are built
+        from gan.data.device import check_fits, expected_device
+        check_fits(manifest, expected_device(), cfg.data.on_device_budget)
     if cfg.metrics.every:  # weights files, classifier, counts: fail now, not at the first evaluation
         from gan.metrics import check_setup
         check_setup(cfg)
@@ -191,8 +194,8 @@ class Trainer:
         acc.register_for_checkpointing(self.ema, self.state, self.sched_G, self.sched_D)
 
         set_seed(t.seed, device_specific=True)  # different noise per rank
-        self.stream = TrainStream(cfg.data, batch_size=t.batch_size, seed=t.seed,
-                                  rank=acc.process_index, world_size=acc.num_processes)
+        self.stream = train_stream(cfg.data, batch_size=t.batch_size, seed=t.seed,  # data.on_device: DeviceStream
+                                   rank=acc.process_index, world_size=acc.num_processes, device=self.device)
         self.stats = Stats(self.device)
         gen = torch.Generator().manual_seed(t.seed)
         k, n = cfg.log.samples_per_class, cfg.model.num_classes
