@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import types
 import typing
 from dataclasses import dataclass, field
@@ -187,11 +188,18 @@ class LogConfig:
     sample_every: int = 500  # steps between fixed-noise sample grids
     samples_per_class: int = 8
     progress: bool = True  # progress bar on rank 0
+    with_: str = "tensorboard"  # YAML key `with`: trackers, comma list of tensorboard, wandb, mlflow, aim ("" = none)
+    project: str = "gan-train"  # experiment/project name for mlflow and wandb
 
     def __post_init__(self):
         _check(self.every >= 1, "log.every", "must be >= 1")
         _check(self.sample_every >= 1, "log.sample_every", "must be >= 1")
         _check(self.samples_per_class >= 1, "log.samples_per_class", "must be >= 1")
+        unknown = [n for n in self.with_.split(",") if n.strip() and n.strip().lower() not in
+                   ("tensorboard", "wandb", "mlflow", "aim")]
+        _check(not unknown, "log.with", f"unknown tracker(s) {unknown}; use a comma list of tensorboard, wandb, "
+                                        f"mlflow, aim ('' for none)")
+        _check(bool(self.project), "log.project", "must name the project (mlflow experiment, wandb project)")
 
 
 @dataclass
@@ -271,7 +279,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _keyword_keys(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -309,17 +317,26 @@ class _Override:
         self.text, self.parsed = text, parsed
 
 
+def _keyword_keys(d: dict) -> dict:
+    """Fields named after a Python keyword plus "_" (``with_``) are written as the keyword (``with``)."""
+    return {(k[:-1] if k.endswith("_") and keyword.iskeyword(k[:-1]) else k):
+            (_keyword_keys(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if keyword.iskeyword(key) and key + "_" in names:  # log.with -> LogConfig.with_
+            key = key + "_"
         if key not in names:
-            near = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            shown = list(_keyword_keys(dict.fromkeys(names)))
+            near = difflib.get_close_matches(key, shown, n=3, cutoff=0.5)
             hint = f" Did you mean: {', '.join(prefix + n for n in near)}?" if near else ""
             raise ConfigError(f"unknown config key '{dotted}'.{hint} "
-                              f"Valid keys here: {', '.join(prefix + n for n in names)}")
+                              f"Valid keys here: {', '.join(prefix + n for n in shown)}")
         tp = hints[key]
         if isinstance(value, _Override):
             value = value.text if tp is str else value.parsed

@@ -1,5 +1,6 @@
-"""Everything only rank 0 does, in one place: TensorBoard, metrics.jsonl, status.json, the
-resolved config, sample grids and the progress bar.
+"""Everything only rank 0 does, in one place: the trackers (TensorBoard by default, through
+Accelerate's tracker API: gan/trackers.py), metrics.jsonl, status.json, the resolved config, sample
+grids and the progress bar.
 
 On other ranks every method is a no-op, so the trainer calls them unconditionally and never
 needs an ``if rank == 0`` branch (which is where collectives end up hanging DDP). Nothing in
@@ -23,23 +24,29 @@ def _now() -> str:
 
 
 class RankZero:
-    def __init__(self, run_dir: str | Path, enabled: bool, max_steps: int, progress: bool):
+    def __init__(self, run_dir: str | Path, enabled: bool, max_steps: int, progress: bool, accelerator=None):
         self.run_dir = Path(run_dir)
         self.enabled = enabled
         self.max_steps = max_steps
-        self._tb = None
+        self._acc = accelerator  # its trackers (Accelerator(log_with=...)) get scalars, images and the config
+        self._trackers = []
         self._bar = None
         self._progress = progress
 
     # ------------------------------------------------------------------ lifecycle
-    def open(self, start_step: int, config_yaml: str) -> None:
+    def open(self, start_step: int, config_yaml: str, hparams: dict | None = None, project: str = "gan-train") -> None:
+        """Write config.yaml and start the trackers: ``hparams`` (the flattened config) as their
+        hyperparameters, the config text beside them."""
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from gan.trackers import log_text
 
         (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run_dir / "config.yaml", config_yaml)
-        self._tb = SummaryWriter(str(self.run_dir))
+        if self._acc is not None and self._acc.log_with and not self._acc.trackers:
+            self._acc.init_trackers(project, config=hparams)
+            self._trackers = list(self._acc.trackers)
+            log_text(self._trackers, "config", config_yaml)
         if self._progress:
             from tqdm import tqdm
             self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step",
@@ -50,9 +57,9 @@ class RankZero:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for t in self._trackers:  # accelerator.end_training() finishes them; flush what is written now
+            if t.name == "tensorboard":
+                t.writer.flush()
 
     # ------------------------------------------------------------------ writing
     def status(self, state: str, step: int, error: str | None = None, note: str | None = None, **fields) -> None:
@@ -66,9 +73,8 @@ class RankZero:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for name, v in values.items():
-            self._tb.add_scalar(name, v, step)
-        self._tb.flush()
+        if self._trackers:
+            self._acc.log(values, step=step)
         row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
         with open(self.run_dir / "metrics.jsonl", "a") as f:
             f.write(json.dumps(row) + "\n")
@@ -85,10 +91,11 @@ class RankZero:
         """A per-class grid (rows = classes) of images in [-1, 1]: PNG file + TensorBoard image."""
         if not self.enabled:
             return
+        from gan.trackers import log_images
+
         grid = class_grid(images.float().cpu(), labels.cpu(), num_classes, per_class)
         save_png(grid, self.run_dir / "samples" / f"step-{step:08d}.png")
-        self._tb.add_image("Samples/ema", grid, step)
-        self._tb.flush()
+        log_images(self._trackers, "Samples/ema", grid, step)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

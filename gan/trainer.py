@@ -25,6 +25,7 @@ from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
 from gan.rank_zero import RankZero
+from gan.trackers import build_trackers, flat_hparams, tracked_metrics, tracker_names
 
 
 class StopRequest:
@@ -82,6 +83,7 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir "
                           f"with a directory you can write to") from None
     build_loss(cfg.loss)  # unknown names fail here, listing the valid ones
+    tracker_names(cfg.log.with_)  # an unknown or uninstalled tracker fails here
     if cfg.model.name not in MODELS:
         build_models(cfg.model)  # raises ConfigError listing the valid architectures
     manifest = read_manifest(cfg.data.shards)
@@ -168,13 +170,15 @@ class Trainer:
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_precision(t.mixed_precision),
             dynamo_backend="inductor" if t.compile else "no",
+            log_with=build_trackers(tracker_names(cfg.log.with_), self.run_dir, cfg.log.project,
+                                    tracked_metrics(cfg)) or None,
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = acc.device
-        self.rank0 = RankZero(self.run_dir, acc.is_main_process, t.max_steps, cfg.log.progress)
+        self.rank0 = RankZero(self.run_dir, acc.is_main_process, t.max_steps, cfg.log.progress, accelerator=acc)
 
         set_seed(t.seed)  # identical initial weights on every rank
         G, D = build_models(cfg.model)
@@ -384,7 +388,7 @@ class Trainer:
         self._batches = None
         StopRequest.install()  # idempotent; launch/train.py installs it before building
         start = self._nonfinite_since = self.state.step
-        self.rank0.open(start, cfg.to_yaml())
+        self.rank0.open(start, cfg.to_yaml(), flat_hparams(cfg.to_dict()), cfg.log.project)
         if self.resume_from is not None:
             self.rank0.print(f"resumed from {self.resume_from} at step {start} ({self.state.images_seen / 1000:.1f} kimg)")
         outcome, note = "finished", None
