@@ -25,6 +25,7 @@ from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
 from gan.rank_zero import RankZero
+from gan.startup import banner, resolve_precision_source
 from gan.trackers import build_trackers, flat_hparams, tracked_metrics, tracker_names
 
 
@@ -113,10 +114,8 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
 
 
 def resolve_precision(name: str) -> str:
-    """"auto": bf16 where the GPU supports it, else full precision."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    """The precision a run will use (gan/startup.py says how "auto" resolves)."""
+    return resolve_precision_source(name)[0]
 
 
 def lr_factor(o, max_steps: int):
@@ -167,8 +166,10 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, Path(run_dir), resume_from
         t = cfg.train
+        precision, self.precision_source = resolve_precision_source(t.mixed_precision)
+        t.mixed_precision = precision  # the resolved value is what config.yaml and the checkpoints keep
         self.accelerator = acc = Accelerator(
-            mixed_precision=resolve_precision(t.mixed_precision),
+            mixed_precision=precision,
             dynamo_backend="inductor" if t.compile else "no",
             log_with=build_trackers(tracker_names(cfg.log.with_), self.run_dir, cfg.log.project,
                                     tracked_metrics(cfg)) or None,
@@ -389,6 +390,8 @@ class Trainer:
         StopRequest.install()  # idempotent; launch/train.py installs it before building
         start = self._nonfinite_since = self.state.step
         self.rank0.open(start, cfg.to_yaml(), flat_hparams(cfg.to_dict()), cfg.log.project)
+        for line in banner(self):  # rank 0: devices, precision and its source, models, data, resume point
+            self.rank0.print(line)
         if self.resume_from is not None:
             self.rank0.print(f"resumed from {self.resume_from} at step {start} ({self.state.images_seen / 1000:.1f} kimg)")
         outcome, note = "finished", None
