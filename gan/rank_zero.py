@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 
 from gan.io import write_json_atomic, write_text_atomic
-from gan.viz import class_grid, save_png
+from gan.viz import cell_centres, class_grid, save_png, with_labels
 
 
 def _now() -> str:
@@ -87,13 +87,16 @@ class RankZero:
                 post["img/s"] = f"{ips:.0f}"
             self._bar.set_postfix(post, refresh=False)
 
-    def samples(self, step: int, images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> None:
-        """A per-class grid (rows = classes) of images in [-1, 1]: PNG file + TensorBoard image."""
+    def samples(self, step: int, images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int,
+                class_names: list[str] | None = None) -> None:
+        """A per-class grid (rows = classes, named) of images in [-1, 1]: PNG file + tracker image."""
         if not self.enabled:
             return
         from gan.trackers import log_images
 
         grid = class_grid(images.float().cpu(), labels.cpu(), num_classes, per_class)
+        if class_names and num_classes > 1:
+            grid = with_labels(grid, rows=list(zip(cell_centres(num_classes, images.shape[2]), class_names)))
         save_png(grid, self.run_dir / "samples" / f"step-{step:08d}.png")
         log_images(self._trackers, "Samples/ema", grid, step)
 

@@ -345,7 +345,7 @@ class Trainer:
             return
         images = torch.cat([self.ema.model(z, y) for z, y in zip(self.fixed_z.split(256), self.fixed_y.split(256))])
         self.rank0.samples(self.state.step, images, self.fixed_y, self.cfg.model.num_classes,
-                           self.cfg.log.samples_per_class)
+                           self.cfg.log.samples_per_class, list(self.stream.manifest.classes))
 
     def save_checkpoint(self) -> Path:
         self._check_nonfinite()  # policy first: a stop leaves the last good checkpoint the newest

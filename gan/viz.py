@@ -9,6 +9,7 @@ import io
 import math
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from gan.io import write_file_atomic
@@ -85,3 +86,46 @@ def save_png(img: torch.Tensor, path: str | Path) -> Path:
     buf = io.BytesIO()
     Image.fromarray(arr).save(buf, format="PNG")
     return write_file_atomic(path, buf.getvalue())
+
+
+def _font(size: int = 11):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: the fixed bitmap font
+        return ImageFont.load_default()
+
+
+def with_labels(img: torch.Tensor, rows: list[tuple[float, str]] = (), cols: list[tuple[float, str]] = ()) -> torch.Tensor:
+    """A uint8 (C, H, W) picture with a white margin: ``rows`` texts on the left, each centred at its
+    y (pixels of ``img``), ``cols`` texts on top, each centred at its x. Returns uint8 (C, H', W')."""
+    from PIL import Image, ImageDraw
+
+    if not rows and not cols:
+        return img
+    font = _font()
+    probe = ImageDraw.Draw(Image.new("L", (1, 1)))
+    size = lambda t: probe.textbbox((0, 0), t, font=font)[2:]  # noqa: E731
+    left = max((size(t)[0] for _, t in rows), default=0) + (8 if rows else 0)
+    top = max((size(t)[1] for _, t in cols), default=0) + (8 if cols else 0)
+    c, h, w = img.shape
+    mode = "L" if c == 1 else "RGB"
+    arr = img[0].numpy() if c == 1 else img.permute(1, 2, 0).contiguous().numpy()
+    canvas = Image.new(mode, (w + left, h + top), 255 if c == 1 else (255, 255, 255))
+    canvas.paste(Image.fromarray(arr, mode), (left, top))
+    draw = ImageDraw.Draw(canvas)
+    ink = 0 if c == 1 else (0, 0, 0)
+    for y, text in rows:
+        tw, th = size(text)
+        draw.text((left - 4 - tw, top + y - th / 2), text, fill=ink, font=font)
+    for x, text in cols:
+        tw, th = size(text)
+        draw.text((left + x - tw / 2, (top - th) / 2), text, fill=ink, font=font)
+    out = torch.from_numpy(np.asarray(canvas).copy())
+    return out[None] if c == 1 else out.permute(2, 0, 1).contiguous()
+
+
+def cell_centres(n: int, size: int, padding: int = 2) -> list[float]:
+    """Centre coordinates of the ``n`` cells of a grid axis whose images are ``size`` pixels."""
+    return [padding + k * (size + padding) + size / 2 for k in range(n)]
