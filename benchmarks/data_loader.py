@@ -15,6 +15,12 @@ Inputs (all under the git-ignored data/, built on first use from ../shared/data/
     .venv/bin/python benchmarks/data_loader.py --message-path --batch-size 64
 
 measures only the DataLoader message path (one worker sending ready uint8 batches, 1/2/4 per message).
+
+    .venv/bin/python benchmarks/data_loader.py --on-device --workers 0,2 --batch-size 64 [--device cuda]
+
+compares data.on_device=true (gan.data.DeviceStream: the uint8 set on --device, batches indexed and
+augmented there) with the worker loader (TrainStream on raw shards, batches copied to --device as the
+trainer does), both with flip + translation 0.125, in one run, interleaved.
 """
 from __future__ import annotations
 
@@ -160,6 +166,59 @@ def run_message_path(batch_size: int, per_message: int, images: int = 40000) -> 
     return n / (time.perf_counter() - t)
 
 
+def _time_on(it, device: torch.device, warmup: int, batches: int, batch_size: int) -> float:
+    """img/s of batches that end up on ``device`` (copied there if they come from the CPU)."""
+    def sync():
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    for _ in range(warmup):
+        x, y = next(it)
+        x.to(device, non_blocking=True)
+    sync()
+    t = time.perf_counter()
+    for _ in range(batches):
+        x, y = next(it)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    sync()
+    assert x.device.type == device.type and x.shape[0] == batch_size
+    return batches * batch_size / (time.perf_counter() - t)
+
+
+def run_on_device_compare(a) -> None:
+    from gan.config import DataConfig
+    from gan.data import DeviceStream, TrainStream
+
+    device = torch.device(a.device)
+    subprocess.run([sys.executable, "-m", "data_shards", "ensure-cifar10", "--out", str(a.raw), "--root",
+                    "/nonexistent", "--shared", str(a.shared)], check=True, cwd=REPO)
+    aug = dict(hflip=True, translate=0.125)
+    workers = [int(w) for w in a.workers.split(",")]
+    t0 = time.perf_counter()
+    dev = DeviceStream(DataConfig(shards=str(a.raw), on_device=True, **aug), batch_size=a.batch_size, device=device)
+    load_s = time.perf_counter() - t0
+    loaders = {"on-device (DeviceStream)": lambda: iter(dev)}
+    for w in workers:
+        cfg = DataConfig(shards=str(a.raw), num_workers=w, shuffle_buffer=2000, **aug)
+        loaders[f"worker loader (TrainStream, {w} workers)"] = lambda cfg=cfg: iter(TrainStream(cfg, a.batch_size))
+    results: dict[str, list[float]] = {k: [] for k in loaders}
+    for _ in range(a.repeats):
+        for name, make in loaders.items():
+            it = make()
+            results[name].append(_time_on(it, device, 2, a.batches, a.batch_size))
+            del it
+    med = {k: statistics.median(v) for k, v in results.items()}
+    base = med[f"worker loader (TrainStream, {max(workers)} workers)"]
+    print(f"\ndevice: {device}; {os.cpu_count()} CPU cores; torch {torch.__version__}; batch {a.batch_size}; "
+          f"flip + translate 0.125; median of {a.repeats} x {a.batches} batches; on-device load: {load_s:.1f} s "
+          f"for {dev.manifest.total:,} images ({dev.nbytes / 2**20:.0f} MiB)\n")
+    print("| loader | img/s | vs worker loader |\n|---|---|---|")
+    for name, v in med.items():
+        print(f"| {name} | {v:,.0f} | {v / base:.2f}x |")
+    if a.json:
+        a.json.write_text(json.dumps({"device": str(device), "batch_size": a.batch_size, "runs": results,
+                                      "median": med, "load_seconds": load_s}, indent=1))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--workers", default="0,1,2", help="comma-separated DataLoader worker counts")
@@ -173,7 +232,14 @@ def main() -> None:
     p.add_argument("--json", type=Path, help="also write the results here")
     p.add_argument("--message-path", action="store_true",
                    help="only the DataLoader message-path micro-benchmark (1, 2 and 4 batches per message)")
+    p.add_argument("--on-device", action="store_true",
+                   help="data.on_device=true (DeviceStream) against the worker loader, batches delivered to --device")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     a = p.parse_args()
+    if a.on_device:
+        torch.set_num_threads(1)
+        run_on_device_compare(a)
+        return
     if a.message_path:
         torch.set_num_threads(1)
         for k in (1, 2, 4):

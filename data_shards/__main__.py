@@ -1,4 +1,4 @@
-"""Command line: ``python -m data_shards {build,verify,preview,ensure-cifar10} ...`` (``-h`` for each).
+"""Command line: ``python -m data_shards {build,verify,info,preview,ensure-cifar10} ...`` (``-h`` for each).
 
 Exit codes: 0 fine, 1 verification found problems, 2 bad input (message names the path and the fix).
 """
@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 
+from data_shards.imagefolder import FILTERS, MODES, SMALL_POLICIES, TRANSFORMS
 from data_shards.sources import SOURCES, InputError, open_source
 from gan.data.manifest import ENCODINGS, ShardError
 
@@ -23,10 +24,13 @@ def cmd_build(a) -> int:
     from data_shards.writer import build_shards
 
     t0 = time.perf_counter()
-    src = open_source(a.source, a.root, a.split, a.download)
+    src = open_source(a.source, a.root, a.split, a.download, max_images=a.max_images, resolution=a.resolution,
+                      transform=a.transform, height=a.height, small=a.small, mode=a.mode,
+                      resize_filter=a.resize_filter, log=_log)
     name = a.name or src.name
-    _log(f"building {name} {a.split}: {len(src)} samples, {len(src.classes)} classes, "
-         f"{'x'.join(map(str, src.shape))}, {a.encoding}, {a.shard_size} per shard -> {a.out}")
+    how = f", {a.transform} to {a.resolution}" if a.resolution else ""
+    _log(f"building {name} {a.split}: {len(src)} samples, {len(src.classes)} class(es), "
+         f"{'x'.join(map(str, src.shape))}{how}, {a.encoding}, {a.shard_size} per shard -> {a.out}")
     m = build_shards(src, a.out, a.split, name, a.encoding, a.shard_size, log=_log)
     print(f"wrote {len(m.shards)} shards + manifest.json to {m.dir} ({m.total} samples, "
           f"{time.perf_counter() - t0:.1f} s)")
@@ -45,6 +49,14 @@ def cmd_verify(a) -> int:
               f"`python -m data_shards build ... --out {m.dir}`", file=sys.stderr)
         return 1
     print(summary(m))
+    return 0
+
+
+def cmd_info(a) -> int:
+    from data_shards.info import info_table
+    from gan.data import read_manifest
+
+    print(info_table(read_manifest(a.dir), shards=a.shards))
     return 0
 
 
@@ -94,7 +106,26 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--name", default="", help="dataset name in the manifest (default: from the source)")
     b.add_argument("--encoding", default=DEFAULT_ENCODING, choices=ENCODINGS)
     b.add_argument("--shard-size", type=int, default=DEFAULT_SHARD_SIZE, help="samples per shard")
+    b.add_argument("--max-images", type=int, default=0,
+                   help="keep this many samples (a fixed pseudo-random subset in source order; 0 = all)")
+    f = b.add_argument_group("imagefolder options (see data_shards/imagefolder.py)")
+    f.add_argument("--resolution", type=int, default=0,
+                   help="crop/resize every image to NxN (default: keep the size; then all images must match)")
+    f.add_argument("--transform", default="center-crop", choices=TRANSFORMS,
+                   help="with --resolution: how to get to NxN (stylegan2-ada's dataset_tool semantics)")
+    f.add_argument("--height", type=int, default=0,
+                   help="center-crop-wide: the image height inside the NxN canvas (e.g. 3N/4 for 4:3)")
+    f.add_argument("--small", default="refuse", choices=SMALL_POLICIES,
+                   help="images smaller than the crop: refuse (error), upscale, or skip them")
+    f.add_argument("--mode", default="auto", choices=MODES,
+                   help="auto: gray shards if every image is gray, RGB if every one is colour, else an error")
+    f.add_argument("--resize-filter", default="lanczos", choices=FILTERS)
     b.set_defaults(func=cmd_build)
+
+    n = sub.add_parser("info", help="print a shard directory's manifest as a table")
+    n.add_argument("dir")
+    n.add_argument("--shards", action="store_true", help="also list every shard (name, count, sha256)")
+    n.set_defaults(func=cmd_info)
 
     v = sub.add_parser("verify", help="re-hash every shard and decode every sample")
     v.add_argument("dir")

@@ -13,7 +13,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-from data_shards.sources import CIFAR10_CLASSES, InputError, cifar10, imagefolder
+from data_shards.imagefolder import imagefolder
+from data_shards.sources import CIFAR10_CLASSES, InputError, cifar10
 from data_shards.writer import build_shards, prepare_output
 from gan.data.manifest import Manifest, ShardError, read_manifest
 

@@ -2,17 +2,16 @@
 
 - ``cifar10``: torchvision's CIFAR-10 python format (``ROOT/cifar-10-batches-py/data_batch_1..5``,
   ``test_batch``, ``batches.meta``); ``download=True`` uses torchvision's downloader.
-- ``imagefolder``: ``ROOT/<class>/<image>`` (sub-folders allowed), classes sorted by name.
+- ``imagefolder``: ``ROOT/<class>/<image>`` or a flat folder, any sizes and modes (data_shards/imagefolder.py).
 - ``fashion-mnist`` / ``mnist``: idx files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``) in ROOT or
   in torchvision's ``ROOT/FashionMNIST/raw`` / ``ROOT/MNIST/raw``.
 """
 from __future__ import annotations
 
 import gzip
-import os
 import pickle
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -38,6 +37,7 @@ class Source:
     labels: np.ndarray  # int64 (N,)
     load: Callable[[int], np.ndarray]  # index -> uint8 (C, H, W); raises InputError naming the file
     describe: Callable[[int], str]  # index -> where the sample comes from (for messages)
+    meta: dict = field(default_factory=dict)  # how it was read (written to the manifest's "build")
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -127,72 +127,6 @@ def cifar10(root: str | Path, split: str, download: bool = False) -> Source:
     return array_source("cifar10", classes, np.concatenate(images), labels, str(base / split))
 
 
-# ---------------------------------------------------------------------------------------------- ImageFolder
-
-def _image_files(folder: Path) -> list[Path]:
-    out = []
-    for dirpath, dirnames, filenames in os.walk(folder, followlinks=True):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        out.extend(Path(dirpath) / f for f in filenames
-                   if not f.startswith(".") and f.lower().endswith(IMG_EXTENSIONS))
-    return sorted(out)
-
-
-def imagefolder(root: str | Path) -> Source:
-    from PIL import Image, UnidentifiedImageError
-
-    root = Path(root)
-    if not root.exists():
-        raise InputError(f"image folder root {root} does not exist: point --root at a directory laid out as "
-                         f"ROOT/<class>/<image> (for ../shared/data/cifar10-jpeg.tar.gz: extract it and use "
-                         f"cifar10-jpeg/train)")
-    if not root.is_dir():
-        raise InputError(f"image folder root {root} is not a directory: expected ROOT/<class>/<image>")
-    class_dirs = sorted((d for d in root.iterdir() if d.is_dir() and not d.name.startswith(".")),
-                        key=lambda d: d.name)
-    if not class_dirs:
-        loose = [p.name for p in root.iterdir() if p.suffix.lower() in IMG_EXTENSIONS]
-        hint = (f"it holds {len(loose)} image(s) directly; move each class's images into its own sub-folder"
-                if loose else "it has no sub-folders")
-        raise InputError(f"{root} is not an image folder: expected ROOT/<class>/<image>, but {hint}")
-    files, labels = [], []
-    for k, d in enumerate(class_dirs):
-        found = _image_files(d)
-        if not found:
-            raise InputError(f"class folder {d} holds no images ({'/'.join(IMG_EXTENSIONS)}): add images "
-                             f"or remove the folder")
-        files.extend(found)
-        labels.extend([k] * len(found))
-    sizes, gray = {}, True
-    for p in files:  # header-only pass: catch unreadable files and mixed sizes before writing anything
-        try:
-            with Image.open(p) as im:
-                size, mode = im.size, im.mode
-        except (UnidentifiedImageError, OSError, ValueError) as e:
-            raise InputError(f"cannot read image {p} ({type(e).__name__}: {e}): fix or remove the file") from None
-        sizes.setdefault(size, p)
-        gray = gray and mode in ("1", "L", "I", "I;16", "F")
-        if len(sizes) > 1:
-            (s0, p0), (s1, p1) = list(sizes.items())[:2]
-            raise InputError(f"images differ in size: {p0} is {s0[0]}x{s0[1]} but {p1} is {s1[0]}x{s1[1]}; "
-                             f"resize the folder's images to one size first")
-    (w, h), = sizes.keys()
-    c, mode = (1, "L") if gray else (3, "RGB")
-
-    def load(i: int) -> np.ndarray:
-        try:
-            with Image.open(files[i]) as im:
-                a = np.asarray(im.convert(mode), dtype=np.uint8)
-        except (OSError, ValueError) as e:
-            raise InputError(f"cannot decode image {files[i]} ({type(e).__name__}: {e}): fix or remove the "
-                             f"file") from None
-        return a[None] if c == 1 else a.transpose(2, 0, 1)
-
-    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
-    return Source(name, tuple(d.name for d in class_dirs), (c, h, w), np.asarray(labels, dtype=np.int64),
-                  load=load, describe=lambda i: str(files[i]))
-
-
 # ---------------------------------------------------------------------------------------------- idx (MNIST)
 
 def _open_maybe_gz(path: Path) -> bytes:
@@ -253,13 +187,40 @@ def idx(root: str | Path, split: str, kind: str, download: bool = False) -> Sour
     return array_source(kind, classes, images[:, None], labels, str(img_path))
 
 
-def open_source(source: str, root: str | Path, split: str, download: bool = False) -> Source:
-    if source == "cifar10":
-        return cifar10(root, split, download)
+def subset(src: Source, max_images: int) -> Source:
+    """The ``max_images`` samples of :func:`~data_shards.imagefolder.pick_subset` (all if 0)."""
+    from data_shards.imagefolder import pick_subset
+
+    keep = pick_subset(len(src), max_images)
+    if len(keep) == len(src):
+        return src
+    return Source(src.name, src.classes, src.shape, src.labels[keep], load=lambda i: src.load(keep[i]),
+                  describe=lambda i: src.describe(keep[i]), meta={**src.meta, "max_images": max_images})
+
+
+def open_source(source: str, root: str | Path, split: str, download: bool = False, max_images: int = 0,
+                **folder_options) -> Source:
+    """``folder_options`` (resolution, transform, height, small, mode, resize_filter, log) are
+    :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``."""
+    if max_images < 0:
+        raise InputError(f"--max-images must be >= 0 (0 = all), got {max_images}")
     if source == "imagefolder":
+        from data_shards.imagefolder import imagefolder
+
         if download:
             raise InputError("--download works only with --source cifar10, fashion-mnist or mnist")
-        return imagefolder(root)
-    if source in ("fashion-mnist", "mnist"):
-        return idx(root, split, source, download)
-    raise InputError(f"unknown source '{source}': use one of {', '.join(SOURCES)}")
+        return imagefolder(root, max_images=max_images, **folder_options)
+    from data_shards.imagefolder import imagefolder_defaults
+
+    defaults = imagefolder_defaults()
+    given = [k for k, v in folder_options.items() if k != "log" and v != defaults[k]]
+    if given:
+        flags = ", ".join("--" + k.replace("_", "-") for k in given)
+        raise InputError(f"{flags} only work with --source imagefolder ({source} has one fixed image size)")
+    if source == "cifar10":
+        src = cifar10(root, split, download)
+    elif source in ("fashion-mnist", "mnist"):
+        src = idx(root, split, source, download)
+    else:
+        raise InputError(f"unknown source '{source}': use one of {', '.join(SOURCES)}")
+    return subset(src, max_images)

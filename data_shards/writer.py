@@ -119,8 +119,10 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
             infos.append(ShardInfo(shard_name(split, s), len(chunk), hashlib.sha256(data).hexdigest()))
             if log and (s + 1 == n_shards or (s + 1) % 10 == 0):
                 log(f"  wrote {s + 1}/{n_shards} shards ({(s * shard_size) + len(chunk)} samples)")
+        counts = np.bincount(src.labels, minlength=len(src.classes)).tolist()
         manifest = Manifest(dir=out, dataset=dataset, split=split, classes=src.classes, image_shape=src.shape,
-                            encoding=encoding, shards=tuple(infos), total=len(order))
+                            encoding=encoding, shards=tuple(infos), total=len(order),
+                            build={**src.meta, "class_counts": counts})
         _commit(out, split, temps, manifest)
     except BaseException:
         for t in temps:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import keyword
 import math
 import types
 import typing
@@ -37,6 +38,8 @@ class DataConfig:
     hflip: bool = True  # random horizontal flip (train only)
     color_jitter: float = 0.0  # brightness/contrast/saturation strength, 0 = off
     translate: float = 0.0  # max shift as a fraction of the image size, 0 = off
+    on_device: bool = False  # keep the whole uint8 data set on the training device, batches made there (gan/data/device.py)
+    on_device_budget: float = 0.5  # with on_device: largest share of the device's free memory the data may take
 
     def __post_init__(self):
         _check(bool(self.shards), "data.shards", "must name a shard directory")
@@ -44,6 +47,7 @@ class DataConfig:
         _check(self.shuffle_buffer >= 0, "data.shuffle_buffer", "must be >= 0")
         _check(0.0 <= self.color_jitter <= 1.0, "data.color_jitter", "must be in [0, 1]")
         _check(0.0 <= self.translate < 0.5, "data.translate", "must be in [0, 0.5)")
+        _check(0.0 < self.on_device_budget <= 1.0, "data.on_device_budget", "must be in (0, 1]")
 
 
 @dataclass
@@ -185,11 +189,18 @@ class LogConfig:
     sample_every: int = 500  # steps between fixed-noise sample grids
     samples_per_class: int = 8
     progress: bool = True  # progress bar on rank 0
+    with_: str = "tensorboard"  # YAML key `with`: trackers, comma list of tensorboard, wandb, mlflow, aim ("" = none)
+    project: str = "gan-train"  # experiment/project name for mlflow and wandb
 
     def __post_init__(self):
         _check(self.every >= 1, "log.every", "must be >= 1")
         _check(self.sample_every >= 1, "log.sample_every", "must be >= 1")
         _check(self.samples_per_class >= 1, "log.samples_per_class", "must be >= 1")
+        unknown = [n for n in self.with_.split(",") if n.strip() and n.strip().lower() not in
+                   ("tensorboard", "wandb", "mlflow", "aim")]
+        _check(not unknown, "log.with", f"unknown tracker(s) {unknown}; use a comma list of tensorboard, wandb, "
+                                        f"mlflow, aim ('' for none)")
+        _check(bool(self.project), "log.project", "must name the project (mlflow experiment, wandb project)")
 
 
 @dataclass
@@ -280,7 +291,7 @@ class Config:
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return _keyword_keys(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
@@ -318,17 +329,26 @@ class _Override:
         self.text, self.parsed = text, parsed
 
 
+def _keyword_keys(d: dict) -> dict:
+    """Fields named after a Python keyword plus "_" (``with_``) are written as the keyword (``with``)."""
+    return {(k[:-1] if k.endswith("_") and keyword.iskeyword(k[:-1]) else k):
+            (_keyword_keys(v) if isinstance(v, dict) else v) for k, v in d.items()}
+
+
 def _build(cls: type, values: dict, prefix: str) -> Any:
     hints = typing.get_type_hints(cls)
     names = [f.name for f in dataclasses.fields(cls)]
     kwargs = {}
     for key, value in values.items():
         dotted = f"{prefix}{key}"
+        if keyword.iskeyword(key) and key + "_" in names:  # log.with -> LogConfig.with_
+            key = key + "_"
         if key not in names:
-            near = difflib.get_close_matches(key, names, n=3, cutoff=0.5)
+            shown = list(_keyword_keys(dict.fromkeys(names)))
+            near = difflib.get_close_matches(key, shown, n=3, cutoff=0.5)
             hint = f" Did you mean: {', '.join(prefix + n for n in near)}?" if near else ""
             raise ConfigError(f"unknown config key '{dotted}'.{hint} "
-                              f"Valid keys here: {', '.join(prefix + n for n in names)}")
+                              f"Valid keys here: {', '.join(prefix + n for n in shown)}")
         tp = hints[key]
         if isinstance(value, _Override):
             value = value.text if tp is str else value.parsed

@@ -1,5 +1,6 @@
-"""Everything only rank 0 does, in one place: TensorBoard, metrics.jsonl, status.json, the
-resolved config, sample grids and the progress bar.
+"""Everything only rank 0 does, in one place: the trackers (TensorBoard by default, through
+Accelerate's tracker API: gan/trackers.py), metrics.jsonl, status.json, the resolved config, sample
+grids and the progress bar.
 
 On other ranks every method is a no-op, so the trainer calls them unconditionally and never
 needs an ``if rank == 0`` branch (which is where collectives end up hanging DDP). Nothing in
@@ -13,30 +14,37 @@ import torch
 
 from gan.io import write_text_atomic
 from gan.rundir import RunDir
-from gan.viz import class_grid, save_png
+from gan.viz import cell_centres, class_grid, save_png, with_labels
 
 
 class RankZero:
-    def __init__(self, run: RunDir, enabled: bool, max_steps: int, progress: bool):
+    def __init__(self, run: RunDir, enabled: bool, max_steps: int, progress: bool, accelerator=None):
         self.run = run
         self.enabled = enabled
         self.max_steps = max_steps
-        self._tb = None
+        self._acc = accelerator  # its trackers (Accelerator(log_with=...)) get scalars, images and the config
+        self._trackers = []
         self._bar = None
         self._progress = progress
 
     # ------------------------------------------------------------------ lifecycle
-    def open(self, start_step: int, config_yaml: str) -> None:
+    def open(self, start_step: int, config_yaml: str, hparams: dict | None = None, project: str = "gan-train") -> None:
+        """Write config.yaml and start the trackers: ``hparams`` (the flattened config) as their
+        hyperparameters, the config text beside them."""
         if not self.enabled:
             return
-        from torch.utils.tensorboard import SummaryWriter
+        from gan.trackers import log_text
 
         self.run.samples.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run.config, config_yaml)
-        # Rows and events after the start step were written after the checkpoint this run resumes
-        # from (or by a run that wrote none): this run writes them again, once.
+        # Rows after the start step were written after the checkpoint this run resumes from (or by a run
+        # that wrote none): this run writes them again, once. TensorBoard's events are purged likewise
+        # (gan.trackers.build_trackers' purge_step).
         self.run.truncate_metrics(start_step)
-        self._tb = SummaryWriter(str(self.run.root), purge_step=start_step + 1)
+        if self._acc is not None and self._acc.log_with and not self._acc.trackers:
+            self._acc.init_trackers(project, config=hparams)
+            self._trackers = list(self._acc.trackers)
+            log_text(self._trackers, "config", config_yaml)
         if self._progress:
             from tqdm import tqdm
             self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step",
@@ -47,9 +55,9 @@ class RankZero:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
+        for t in self._trackers:  # accelerator.end_training() finishes them; flush what is written now
+            if t.name == "tensorboard":
+                t.writer.flush()
 
     # ------------------------------------------------------------------ writing
     def status(self, state: str, step: int, error: str | None = None, note: str | None = None, **fields) -> None:
@@ -60,9 +68,8 @@ class RankZero:
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
             return
-        for name, v in values.items():
-            self._tb.add_scalar(name, v, step)
-        self._tb.flush()
+        if self._trackers:
+            self._acc.log(values, step=step)
         row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
         self.run.append_metrics(row)
         if self._bar is not None:
@@ -74,14 +81,18 @@ class RankZero:
                 post["img/s"] = f"{ips:.0f}"
             self._bar.set_postfix(post, refresh=False)
 
-    def samples(self, step: int, images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int) -> None:
-        """A per-class grid (rows = classes) of images in [-1, 1]: PNG file + TensorBoard image."""
+    def samples(self, step: int, images: torch.Tensor, labels: torch.Tensor, num_classes: int, per_class: int,
+                class_names: list[str] | None = None) -> None:
+        """A per-class grid (rows = classes, named) of images in [-1, 1]: PNG file + tracker image."""
         if not self.enabled:
             return
+        from gan.trackers import log_images
+
         grid = class_grid(images.float().cpu(), labels.cpu(), num_classes, per_class)
+        if class_names and num_classes > 1:
+            grid = with_labels(grid, rows=list(zip(cell_centres(num_classes, images.shape[2]), class_names)))
         save_png(grid, self.run.sample_png(step))
-        self._tb.add_image("Samples/ema", grid, step)
-        self._tb.flush()
+        log_images(self._trackers, "Samples/ema", grid, step)
 
     def advance(self, n: int = 1) -> None:
         if self._bar is not None:

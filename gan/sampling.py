@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from gan.viz import class_grid, make_grid_uint8, save_png, to_uint8
+from gan.viz import cell_centres, class_grid, make_grid_uint8, save_png, to_uint8, with_labels
 
 
 def _noise(n: int, z_dim: int, seed: int) -> torch.Tensor:
@@ -41,73 +41,130 @@ def slerp(z0: torch.Tensor, z1: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
     return (torch.sin((1 - t) * omega) / s * z0 + torch.sin(t * omega) / s * z1).float()
 
 
-def grid(G, z_dim: int, num_classes: int, per_class: int, device, seed: int = 0) -> torch.Tensor:
-    """One row per class, ``per_class`` samples each (different z)."""
-    y = torch.arange(num_classes).repeat_interleave(per_class)
+def _rows_of(num_classes: int, classes: list[int] | None) -> list[int]:
+    return list(range(num_classes)) if not classes else list(classes)
+
+
+def label_rows(img: torch.Tensor, rows: list[int], size: int, num_classes: int,
+               class_names: list[str] | None) -> torch.Tensor:
+    """Class names left of each row (one row per class in ``rows``); nothing for an unconditional model."""
+    if num_classes == 1 or not class_names:
+        return img
+    return with_labels(img, rows=list(zip(cell_centres(len(rows), size), [class_names[k] for k in rows])))
+
+
+def class_rows(images: torch.Tensor, rows: list[int], per_class: int, num_classes: int,
+               class_names: list[str] | None = None) -> torch.Tensor:
+    """``images`` ordered as ``per_class`` of each class in ``rows`` -> one labelled row per class; a
+    single class (an unconditional model, or one --class) fills a square grid instead."""
+    g = class_grid(images, torch.arange(len(rows)).repeat_interleave(per_class), len(rows), per_class)
+    if len(rows) == 1:
+        named = num_classes > 1 and class_names
+        return with_labels(g, cols=[(g.shape[2] / 2, class_names[rows[0]])]) if named else g
+    return label_rows(g, rows, images.shape[2], num_classes, class_names)
+
+
+def grid(G, z_dim: int, num_classes: int, per_class: int, device, seed: int = 0,
+         classes: list[int] | None = None, class_names: list[str] | None = None) -> torch.Tensor:
+    """One row per class (or per class in ``classes``), ``per_class`` samples each (different z)."""
+    rows = _rows_of(num_classes, classes)
+    y = torch.tensor(rows).repeat_interleave(per_class)
     images = _run(G, _noise(len(y), z_dim, seed), y, device)
-    return class_grid(images, y, num_classes, per_class)
+    return class_rows(images, rows, per_class, num_classes, class_names)
 
 
 def interpolation(G, z_dim: int, num_classes: int, steps: int, device, seed: int = 0,
-                  classes: list[int] | None = None) -> torch.Tensor:
+                  classes: list[int] | None = None, class_names: list[str] | None = None) -> torch.Tensor:
     """Two z, spherical interpolation in ``steps`` columns; one row per class (the same two z in every
     row, so the rows differ only by the class), or only the rows of ``classes``."""
-    rows = list(range(num_classes)) if classes is None else list(classes)
+    rows = _rows_of(num_classes, classes)
     z0, z1 = _noise(2, z_dim, seed)
     path = slerp(z0, z1, torch.linspace(0, 1, steps))
     z = path.repeat(len(rows), 1)
     y = torch.tensor(rows).repeat_interleave(steps)
-    return make_grid_uint8(_run(G, z, y, device), nrow=steps)
+    images = _run(G, z, y, device)
+    return label_rows(make_grid_uint8(images, nrow=steps), rows, images.shape[2], num_classes, class_names)
 
 
-def class_variation(G, z_dim: int, num_classes: int, rows: int, device, seed: int = 0) -> torch.Tensor:
-    """One z per row, the same z across all classes (columns = classes)."""
-    z = _noise(rows, z_dim, seed).repeat_interleave(num_classes, dim=0)
-    y = torch.arange(num_classes).repeat(rows)
-    return make_grid_uint8(_run(G, z, y, device), nrow=num_classes)
+def class_variation(G, z_dim: int, num_classes: int, rows: int, device, seed: int = 0,
+                    classes: list[int] | None = None, class_names: list[str] | None = None) -> torch.Tensor:
+    """One z per row, the same z across all classes (columns = classes, or those in ``classes``,
+    named on top). With one class (unconditional) there is nothing to vary: the ``rows`` samples
+    fill a near-square grid."""
+    cols = _rows_of(num_classes, classes)
+    z = _noise(rows, z_dim, seed).repeat_interleave(len(cols), dim=0)
+    y = torch.tensor(cols).repeat(rows)
+    images = _run(G, z, y, device)
+    if num_classes == 1:
+        return make_grid_uint8(images, nrow=math.ceil(math.sqrt(rows)))
+    img = make_grid_uint8(images, nrow=len(cols))
+    if not class_names:
+        return img
+    return with_labels(img, cols=list(zip(cell_centres(len(cols), images.shape[3]), [class_names[k] for k in cols])))
 
 
-def real_per_class(shards_dir: str | Path, num_classes: int, per_class: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The first ``per_class`` real images of each class in shard order (reads only as far as needed)."""
+def real_per_class(shards_dir: str | Path, num_classes: int, per_class: int,
+                   classes: list[int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The first ``per_class`` real images of each class (or of each in ``classes``) in shard order
+    (reads only as far as needed); labels are the class indices."""
     from gan.data import eval_batches
 
-    picked: dict[int, list[torch.Tensor]] = {k: [] for k in range(num_classes)}
+    wanted = _rows_of(num_classes, classes)
+    picked: dict[int, list[torch.Tensor]] = {k: [] for k in wanted}
     for x, y in eval_batches(shards_dir, 500):
         for img, label in zip(x, y.tolist()):
-            if label < num_classes and len(picked[label]) < per_class:
+            if label in picked and len(picked[label]) < per_class:
                 picked[label].append(img)
         if all(len(v) >= per_class for v in picked.values()):
             break
-    images = torch.stack([img for k in range(num_classes) for img in picked[k]])
-    labels = torch.tensor([k for k in range(num_classes) for _ in picked[k]])
+    images = torch.stack([img for k in wanted for img in picked[k]])
+    labels = torch.tensor([k for k in wanted for _ in picked[k]])
     return images, labels
 
 
 def real_vs_fake(G, z_dim: int, num_classes: int, per_class: int, shards_dir: str | Path, device,
-                 seed: int = 0, gap: int = 6) -> torch.Tensor:
-    """Per class row: ``per_class`` real images (left), a gap, ``per_class`` generated ones (right)."""
-    real, ry = real_per_class(shards_dir, num_classes, per_class)
-    left = class_grid(real, ry, num_classes, per_class)
-    right = grid(G, z_dim, num_classes, per_class, device, seed)
+                 seed: int = 0, gap: int = 6, classes: list[int] | None = None,
+                 class_names: list[str] | None = None) -> torch.Tensor:
+    """Per class row: ``per_class`` real images (left, headed "real"), a gap, ``per_class`` generated
+    ones (right, headed "generated"); rows named by class."""
+    rows = _rows_of(num_classes, classes)
+    real, ry = real_per_class(shards_dir, num_classes, per_class, rows)
+    index = {k: i for i, k in enumerate(rows)}
+    left = class_grid(real, torch.tensor([index[int(k)] for k in ry]), len(rows), per_class)
+    y = torch.tensor(rows).repeat_interleave(per_class)
+    fake = _run(G, _noise(len(y), z_dim, seed), y, device)
+    right = class_grid(fake, torch.arange(len(rows)).repeat_interleave(per_class), len(rows), per_class)
     if left.shape[0] != right.shape[0]:  # grey reals beside RGB fakes (or back): match channels
         c = max(left.shape[0], right.shape[0])
         left, right = left.expand(c, -1, -1), right.expand(c, -1, -1)
     spacer = torch.full((left.shape[0], left.shape[1], gap), 255, dtype=torch.uint8)
-    return torch.cat([left, spacer, right], dim=2)
+    img = torch.cat([left, spacer, right], dim=2)
+    w = left.shape[2]
+    img = with_labels(img, cols=[(w / 2, "real"), (w + gap + right.shape[2] / 2, "generated")])
+    if len(rows) > 1 and num_classes > 1 and class_names:
+        top = img.shape[1] - left.shape[1]
+        img = with_labels(img, rows=[(top + y, class_names[k]) for y, k in zip(cell_centres(len(rows), real.shape[2]), rows)])
+    return img
 
 
 def export_images(G, z_dim: int, num_classes: int, n: int, out_dir: str | Path, device, seed: int = 0,
-                  batch_size: int = 256, class_names: list[str] | None = None) -> Path:
-    """``n`` class-balanced samples as individual PNGs ``out_dir/NNNNNN.png`` (a flat folder, as
-    torch-fidelity's CLI and clean-fid read it) plus ``out_dir/labels.csv`` (file, class index, name).
-    Refuses a folder that already holds PNGs (nothing is overwritten)."""
+                  batch_size: int = 256, class_names: list[str] | None = None, classes: list[int] | None = None,
+                  progress: bool = False) -> Path:
+    """``n`` class-balanced samples (of every class, or of those in ``classes``) as individual PNGs
+    ``out_dir/NNNNNN.png`` (a flat folder, as torch-fidelity's CLI and clean-fid read it) plus
+    ``out_dir/labels.csv`` (file, class index, name). Refuses a folder that already holds PNGs
+    (nothing is overwritten). ``progress``: a tqdm bar on stderr."""
     out = Path(out_dir)
     if out.exists() and any(out.glob("*.png")):
         raise FileExistsError(f"{out} already holds PNG files; pass an empty or new folder (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
-    z, y = _noise(n, z_dim, seed), torch.arange(n) % num_classes
+    wanted = torch.tensor(_rows_of(num_classes, classes))
+    z, y = _noise(n, z_dim, seed), wanted[torch.arange(n) % len(wanted)]
     rows = []
-    with torch.no_grad():
+    from tqdm import tqdm
+
+    bar = tqdm(total=n, desc="export", unit="img", disable=not progress, dynamic_ncols=True)
+    with torch.no_grad(), bar:
         for start in range(0, n, batch_size):
             imgs = to_uint8(G(z[start:start + batch_size].to(device), y[start:start + batch_size].to(device)).float())
             for i, img in enumerate(imgs):
@@ -115,6 +172,7 @@ def export_images(G, z_dim: int, num_classes: int, n: int, out_dir: str | Path, 
                 save_png(img, out / f"{k:06d}.png")
                 label = int(y[k])
                 rows.append((f"{k:06d}.png", label, class_names[label] if class_names else str(label)))
+            bar.update(len(imgs))
     tmp = out / ".labels.csv.tmp"
     with open(tmp, "w", newline="") as f:
         w = csv.writer(f)

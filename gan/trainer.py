@@ -23,13 +23,15 @@ from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwar
 
 from gan import checkpoint
 from gan.config import Config, ConfigError
-from gan.data import ShardError, TrainStream, read_manifest
+from gan.data import ShardError, read_manifest, train_stream
 from gan.dist import Stats, all_reduce_, any_rank, broadcast_buffers, check_replicas, peer_failure, same_on_all_ranks
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
 from gan.rank_zero import RankZero
 from gan.rundir import RunDir
+from gan.startup import banner, resolve_precision_source
+from gan.trackers import build_trackers, flat_hparams, tracked_metrics, tracker_names
 
 
 class StopRequest:
@@ -125,6 +127,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     if cfg.train.batch_size > manifest.total:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} is larger than the data set "
                           f"({manifest.total} samples in {manifest.dir}); use a batch of at most {manifest.total}")
+    if cfg.data.on_device:  # a data set too big for the device fails here, not after the models are built
+        from gan.data.device import check_fits, expected_device
+        check_fits(manifest, expected_device(), cfg.data.on_device_budget)
     if cfg.metrics.every:  # weights files, classifier, counts: fail now, not at the first evaluation
         from gan.metrics import check_setup
         check_setup(cfg)
@@ -135,18 +140,17 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
 
 
 def check_names(cfg: Config) -> None:
-    """The registered names of the config exist (ConfigError listing the valid ones): the loss and the
-    model here; metric names are checked by MetricsConfig itself when the config is built."""
+    """The registered names of the config exist (ConfigError listing the valid ones): the loss, the
+    model and the trackers here; metric names are checked by MetricsConfig itself when the config is built."""
     build_loss(cfg.loss)
+    tracker_names(cfg.log.with_)  # an unknown or uninstalled tracker fails here
     if cfg.model.name not in MODELS:
         build_models(cfg.model)  # raises ConfigError listing the valid architectures
 
 
 def resolve_precision(name: str) -> str:
-    """"auto": bf16 where the GPU supports it, else full precision."""
-    if name != "auto":
-        return name
-    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    """The precision a run will use (gan/startup.py says how "auto" resolves)."""
+    return resolve_precision_source(name)[0]
 
 
 def lr_factor(o, max_steps: int):
@@ -201,9 +205,13 @@ class Trainer:
         pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.collective_timeout))
         pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default (600 s), and
         # torch's own default for gloo is 30 min: pass it always
+        precision, self.precision_source = resolve_precision_source(t.mixed_precision)
+        t.mixed_precision = precision  # the resolved value is what config.yaml and the checkpoints keep
         self.accelerator = acc = Accelerator(
-            mixed_precision=resolve_precision(t.mixed_precision),
+            mixed_precision=precision,
             dynamo_backend="inductor" if t.compile else "no",
+            log_with=build_trackers(tracker_names(cfg.log.with_), self.run_dir, cfg.log.project,
+                                    tracked_metrics(cfg), purge_step=self._start_step() + 1) or None,
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), pg])
         if acc.mixed_precision == "fp16" and acc.scaler is None:  # e.g. on CPU: fp16 without loss scaling
             raise ConfigError(f"config key 'train.mixed_precision': fp16 needs a gradient scaler, and Accelerate "
@@ -214,7 +222,7 @@ class Trainer:
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = acc.device
-        self.rank0 = RankZero(self.run, acc.is_main_process, t.max_steps, cfg.log.progress)
+        self.rank0 = RankZero(self.run, acc.is_main_process, t.max_steps, cfg.log.progress, accelerator=acc)
 
         set_seed(t.seed)  # identical initial weights on every rank
         G, D = build_models(cfg.model)
@@ -234,8 +242,8 @@ class Trainer:
         checkpoint.register(acc, ema=self.ema, train_state=self.state, sched_G=self.sched_G, sched_D=self.sched_D)
 
         set_seed(t.seed, device_specific=True)  # different noise per rank
-        self.stream = TrainStream(cfg.data, batch_size=t.batch_size, seed=t.seed,
-                                  rank=acc.process_index, world_size=acc.num_processes)
+        self.stream = train_stream(cfg.data, batch_size=t.batch_size, seed=t.seed,  # data.on_device: DeviceStream
+                                   rank=acc.process_index, world_size=acc.num_processes, device=self.device)
         self.stats = Stats(self.device)
         gen = torch.Generator().manual_seed(t.seed)
         k, n = cfg.log.samples_per_class, cfg.model.num_classes
@@ -249,6 +257,10 @@ class Trainer:
         self._nonfinite_since = 0
 
     # ------------------------------------------------------------------ pieces
+    def _start_step(self) -> int:
+        """The step this run starts from: the resumed checkpoint's (its meta.json), else 0."""
+        return checkpoint.read_meta(self.resume_from)["step"] if self.resume_from is not None else 0
+
     def _noise(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
         y = torch.randint(0, self.cfg.model.num_classes, (batch,), device=self.device)
@@ -433,7 +445,7 @@ class Trainer:
             return
         images = torch.cat([self.ema.model(z, y) for z, y in zip(self.fixed_z.split(256), self.fixed_y.split(256))])
         self.rank0.samples(self.state.step, images, self.fixed_y, self.cfg.model.num_classes,
-                           self.cfg.log.samples_per_class)
+                           self.cfg.log.samples_per_class, list(self.stream.manifest.classes))
 
     def _check_finite_weights(self, nets: dict) -> None:
         """Every rank (replicas agree): refuse to checkpoint non-finite weights, naming the tensors."""
@@ -511,7 +523,9 @@ class Trainer:
         self._batches = None
         StopRequest.install()  # idempotent; launch/train.py installs it before building
         start = self._nonfinite_since = self.state.step
-        self.rank0.open(start, cfg.to_yaml())
+        self.rank0.open(start, cfg.to_yaml(), flat_hparams(cfg.to_dict()), cfg.log.project)
+        for line in banner(self):  # rank 0: devices, precision and its source, models, data, resume point
+            self.rank0.print(line)
         if self.resume_from is not None:
             self.rank0.print(f"resumed from {self.resume_from} at step {start} ({self.state.images_seen / 1000:.1f} kimg)")
         outcome, note = "finished", None

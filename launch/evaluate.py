@@ -57,6 +57,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--out", help="also write the result JSON here")
     p.add_argument("--no-tensorboard", action="store_true")
     p.add_argument("--verbose", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars (they go to stderr, rank 0)")
     return p.parse_args(argv)
 
 
@@ -66,7 +67,7 @@ def _request(args, real_shards: str):
                        batch_size=args.batch_size, inception_weights=args.inception_weights,
                        classifier=args.classifier, kid_subset_size=args.kid_subset_size,
                        isc_splits=args.isc_splits, max_real=args.max_real, cache_dir=args.cache_dir,
-                       verbose=args.verbose)
+                       verbose=args.verbose, progress=not args.no_progress)
 
 
 def _write_out(path: str | None, result: dict) -> None:

@@ -12,6 +12,8 @@
 Default output: RUN/samples/<mode>-<checkpoint>.png (export: RUN/samples/export-<checkpoint>/).
 --num: images per class (grid, realfake; default 10), interpolation steps (interp; 10), rows
 (classvar; 8), images in all (export; 1000).
+--class K (repeatable, every mode but curves): only those classes (a grid or an export of one class).
+Pictures carry the class names of the run's shards; realfake is headed "real" | "generated".
 """
 from __future__ import annotations
 
@@ -40,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--num", type=int, help="see above")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--class", dest="cls", type=int, action="append",
-                   help="interp: only this class's row (repeatable)")
+                   help="only this class (repeatable): its rows (grid, interp, realfake), its column "
+                        "(classvar), its images (export)")
     p.add_argument("--real-shards", help="realfake: real images (default: the run config's data.shards)")
     p.add_argument("--no-tensorboard", action="store_true")
     return p.parse_args(argv)
@@ -54,6 +57,17 @@ def _tb_image(run: Path, tag: str, img, step: int) -> None:
         w.add_image(tag, img, step)
     finally:
         w.close()
+
+
+def class_names(shards: str, num_classes: int) -> list[str]:
+    """The class names of the run's shards (their manifest), or the class indices if those are gone."""
+    from gan.data import read_manifest
+
+    try:
+        names = list(read_manifest(shards).classes)
+    except ShardError:
+        names = []
+    return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
 
 
 def main(argv=None) -> int:
@@ -96,28 +110,26 @@ def main(argv=None) -> int:
             bad = [c for c in args.cls if not 0 <= c < m.num_classes]
             if bad:
                 raise MetricError(f"--class {bad[0]} is not a class index of this model (0..{m.num_classes - 1})")
+        names = class_names(args.real_shards or loaded.cfg.data.shards, m.num_classes)
+        cls = list(dict.fromkeys(args.cls)) if args.cls else None
         if args.mode == "export":
             out = Path(args.out) if args.out else RunDir(run).samples / f"export-{loaded.label}"
-            from gan.data import read_manifest
             try:
-                names = list(read_manifest(loaded.cfg.data.shards).classes)
-            except ShardError:
-                names = None
-            try:
-                sampling.export_images(G, m.z_dim, m.num_classes, num, out, device, args.seed, class_names=names)
+                sampling.export_images(G, m.z_dim, m.num_classes, num, out, device, args.seed, class_names=names,
+                                       classes=cls, progress=True)
             except FileExistsError as e:
                 raise MetricError(str(e)) from None
             print(out)
             return 0
         if args.mode == "grid":
-            img = sampling.grid(G, m.z_dim, m.num_classes, num, device, args.seed)
+            img = sampling.grid(G, m.z_dim, m.num_classes, num, device, args.seed, cls, names)
         elif args.mode == "interp":
-            img = sampling.interpolation(G, m.z_dim, m.num_classes, max(num, 2), device, args.seed, args.cls)
+            img = sampling.interpolation(G, m.z_dim, m.num_classes, max(num, 2), device, args.seed, cls, names)
         elif args.mode == "classvar":
-            img = sampling.class_variation(G, m.z_dim, m.num_classes, num, device, args.seed)
+            img = sampling.class_variation(G, m.z_dim, m.num_classes, num, device, args.seed, cls, names)
         else:
             img = sampling.real_vs_fake(G, m.z_dim, m.num_classes, num, args.real_shards or loaded.cfg.data.shards,
-                                        device, args.seed)
+                                        device, args.seed, classes=cls, class_names=names)
         out = Path(args.out) if args.out else RunDir(run).samples / f"{args.mode}-{loaded.label}.png"
         save_png(img, out)
         if not args.no_tensorboard:

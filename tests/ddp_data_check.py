@@ -13,7 +13,7 @@ import torch
 import torch.distributed as dist
 
 from gan.config import DataConfig
-from gan.data import TrainStream
+from gan.data import train_stream
 
 
 def main() -> None:
@@ -23,12 +23,13 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--epochs", type=int, default=2)
     p.add_argument("--workers", type=int, default=0)
+    p.add_argument("--on-device", action="store_true", help="data.on_device=true (DeviceStream on the CPU)")
     a = p.parse_args()
 
     dist.init_process_group("gloo")
     rank, world = dist.get_rank(), dist.get_world_size()
-    cfg = DataConfig(shards=a.shards, num_workers=a.workers, shuffle_buffer=16)
-    stream = TrainStream(cfg, batch_size=a.batch_size, seed=0, rank=rank, world_size=world)
+    cfg = DataConfig(shards=a.shards, num_workers=a.workers, shuffle_buffer=16, on_device=a.on_device)
+    stream = train_stream(cfg, batch_size=a.batch_size, seed=0, rank=rank, world_size=world)
     total = a.epochs * stream.batches_per_epoch
     fingerprints, n = [], 0
     for x, y in stream:
@@ -44,7 +45,8 @@ def main() -> None:
     assert len(set(map(str, counts))) == 1, f"ranks disagree: {counts}"
     Path(a.out, f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world_size": world, "batches": n, "batches_per_epoch": stream.batches_per_epoch,
-         "state": stream.state_dict(), "fingerprints": fingerprints, "env_rank": os.environ.get("RANK")}))
+         "state": stream.state_dict(), "fingerprints": fingerprints, "env_rank": os.environ.get("RANK"),
+         "indices": [stream.epoch_indices(e).tolist() for e in range(a.epochs)] if a.on_device else None}))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -171,6 +171,7 @@ def test_evaluate_cls_end_to_end(run_copy, tiny_classifier, tmp_path):
     r = evaluate("--run", run_copy, "--metrics", "cls_acc,cls_fd", "--num-samples", 40, "--batch-size", 16,
                  "--classifier", tiny_classifier, env=env)
     assert r.returncode == 0, r.stderr
+    assert "generate: 100%" in r.stderr and "classifier features: 100%" in r.stderr  # progress bars, stdout stays JSON
     printed = json.loads(r.stdout)
     doc = json.loads((run_copy / "metrics.json").read_text())
     entry = doc["evaluations"]["step-00000006"]

@@ -40,34 +40,69 @@ def sample(capsys, *args):
     return rc, capsys.readouterr()
 
 
-@pytest.mark.parametrize("mode,num,size", [
-    ("grid", 3, grid_size(10, 3)),
-    ("interp", 5, grid_size(10, 5)),
-    ("classvar", 2, grid_size(2, 10)),
-    ("realfake", 2, (2 * grid_size(10, 2)[0] + 6, grid_size(10, 2)[1])),
+def has_text(img: Image.Image, box: tuple[int, int, int, int]) -> bool:
+    """A label margin: white with some dark (text) pixels."""
+    import numpy as np
+
+    a = np.asarray(img.convert("L").crop(box))
+    return a.size > 0 and (a == 255).mean() > 0.5 and (a < 100).any()
+
+
+# mode, --num, (columns, rows) of the image grid, labels left (class names), labels on top
+@pytest.mark.parametrize("mode,num,cells,left,top", [
+    ("grid", 3, (3, 10), True, False),
+    ("interp", 5, (5, 10), True, False),
+    ("classvar", 2, (10, 2), False, True),
+    ("realfake", 2, None, True, True),  # two 2-column grids + a 6-pixel gap, "real" | "generated" on top
 ])
-def test_picture_modes(run, capsys, mode, num, size):
+def test_picture_modes(run, capsys, mode, num, cells, left, top):
     rc, out = sample(capsys, "--run", run, "--mode", mode, "--num", num)
     assert rc == 0, out.err
     path = Path(out.out.strip())
     assert path == run / "samples" / f"{mode}-step-00000004.png"
+    gw, gh = (2 * grid_size(10, 2)[0] + 6, grid_size(10, 2)[1]) if cells is None else grid_size(cells[1], cells[0])
     with Image.open(path) as img:
-        assert img.format == "PNG" and img.size == size and img.mode == "RGB"
+        assert img.format == "PNG" and img.mode == "RGB"
+        w, h = img.size
+        assert (w > gw) == left and (h > gh) == top and w >= gw and h >= gh  # the grid plus label margins
+        if left:
+            assert has_text(img, (0, h - gh, w - gw, h))  # class names left of the rows
+        if top:
+            assert has_text(img, (w - gw, 0, w, h - gh))  # class names / "real" "generated" above
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     ea = EventAccumulator(str(run), size_guidance={"images": 0})
     ea.Reload()
     assert [e.step for e in ea.Images(f"Sample/{mode}")] == [4]
 
 
-def test_interp_one_class_and_out_path(run, capsys, tmp_path):
+def test_class_option_in_every_mode(run, capsys, tmp_path):
     out_png = tmp_path / "pics" / "i.png"
     rc, out = sample(capsys, "--run", run, "--mode", "interp", "--num", 4, "--class", 3, "--out", out_png,
                      "--no-tensorboard")
     assert rc == 0, out.err
+    with Image.open(out_png) as img:  # one row, named on the left
+        gw, gh = grid_size(1, 4)
+        assert img.size[1] == gh and img.size[0] > gw and has_text(img, (0, 0, img.size[0] - gw, gh))
+    rc, out = sample(capsys, "--run", run, "--mode", "grid", "--num", 4, "--class", 3, "--out", out_png)
+    assert rc == 0, out.err
+    with Image.open(out_png) as img:  # one class: a square 2x2 grid headed by its name
+        gw, gh = grid_size(2, 2)
+        assert img.size[0] == gw and img.size[1] > gh and has_text(img, (0, 0, gw, img.size[1] - gh))
+    rc, out = sample(capsys, "--run", run, "--mode", "classvar", "--num", 2, "--class", 1, "--class", 4,
+                     "--out", out_png)
     with Image.open(out_png) as img:
-        assert img.size == grid_size(1, 4)
-    rc, out = sample(capsys, "--run", run, "--mode", "interp", "--class", 12)
-    assert rc == 2 and "--class 12" in out.err
+        assert rc == 0 and img.size[0] == grid_size(2, 2)[0]  # two class columns
+    rc, out = sample(capsys, "--run", run, "--mode", "realfake", "--num", 2, "--class", 5, "--out", out_png)
+    with Image.open(out_png) as img:
+        assert rc == 0 and img.size == (2 * grid_size(1, 2)[0] + 6, img.size[1]) and img.size[1] > grid_size(1, 2)[1]
+    rc, out = sample(capsys, "--run", run, "--mode", "export", "--num", 5, "--class", 7, "--out", tmp_path / "e")
+    assert rc == 0, out.err
+    rows = list(csv.DictReader(open(tmp_path / "e" / "labels.csv")))
+    assert [r["class"] for r in rows] == ["7"] * 5 and rows[0]["name"] == "class7"
+    assert "export" in out.err  # the progress bar
+    for mode in ("interp", "grid", "export"):
+        rc, out = sample(capsys, "--run", run, "--mode", mode, "--class", 12, "--out", tmp_path / "x")
+        assert rc == 2 and "--class 12" in out.err
 
 
 def test_curves(run, capsys):

@@ -252,8 +252,9 @@ def test_byte_identical_rebuild_and_keys(tmp_path):
 
 def test_manifest_matches_contract(tiny_shards):
     raw = json.loads((tiny_shards / "manifest.json").read_text())
-    assert set(raw) == {"format", "dataset", "split", "classes", "image_shape", "encoding", "shards", "total"}
+    assert set(raw) == {"format", "dataset", "split", "classes", "image_shape", "encoding", "build", "shards", "total"}
     assert raw["format"] == 1 and raw["image_shape"] == [3, 32, 32] and raw["total"] == 240
+    assert raw["build"] == {"class_counts": [24] * 10}  # optional; readers ignore it
     for s in raw["shards"]:
         assert set(s) == {"name", "count", "sha256"}
         assert hashlib.sha256((tiny_shards / s["name"]).read_bytes()).hexdigest() == s["sha256"]
@@ -418,8 +419,10 @@ def test_wrong_layouts(tmp_path, capsys):
     loose = tmp_path / "loose"
     loose.mkdir()
     Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(loose / "a.png")
+    (loose / "cls").mkdir()  # loose images beside class folders: ambiguous (a flat folder alone is one class)
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(loose / "cls" / "b.png")
     rc, cap = run("build", "--source", "imagefolder", "--root", loose, "--out", tmp_path / "o1", capsys=capsys)
-    assert rc == 2 and "ROOT/<class>/<image>" in cap.err and "sub-folder" in cap.err
+    assert rc == 2 and str(loose / "a.png") in cap.err and "sub-folder" in cap.err
     rc, cap = run("build", "--source", "cifar10", "--root", loose, "--out", tmp_path / "o2", capsys=capsys)
     assert rc == 2 and "cifar-10-batches-py" in cap.err and "--source imagefolder" in cap.err
     rc, cap = run("build", "--source", "fashion-mnist", "--root", loose, "--out", tmp_path / "o3", capsys=capsys)

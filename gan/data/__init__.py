@@ -1,12 +1,14 @@
 """The webdataset data pipeline: shard manifests, the training stream and eval reading.
 
-    from gan.data import TrainStream, ShardError, read_manifest, eval_batches
+    from gan.data import TrainStream, DeviceStream, train_stream, ShardError, read_manifest, eval_batches
 
 See docs/CONTRACTS.md ("Loader") for the interface and ``gan/data/stream.py`` for how ranks,
 workers, resampling and resume fit together. Shards are written by ``python -m data_shards build``.
 """
+from gan.data.device import DeviceStream, train_stream
 from gan.data.eval import eval_batches
 from gan.data.manifest import Manifest, ShardError, ShardInfo, read_manifest
 from gan.data.stream import TrainStream
 
-__all__ = ["Manifest", "ShardError", "ShardInfo", "TrainStream", "eval_batches", "read_manifest"]
+__all__ = ["DeviceStream", "Manifest", "ShardError", "ShardInfo", "TrainStream", "eval_batches", "read_manifest",
+           "train_stream"]

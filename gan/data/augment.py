@@ -2,7 +2,9 @@
 
 All randomness comes from the ``torch.Generator`` passed in, which the loader seeds from
 (seed, rank, epoch, batch index): a resumed run reproduces the same augmented batches without
-saving any RNG state.
+saving any RNG state. The batch may live on any device (``data.on_device`` keeps it on the GPU);
+the few random numbers per batch are always drawn from that CPU generator and moved to the batch's
+device, so the same generator gives the same augmented batch on every device.
 """
 from __future__ import annotations
 
@@ -14,19 +16,19 @@ _GRAY = (0.299, 0.587, 0.114)
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
     """(B, 3, H, W) in [0, 1] -> (B, 1, H, W) luminance."""
-    w = torch.tensor(_GRAY, dtype=x.dtype).view(1, 3, 1, 1)
+    w = torch.tensor(_GRAY, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
     return (x * w).sum(1, keepdim=True)
 
 
-def _uniform(n: int, strength: float, g: torch.Generator) -> torch.Tensor:
-    return (1.0 + strength * (2.0 * torch.rand(n, generator=g) - 1.0)).view(n, 1, 1, 1)
+def _uniform(n: int, strength: float, g: torch.Generator, device) -> torch.Tensor:
+    return (1.0 + strength * (2.0 * torch.rand(n, generator=g) - 1.0)).view(n, 1, 1, 1).to(device)
 
 
 def color_jitter(x: torch.Tensor, strength: float, g: torch.Generator) -> torch.Tensor:
     """Brightness, contrast and (RGB only) saturation, each a per-image factor in [1-s, 1+s].
     ``x`` is float in [0, 1]; the result is clamped to [0, 1] after each step."""
     n = x.shape[0]
-    fb, fc, fs = _uniform(n, strength, g), _uniform(n, strength, g), _uniform(n, strength, g)
+    fb, fc, fs = (_uniform(n, strength, g, x.device) for _ in range(3))
     x = (x * fb).clamp_(0, 1)
     lum = _gray(x) if x.shape[1] == 3 else x
     mean = lum.mean(dim=(1, 2, 3), keepdim=True)
@@ -52,8 +54,8 @@ def translate(x: torch.Tensor, fraction: float, g: torch.Generator) -> torch.Ten
         return x
     dy = torch.randint(-my, my + 1, (b,), generator=g)
     dx = torch.randint(-mx, mx + 1, (b,), generator=g)
-    rows = _reflect(torch.arange(h).view(1, h) - dy.view(b, 1), h)  # out[i] = in[i - dy]
-    cols = _reflect(torch.arange(w).view(1, w) - dx.view(b, 1), w)
+    rows = _reflect(torch.arange(h).view(1, h) - dy.view(b, 1), h).to(x.device)  # out[i] = in[i - dy]
+    cols = _reflect(torch.arange(w).view(1, w) - dx.view(b, 1), w).to(x.device)
     x = x.gather(2, rows.view(b, 1, h, 1).expand(b, c, h, w))
     return x.gather(3, cols.view(b, 1, 1, w).expand(b, c, h, w))
 
@@ -67,7 +69,7 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, hflip: bool = True, color
     Draw order (fixed): flip mask, translation offsets, jitter factors.
     """
     if hflip:
-        flip = torch.rand(x.shape[0], generator=g) < 0.5
+        flip = (torch.rand(x.shape[0], generator=g) < 0.5).to(x.device)
         x = torch.where(flip.view(-1, 1, 1, 1), x.flip(-1), x)
     if translate_fraction > 0:
         x = translate(x, translate_fraction, g)

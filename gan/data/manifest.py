@@ -4,13 +4,14 @@ Format (docs/CONTRACTS.md)::
 
     {"format": 1, "dataset": "cifar10", "split": "train", "classes": [...],
      "image_shape": [C, H, W], "encoding": "raw" | "png",
+     "build": {...},  # optional: source, transform, per-class counts (python -m data_shards info DIR)
      "shards": [{"name": "train-000000.tar", "count": 1000, "sha256": "..."}, ...], "total": 50000}
 """
 from __future__ import annotations
 
 import json
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 FORMAT = 1
@@ -46,6 +47,7 @@ class Manifest:
     encoding: str
     shards: tuple[ShardInfo, ...]
     total: int
+    build: dict = field(default_factory=dict, compare=False)  # optional: how it was built (source, transform, counts)
 
     @property
     def num_classes(self) -> int:
@@ -117,6 +119,7 @@ class Manifest:
     def to_json(self) -> dict:
         return {"format": FORMAT, "dataset": self.dataset, "split": self.split, "classes": list(self.classes),
                 "image_shape": list(self.image_shape), "encoding": self.encoding,
+                **({"build": self.build} if self.build else {}),
                 "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
                 "total": self.total}
 
@@ -165,8 +168,12 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
         raise _bad(path, "it lists no shards")
     if raw["total"] != sum(s.count for s in shards):
         raise _bad(path, f"total {raw['total']} != sum of shard counts {sum(s.count for s in shards)}")
+    build = raw.get("build", {})
+    if not isinstance(build, dict):
+        raise _bad(path, f"build {build!r} is not a JSON object")
     return Manifest(dir=directory, dataset=str(raw["dataset"]), split=str(raw["split"]), classes=tuple(classes),
-                    image_shape=tuple(shape), encoding=raw["encoding"], shards=tuple(shards), total=raw["total"])
+                    image_shape=tuple(shape), encoding=raw["encoding"], shards=tuple(shards), total=raw["total"],
+                    build=build)
 
 
 def read_manifest(directory: str | Path) -> Manifest:

@@ -78,6 +78,22 @@ def decode_batch(samples: list[dict], m: Manifest):
     return x, [int(s["cls"]) for s in samples]
 
 
+def parse_position(state: dict, batches_per_epoch: int) -> tuple[int, int]:
+    """A stream's ``state_dict()`` ``{"epoch", "batch"}`` -> (epoch, batch), validated; a position past
+    the end of an epoch (world or batch size changed) continues at the start of the next one."""
+    try:
+        epoch, batch = int(state["epoch"]), int(state["batch"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError(f"data stream state must be {{'epoch': int, 'batch': int}}, got {state!r}") from None
+    if epoch < 0 or batch < 0:
+        raise ValueError(f"data stream state must be non-negative, got {state!r}")
+    if batch >= batches_per_epoch:
+        warnings.warn(f"data stream state {state!r} is past the end of an epoch of {batches_per_epoch} "
+                      f"batches (was the world size or batch size changed?); continuing at epoch {epoch + 1}")
+        epoch, batch = epoch + 1, 0
+    return epoch, batch
+
+
 def chunk_batches(batch_size: int, batches_per_epoch: int, workers: int) -> int:
     """Batches per worker message: about CHUNK_IMAGES images per message keeps the consumer's per-message
     cost (queue, pickling, shared-memory handles) small next to the images it carries; smaller when an
@@ -191,17 +207,7 @@ class TrainStream:
         return {"epoch": self._epoch, "batch": self._batch}
 
     def load_state_dict(self, state: dict) -> None:
-        try:
-            epoch, batch = int(state["epoch"]), int(state["batch"])
-        except (KeyError, TypeError, ValueError):
-            raise ValueError(f"data stream state must be {{'epoch': int, 'batch': int}}, got {state!r}") from None
-        if epoch < 0 or batch < 0:
-            raise ValueError(f"data stream state must be non-negative, got {state!r}")
-        if batch >= self.batches_per_epoch:
-            warnings.warn(f"data stream state {state!r} is past the end of an epoch of {self.batches_per_epoch} "
-                          f"batches (was the world size or batch size changed?); continuing at epoch {epoch + 1}")
-            epoch, batch = epoch + 1, 0
-        self._epoch, self._batch = epoch, batch
+        self._epoch, self._batch = parse_position(state, self.batches_per_epoch)
 
     def __iter__(self):
         self.close()

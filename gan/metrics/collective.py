@@ -78,17 +78,21 @@ def rank_range(n: int, r: int, w: int) -> tuple[int, int]:
 
 
 @torch.no_grad()
-def generate(G: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, batch_size: int, device) -> torch.Tensor:
+def generate(G: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, batch_size: int, device,
+             progress: bool = False) -> torch.Tensor:
     """uint8 (N, C, H, W) on the CPU from G(z, y) (output in [-1, 1])."""
+    from tqdm import tqdm
+
     out = []
-    for zb, yb in zip(z.split(batch_size), y.split(batch_size)):
+    for zb, yb in tqdm(list(zip(z.split(batch_size), y.split(batch_size))), desc="generate", unit="batch",
+                       disable=not progress, dynamic_ncols=True):
         out.append(to_uint8(G(zb.to(device), yb.to(device)).float()))
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
 @torch.no_grad()
 def generate_gathered(G: torch.nn.Module, n: int, z_dim: int, num_classes: int, seed: int, batch_size: int,
-                      device) -> tuple[torch.Tensor, torch.Tensor] | None:
+                      device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
     """Collective. ``n`` class-balanced samples of G, split over the ranks in contiguous slices and
     gathered (in chunks of ``batch_size``, so memory stays bounded) to rank 0, which gets
     ``(uint8 images (n, C, H, W), labels (n,))`` in index order; the other ranks get None.
@@ -96,13 +100,16 @@ def generate_gathered(G: torch.nn.Module, n: int, z_dim: int, num_classes: int, 
     z, y = eval_noise(n, z_dim, seed), balanced_labels(n, num_classes)
     w = world_size()
     if w == 1:
-        return generate(G, z, y, batch_size, device), y
+        return generate(G, z, y, batch_size, device, progress), y
+    from tqdm import tqdm
+
     r = dist.get_rank()
     lo, hi = rank_range(n, r, w)
     per = -(-n // w)
     chunks = -(-per // batch_size)
     out = None
-    for k in range(chunks):
+    for k in tqdm(range(chunks), desc=f"generate ({w} ranks)", unit="batch", disable=not progress or r != 0,
+                  dynamic_ncols=True):
         a, b = min(lo + k * batch_size, hi), min(lo + (k + 1) * batch_size, hi)
         part = G(z[a:b].to(device), y[a:b].to(device)).float() if b > a else None
         if part is None:  # keep the collective shape-uniform: a dummy forward gives C, H, W

@@ -31,6 +31,7 @@ class EvalRequest:
     cache_dir: str = ""
     seed: int = EVAL_SEED
     verbose: bool = False
+    progress: bool = False  # rank 0: progress bars on stderr for generation and feature extraction
 
     def __post_init__(self):
         try:
@@ -82,12 +83,12 @@ def compute(images: torch.Tensor, labels: torch.Tensor, req: EvalRequest, resolv
     if any(n in FIDELITY for n in req.names):
         v, d = fidelity_metrics(images, req.names, req.real_shards, Path(resolved["inception_weights"]), device,
                                 req.batch_size, req.kid_subset_size, req.isc_splits, req.max_real,
-                                req.cache_dir or None, req.verbose)
+                                req.cache_dir or None, req.verbose or req.progress)
         values.update(v)
         details["inception"] = d
     if any(n.startswith("cls_") for n in req.names):
         v, d = cls_metrics(images, labels, req.names, resolved["classes"], req.real_shards, req.classifier,
-                           device, max(req.batch_size, 1), req.max_real, req.cache_dir or None)
+                           device, max(req.batch_size, 1), req.max_real, req.cache_dir or None, req.progress)
         values.update(v)
         details["offline"] = d
     details.update({"num_samples": int(len(images)), "real": resolved["real"], "metrics": req.names,
@@ -106,7 +107,7 @@ def evaluate_generator(G: torch.nn.Module, z_dim: int, num_classes: int, channel
     G.eval()
     try:
         gathered = collective.generate_gathered(G, req.num_samples, z_dim, num_classes, req.seed,
-                                                req.batch_size, device)
+                                                req.batch_size, device, progress=req.progress)
     finally:
         G.train(was_training)
     return collective.on_rank0(lambda: compute(gathered[0], gathered[1], req, resolved, device))

@@ -54,10 +54,14 @@ def _classifier(path: Path, device) -> torch.nn.Module:
 
 
 @torch.no_grad()
-def classify(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def classify(model: torch.nn.Module, images: torch.Tensor, batch_size: int, device,
+             progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """uint8 (N, C, H, W) -> (features float64 (N, D), predicted class (N,)), on the CPU."""
+    from tqdm import tqdm
+
     feats, preds = [], []
-    for xb in images.split(batch_size):
+    for xb in tqdm(images.split(batch_size), desc="classifier features", unit="batch", disable=not progress,
+                   dynamic_ncols=True):
         x = xb.to(device).float().div_(127.5).sub_(1.0)
         f, logits = model.features_and_logits(x)
         feats.append(f.double().cpu())
@@ -66,7 +70,7 @@ def classify(model: torch.nn.Module, images: torch.Tensor, batch_size: int, devi
 
 
 def real_stats(real_shards: str | Path, path: Path, device, batch_size: int, max_real: int = 0,
-               cache_dir: str | Path | None = None) -> dict:
+               cache_dir: str | Path | None = None, progress: bool = False) -> dict:
     """Mean/covariance of the real images' classifier features: overall ("mu", "sigma") and per class
     ("mu_k", "sigma_k" stacked over classes), plus "count_k" and the real accuracy "acc"."""
     key = cache_key(real_shards, {"name": "cls-resnet9", "sha256": file_sha256(path)}, max_real=max_real)
@@ -75,7 +79,7 @@ def real_stats(real_shards: str | Path, path: Path, device, batch_size: int, max
     if hit is not None:
         return hit
     images, labels = load_shard_images(real_shards, max_real)
-    feats, preds = classify(_classifier(path, device), images, batch_size, device)
+    feats, preds = classify(_classifier(path, device), images, batch_size, device, progress)
     num_classes = int(labels.max()) + 1
     mu, sigma = gaussian_stats(feats)
     d = feats.shape[1]
@@ -93,7 +97,7 @@ def real_stats(real_shards: str | Path, path: Path, device, batch_size: int, max
 
 def cls_metrics(images: torch.Tensor, labels: torch.Tensor, names: list[str], class_names: list[str],
                 real_shards: str | Path, classifier: str | Path | None, device, batch_size: int = 256,
-                max_real: int = 0, cache_dir: str | Path | None = None) -> tuple[dict, dict]:
+                max_real: int = 0, cache_dir: str | Path | None = None, progress: bool = False) -> tuple[dict, dict]:
     """Rank 0 only. ``images`` uint8 (N, C, H, W) drawn for classes ``labels``. Returns (values, details)."""
     names = [n for n in names if n in ("cls_acc", "cls_fd")]
     if not names:
@@ -102,21 +106,21 @@ def cls_metrics(images: torch.Tensor, labels: torch.Tensor, names: list[str], cl
     info = check_classifier(path, class_names)
     if images.shape[1] == 1:
         images = images.expand(-1, 3, -1, -1)
-    feats, preds = classify(_classifier(path, device), images, batch_size, device)
+    feats, preds = classify(_classifier(path, device), images, batch_size, device, progress)
     labels = labels.cpu()
     values = {}
     if "cls_acc" in names:
         values["cls_acc"] = float((preds == labels).double().mean())
-        for k, name in enumerate(class_names):
+        for k, name in enumerate(class_names if len(class_names) > 1 else []):  # no class rows for one class
             sel = labels == k
             if sel.any():
                 values[f"cls_acc/{name}"] = float((preds[sel] == k).double().mean())
     details = {"classifier": info}
     if "cls_fd" in names:
-        real = real_stats(real_shards, path, device, batch_size, max_real, cache_dir)
+        real = real_stats(real_shards, path, device, batch_size, max_real, cache_dir, progress)
         mu, sigma = gaussian_stats(feats)
         values["cls_fd"] = frechet_distance(mu, sigma, real["mu"], real["sigma"])
-        for k, name in enumerate(class_names):
+        for k, name in enumerate(class_names if len(class_names) > 1 else []):
             sel = feats[labels == k]
             if len(sel) >= 2 and real["count_k"][k] >= 2:
                 mk, sk = gaussian_stats(sel)

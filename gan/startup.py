@@ -1,0 +1,93 @@
+"""What a run says when it starts: the resolved mixed precision and where it came from, and the
+rank-0 banner (devices, world size, precision, model sizes, data, run directory, resume point).
+
+Precision sources, in order of precedence:
+
+1. ``train.mixed_precision`` = no | fp16 | bf16 (config or command line): always wins; if the
+   launcher asked for something else, the banner says so.
+2. ``train.mixed_precision=auto`` (default) takes fp16/bf16 from the launcher, i.e. the
+   ``ACCELERATE_MIXED_PRECISION`` that ``accelerate launch --mixed_precision X`` sets, or that it
+   fills in from ``accelerate config``'s file when the flag is absent (told apart by comparing with
+   that file). "no" from the launcher is also its default, so it is not taken as a request:
+3. otherwise bf16 on a GPU that supports it, else full precision.
+
+The resolved value is what ``config.yaml`` and the checkpoints store.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+ENV = "ACCELERATE_MIXED_PRECISION"
+
+
+def accelerate_config_precision() -> tuple[str | None, str | None]:
+    """(mixed_precision, file) from ``accelerate config``'s default file, or (None, None)."""
+    try:
+        from accelerate.commands.config import default_config_file
+    except ImportError:
+        return None, None
+    path = Path(default_config_file)
+    if not path.is_file():
+        return None, None
+    try:
+        import yaml
+
+        value = (yaml.safe_load(path.read_text()) or {}).get("mixed_precision")
+    except Exception:
+        return None, str(path)
+    return (str(value) if value else None), str(path)
+
+
+def resolve_precision_source(name: str, env: dict | None = None, gpu_bf16: bool | None = None,
+                             config_file: tuple[str | None, str | None] | None = None) -> tuple[str, str]:
+    """(precision, where it came from, with any disagreement spelled out)."""
+    env = os.environ if env is None else env
+    launched = env.get(ENV, "").strip().lower() or None
+    file_value, file_path = accelerate_config_precision() if config_file is None else config_file
+    if launched is not None:
+        origin = (f"accelerate config ({file_path})" if file_value == launched
+                  else f"accelerate launch --mixed_precision {launched}")
+    if name != "auto":
+        note = ""
+        if launched not in (None, "no", name):
+            note = f"; {origin} asked for {launched}, train.mixed_precision wins"
+        return name, f"train.mixed_precision={name}{note}"
+    if launched in ("fp16", "bf16", "fp8"):
+        return launched, f"{origin} (train.mixed_precision=auto takes the launcher's choice)"
+    if gpu_bf16 is None:
+        gpu_bf16 = torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    if gpu_bf16:
+        return "bf16", "train.mixed_precision=auto: bf16 on a GPU that supports it"
+    return "no", "train.mixed_precision=auto: full precision (no GPU with bf16)"
+
+
+def _params(module: torch.nn.Module) -> str:
+    n = sum(p.numel() for p in module.parameters())
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def banner(trainer) -> list[str]:
+    """The start-up lines rank 0 prints (the trainer's own state, nothing collective)."""
+    acc, cfg, m = trainer.accelerator, trainer.cfg, trainer.stream.manifest
+    dev = acc.device
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    c, h, w = m.image_shape
+    unwrap = acc.unwrap_model
+    loader = (f"on the device ({trainer.stream.nbytes / 2**20:,.1f} MiB, data.on_device)" if cfg.data.on_device
+              else f"worker loader, {cfg.data.num_workers} worker(s) per rank")
+    classes = "1 class (unconditional)" if m.num_classes == 1 else f"{m.num_classes} classes"
+    resume = (f"resuming from {trainer.resume_from}" if trainer.resume_from is not None else "fresh start")
+    trackers = ", ".join(t.name for t in acc.trackers) or "none"
+    return [
+        f"run directory: {trainer.run_dir} ({resume})",
+        f"devices: {acc.num_processes} x {name}, world size {acc.num_processes} "
+        f"({'single process' if acc.num_processes == 1 else acc.distributed_type.value.lower()})",
+        f"precision: {acc.mixed_precision} ({trainer.precision_source})",
+        f"models: G {cfg.model.name} {_params(unwrap(trainer.G))} parameters, D {_params(unwrap(trainer.D))}; "
+        f"{cfg.model.img_channels}x{cfg.model.img_size}x{cfg.model.img_size}, batch {cfg.train.batch_size} per rank",
+        f"data: {m.dataset} {m.split}, {m.total:,} images of {c}x{h}x{w}, {classes}, from {m.dir} ({loader})",
+        f"trackers: {trackers}; steps {trainer.state.step} -> {cfg.train.max_steps}",
+    ]
