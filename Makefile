@@ -11,7 +11,7 @@ CIFAR10_ROOT ?= data/cifar10
 SHARED_CIFAR ?= ../shared/data/cifar10-jpeg.tar.gz
 SHARDS ?= data/shards/cifar10-train
 
-.PHONY: setup test train shards clean
+.PHONY: setup test train shards clean gpu-bundle
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -28,6 +28,10 @@ shards: setup
 
 train: shards
 	$(BIN)/python launch/train.py --config $(CONFIG) data.shards=$(SHARDS) $(ARGS)
+
+# local/gpu/: what benchmarks/gpu_check.sh needs on a GPU machine without a registry (docs/benchmarks.md)
+gpu-bundle: setup
+	SHARED_CIFAR=$(SHARED_CIFAR) PYTHON=$(BIN)/python bash benchmarks/prepare_gpu.sh local/gpu
 
 clean:
 	rm -rf $(VENV) *.egg-info
