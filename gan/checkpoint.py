@@ -132,12 +132,12 @@ def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
     """Raise CheckpointError if ``cfg`` can't continue the checkpoint at ``path`` exactly (another
     architecture, world size or one of FIXED_ON_RESUME). Returns the changed keys that take effect
     from the resumed step on, as "key: old -> new" lines."""
-    from gan.startup import resolve_precision_source
-
     saved = _flat(meta.get("config", {}))
     ours = _flat(cfg.to_dict())
-    # Checkpoints keep the resolved precision ("auto" -> "bf16"/"no"/...): compare like with like.
-    ours["train.mixed_precision"] = resolve_precision_source(cfg.train.mixed_precision)[0]
+    from gan.startup import resolve_precision_source  # "auto" compared as this launch resolves it
+    for d in (saved, ours):
+        if "train.mixed_precision" in d:
+            d["train.mixed_precision"] = resolve_precision_source(d["train.mixed_precision"])[0]
     arch = [f"model.{k}: checkpoint {saved.get(f'model.{k}')!r}, config {v!r}"
             for k, v in dataclasses.asdict(cfg.model).items() if saved.get(f"model.{k}") != v]
     if arch:

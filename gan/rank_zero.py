@@ -37,11 +37,13 @@ class RankZero:
 
         self.run.samples.mkdir(parents=True, exist_ok=True)
         write_text_atomic(self.run.config, config_yaml)
-        # Rows after the start step were written after the checkpoint this run resumes from (or by a run
-        # that wrote none): this run writes them again, once. TensorBoard's events are purged likewise
-        # (gan.trackers.build_trackers' purge_step).
+        # Rows and events after the start step were written after the checkpoint this run resumes
+        # from (or by a run that wrote none): this run writes them again, once.
         self.run.truncate_metrics(start_step)
         if self._acc is not None and self._acc.log_with and not self._acc.trackers:
+            for t in self._acc.log_with:  # TensorBoard drops its events after start_step as it starts
+                if getattr(t, "name", "") == "tensorboard":
+                    t.init_kwargs["purge_step"] = start_step + 1
             self._acc.init_trackers(project, config=hparams)
             self._trackers = list(self._acc.trackers)
             log_text(self._trackers, "config", config_yaml)

@@ -65,10 +65,8 @@ def flat_hparams(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def build_trackers(names: list[str], run_dir, project: str, metric_names: list[str], purge_step: int | None = None) -> list:
-    """Accelerate tracker objects for ``names`` (started later by ``accelerator.init_trackers`` on rank 0).
-    ``purge_step``: TensorBoard drops the run directory's events from that step on (written after the
-    checkpoint a run resumes from), so every step appears once."""
+def build_trackers(names: list[str], run_dir, project: str, metric_names: list[str]) -> list:
+    """Accelerate tracker objects for ``names`` (started later by ``accelerator.init_trackers`` on rank 0)."""
     from accelerate.tracking import AimTracker, MLflowTracker, TensorBoardTracker, WandBTracker
 
     class TensorBoard(TensorBoardTracker):
@@ -86,7 +84,7 @@ def build_trackers(names: list[str], run_dir, project: str, metric_names: list[s
     out = []
     for n in names:
         if n == "tensorboard":
-            out.append(TensorBoard("", str(run_dir), purge_step=purge_step))
+            out.append(TensorBoard("", str(run_dir)))
         elif n == "mlflow":
             out.append(MLflowTracker(experiment_name=project, run_name=run_dir.name))
         elif n == "wandb":

@@ -119,6 +119,7 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir "
                           f"with a directory you can write to") from None
     check_names(cfg)
+    tracker_names(cfg.log.with_)  # an unknown or uninstalled tracker fails here
     manifest = read_manifest(cfg.data.shards)
     m = cfg.model
     manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
@@ -140,10 +141,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
 
 
 def check_names(cfg: Config) -> None:
-    """The registered names of the config exist (ConfigError listing the valid ones): the loss, the
-    model and the trackers here; metric names are checked by MetricsConfig itself when the config is built."""
+    """The registered names of the config exist (ConfigError listing the valid ones): the loss and the
+    model here; metric names are checked by MetricsConfig itself when the config is built."""
     build_loss(cfg.loss)
-    tracker_names(cfg.log.with_)  # an unknown or uninstalled tracker fails here
     if cfg.model.name not in MODELS:
         build_models(cfg.model)  # raises ConfigError listing the valid architectures
 
@@ -211,7 +211,7 @@ class Trainer:
             mixed_precision=precision,
             dynamo_backend="inductor" if t.compile else "no",
             log_with=build_trackers(tracker_names(cfg.log.with_), self.run_dir, cfg.log.project,
-                                    tracked_metrics(cfg), purge_step=self._start_step() + 1) or None,
+                                    tracked_metrics(cfg)) or None,
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), pg])
         if acc.mixed_precision == "fp16" and acc.scaler is None:  # e.g. on CPU: fp16 without loss scaling
             raise ConfigError(f"config key 'train.mixed_precision': fp16 needs a gradient scaler, and Accelerate "
@@ -257,10 +257,6 @@ class Trainer:
         self._nonfinite_since = 0
 
     # ------------------------------------------------------------------ pieces
-    def _start_step(self) -> int:
-        """The step this run starts from: the resumed checkpoint's (its meta.json), else 0."""
-        return checkpoint.read_meta(self.resume_from)["step"] if self.resume_from is not None else 0
-
     def _noise(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
         z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
         y = torch.randint(0, self.cfg.model.num_classes, (batch,), device=self.device)

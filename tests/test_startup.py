@@ -37,9 +37,11 @@ def test_banner_and_resolved_precision_in_config(tmp_path, tiny_shards):
     assert f"data: tiny10 train, 240 images of 3x32x32, 10 classes, from {tiny_shards}" in out
     assert "trackers: tensorboard" in out
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == "bf16"
-    r = train(run, tiny_shards, "train.max_steps=3", "train.mixed_precision=no", resume="auto",
+    # "auto" again: resolved the same way (bf16), so the checkpoint's precision matches and it resumes
+    r = train(run, tiny_shards, "train.max_steps=3", "train.mixed_precision=auto", resume="auto",
               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     assert "(resuming from " in r.stdout and "step-00000002" in r.stdout
-    assert "precision: no (train.mixed_precision=no; accelerate launch --mixed_precision bf16 asked for bf16, " \
-           "train.mixed_precision wins)" in r.stdout
-    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == "no"
+    assert "precision: bf16 (accelerate launch --mixed_precision bf16" in r.stdout
+    # an explicit value that differs from the checkpoint's resolved one is refused (checkpoint.FIXED_ON_RESUME)
+    r = train(run, tiny_shards, "train.max_steps=4", "train.mixed_precision=no", resume="auto", check=False)
+    assert r.returncode == 2 and "train.mixed_precision: checkpoint 'bf16', now 'no'" in r.stderr

@@ -32,7 +32,7 @@ from gan.data.manifest import Manifest, ShardError, read_manifest
 from gan.data.stream import _TAG_AUG, decode_batch, parse_position
 from gan.data.tario import tar_samples
 
-_TAG_PERM = 14
+_TAG_PERM = 15  # stream.py uses 11-14
 _LOAD_CHUNK = 4096
 
 
