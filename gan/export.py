@@ -42,6 +42,9 @@ def pick_weights(run_dir: str | Path, checkpoint: str | None = None, best: bool 
     """--checkpoint PATH, else RUN/best (--best), else RUN/export (the newest export); None = let
     gan.metrics.load_generator choose (newest checkpoint)."""
     paths = run_paths(run_dir)
+    if not paths["config"].is_file():
+        raise ExportError(f"run directory not found: {run_dir} (no config.yaml). Pass the --run-dir of a "
+                          f"launch/train.py run")
     if checkpoint:
         return Path(checkpoint)
     key = "best" if best else "export"
