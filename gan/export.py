@@ -183,7 +183,8 @@ class Artifact:
     """A loaded artifact: ``artifact(z, y)`` -> float (N, C, H, W) on the CPU. Verifies artifact.json
     and the model file's sha256 before use."""
 
-    def __init__(self, directory: str | Path, device: str = "cpu", expect_sha: bool = True, meta: dict | None = None):
+    def __init__(self, directory: str | Path, device: str = "cpu", expect_sha: bool = True, meta: dict | None = None,
+                 threads: int = 0):
         d = Path(directory)
         if meta is None:
             p = d / ARTIFACT_JSON
@@ -214,7 +215,9 @@ class Artifact:
 
             providers = (["CUDAExecutionProvider"] if self.device.type == "cuda" else []) + ["CPUExecutionProvider"]
             try:
-                self.session = ort.InferenceSession(str(self.path), providers=providers)
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all cores)
+                self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
             except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
                 raise ExportError(f"{self.path} is not a loadable ONNX model ({e})") from None
 
