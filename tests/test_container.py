@@ -30,11 +30,6 @@ def engine() -> str:
 @pytest.mark.slow
 def test_serving_image_builds_and_answers(tmp_path, tiny_shards):
     eng = engine()
-    from conftest import train_debug
-    from gan.export import export
-
-    train_debug(tmp_path / "run", tiny_shards, "train.max_steps=5")
-    export(tmp_path / "run", tmp_path / "art", "torchscript")
     r = subprocess.run([eng, "build", "-f", "docker/serve.Dockerfile", "-t", "gan-serve:test", "."], cwd=REPO,
                        capture_output=True, text=True, timeout=3600)
     if r.returncode != 0 and any(s in r.stderr for s in ("pinging container registry", "no such host",
@@ -42,6 +37,11 @@ def test_serving_image_builds_and_answers(tmp_path, tiny_shards):
         pytest.skip(f"{eng} runs, but the base image cannot be pulled (no registry reachable): "
                     f"{r.stderr.strip().splitlines()[-1]}")
     assert r.returncode == 0, r.stderr[-3000:]
+    from conftest import train_debug
+    from gan.export import export
+
+    train_debug(tmp_path / "run", tiny_shards, "train.max_steps=5")
+    export(tmp_path / "run", tmp_path / "art", "torchscript")
     port = free_port()
     name = f"gan-serve-test-{port}"
     subprocess.run([eng, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "-v", f"{tmp_path / 'art'}:/model:ro",
