@@ -24,7 +24,6 @@ def free_port() -> int:
 def running_server(*args: str, timeout: float = 180):
     """Start ``launch/serve.py ARGS --host 127.0.0.1 --port P``, wait for /health, yield the base URL; stop it."""
     port = free_port()
-    log = open(os.devnull, "w")
     proc = subprocess.Popen([sys.executable, "launch/serve.py", *args, "--host", "127.0.0.1", "--port", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
@@ -52,4 +51,3 @@ def running_server(*args: str, timeout: float = 180):
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
-        log.close()

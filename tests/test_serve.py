@@ -5,7 +5,6 @@ import asyncio
 import base64
 import io
 import json
-import os
 import subprocess
 import sys
 

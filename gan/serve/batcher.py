@@ -22,6 +22,7 @@ class Batcher:
         self.batch_sizes: collections.Counter = collections.Counter()  # images per forward pass -> count
         self.requests = self.rejected = self.forwards = 0
         self._task: asyncio.Task | None = None
+        self._carry = None  # a request that did not fit into the previous batch leads the next one
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._worker())
@@ -70,8 +71,6 @@ class Batcher:
             items.append(nxt)
             n += len(nxt[0])
         return items
-
-    _carry = None
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
