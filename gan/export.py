@@ -8,7 +8,6 @@ iteration vectors, exactly what the eager eval-mode G computes).
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import warnings
@@ -82,11 +81,12 @@ def run_metrics(run_dir: str | Path, label: str) -> dict:
 
 
 def bake(G: torch.nn.Module) -> torch.nn.Module:
-    """An eval-mode copy of G with parametrizations (spectral norm) replaced by their current weights."""
+    """G, in place: eval mode, parametrizations (spectral norm) replaced by their current weights.
+    (In place because ``copy.deepcopy`` of a parametrized module does not give a removable copy.)"""
     import torch.nn.utils.parametrize as P
 
-    G = copy.deepcopy(G).cpu().eval()
-    for m in G.modules():
+    G = G.cpu().eval()
+    for m in list(G.modules()):
         if P.is_parametrized(m):
             for name in list(m.parametrizations.keys()):
                 P.remove_parametrizations(m, name, leave_parametrized=True)
@@ -152,9 +152,8 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
         raise ExportError(f"--quantize {quantize!r} is not one of: {', '.join(QUANTIZE)}")
     loaded = load_generator(run_dir, pick_weights(run_dir, checkpoint, best), "cpu")
     cfg, m = loaded.cfg, loaded.cfg.model
-    G = bake(loaded.G)
-    if quantize == "int8" and fmt == "torchscript":
-        G = quantize_dynamic(G)
+    base = bake(loaded.G)
+    G = quantize_dynamic(base) if quantize == "int8" and fmt == "torchscript" else base
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILES[fmt]
@@ -163,7 +162,7 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
     art = Artifact(out, expect_sha=False, meta={"format": fmt, "file": path.name})
     zc, yc = example_inputs(m.z_dim, m.num_classes, 7, seed=1)
     with torch.no_grad():
-        ref = bake(loaded.G)(zc, yc)
+        ref = base(zc, yc)
     diff = float((art(zc, yc) - ref).abs().max())
     tol = PARITY_TOL[quantize]
     if tol is not None and not diff <= tol:
