@@ -1,0 +1,79 @@
+#!/usr/bin/env python
+"""What export formats and int8 do on this CPU: ms per image (batch --batch, median of --repeats forward
+passes, one thread), max |difference| from the eager fp32 generator, and cls_acc / cls_fd of --num-samples
+class-balanced samples (gan.metrics' offline CIFAR-10 classifier; the same z for every variant).
+
+    python benchmarks/export_quant.py --run runs/cdcgan --num-samples 2000 --out-dir /tmp/exq
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+
+def timed(fn, z, y, repeats):
+    fn(z, y)
+    ts = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        fn(z, y)
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts) / len(z) * 1000
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", required=True)
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--max-real", type=int, default=10000)
+    p.add_argument("--out-dir", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(1)
+    from gan.export import Artifact, bake, class_names, export, pick_weights
+    from gan.metrics import load_generator
+    from gan.metrics.offline import cls_metrics
+    from gan.viz import to_uint8
+
+    loaded = load_generator(args.run, pick_weights(args.run), "cpu")
+    G, cfg = bake(loaded.G), loaded.cfg
+    m = cfg.model
+    gen = torch.Generator().manual_seed(0)
+    z = torch.randn(args.num_samples, m.z_dim, generator=gen)
+    y = torch.arange(args.num_samples) % m.num_classes
+
+    def bf16(zb, yb):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return G(zb, yb).float()
+
+    variants = {"eager fp32": G, "eager bf16 (autocast)": bf16}
+    for fmt in ("torchscript", "onnx"):
+        for q in ("none", "int8"):
+            d = Path(args.out_dir) / f"{fmt}-{q}"
+            export(args.run, d, fmt, q)
+            variants[f"{fmt} {'fp32' if q == 'none' else 'int8 dynamic'}"] = Artifact(d, threads=1)
+    ref = None
+    print(f"run {args.run}: {m.name}, step {loaded.step}, {args.num_samples} samples, batch {args.batch}")
+    print("| variant | ms/image | max abs diff vs eager fp32 | cls_acc | cls_fd |\n| --- | --- | --- | --- | --- |")
+    for name, fn in variants.items():
+        with torch.no_grad():
+            ms = timed(fn, z[:args.batch], y[:args.batch], args.repeats)
+            out = torch.cat([fn(zb, yb).float() for zb, yb in zip(z.split(args.batch), y.split(args.batch))])
+        ref = out if ref is None else ref
+        vals, _ = cls_metrics(to_uint8(out), y, ["cls_acc", "cls_fd"], class_names(cfg), cfg.data.shards, None,
+                              "cpu", max_real=args.max_real)
+        print(f"| {name} | {ms:.2f} | {(out - ref).abs().max().item():.2e} | {vals['cls_acc']:.4f} | "
+              f"{vals['cls_fd']:.3f} |", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

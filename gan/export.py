@@ -1,0 +1,228 @@
+"""Portable artifacts of a run's EMA generator: TorchScript or ONNX (optionally int8), plus
+``artifact.json`` saying what the model needs. Loads without this package: ``torch.jit.load`` or
+``onnxruntime.InferenceSession`` of ``artifact.json['file']``; inputs ``z`` float32 (N, z_dim) and
+``y`` int64 (N,), output float32 (N, C, H, W) in [-1, 1].
+
+Spectral-norm parametrizations are baked into plain weights first (eval mode: the stored power-
+iteration vectors, exactly what the eager eval-mode G computes).
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import warnings
+from pathlib import Path
+
+import torch
+
+from gan.io import write_json_atomic
+
+FORMATS = ("torchscript", "onnx")
+QUANTIZE = ("none", "int8")
+FILES = {"torchscript": "generator.pt", "onnx": "generator.onnx"}
+ARTIFACT_JSON = "artifact.json"
+# measured max |eager - artifact| is far below this (docs/benchmarks.md); fp32 reorderings only
+PARITY_TOL = {"none": 1e-4, "int8": None}
+
+
+class ExportError(ValueError):
+    """An export or artifact that cannot be used: the message names the path and the fix."""
+
+
+def run_paths(run_dir: str | Path) -> dict[str, Path]:
+    """The only place this module knows the run-directory layout (to be pointed at gan/rundir.py)."""
+    run = Path(run_dir)
+    return {"config": run / "config.yaml", "export": run / "export" / "G_ema.safetensors",
+            "best": run / "best" / "G_ema.safetensors", "metrics": run / "metrics.json",
+            "best_json": run / "best.json"}
+
+
+def pick_weights(run_dir: str | Path, checkpoint: str | None = None, best: bool = False) -> Path | None:
+    """--checkpoint PATH, else RUN/best (--best), else RUN/export (the newest export); None = let
+    gan.metrics.load_generator choose (newest checkpoint)."""
+    paths = run_paths(run_dir)
+    if not paths["config"].is_file():
+        raise ExportError(f"run directory not found: {run_dir} (no config.yaml). Pass the --run-dir of a "
+                          f"launch/train.py run")
+    if checkpoint:
+        return Path(checkpoint)
+    key = "best" if best else "export"
+    if not paths[key].is_file():
+        if best:
+            raise ExportError(f"{run_dir} has no best/G_ema.safetensors (written when metrics.every > 0 during "
+                              f"training); drop --best or evaluate during training")
+        raise ExportError(f"{run_dir} has no export/G_ema.safetensors yet (written with every checkpoint): "
+                          f"train it first, or pass --checkpoint PATH")
+    return paths[key]
+
+
+def class_names(cfg) -> list[str]:
+    from gan.data import ShardError, read_manifest
+
+    try:
+        names = list(read_manifest(cfg.data.shards).classes)
+        if len(names) == cfg.model.num_classes:
+            return names
+    except ShardError:
+        pass
+    return [str(k) for k in range(cfg.model.num_classes)]
+
+
+def run_metrics(run_dir: str | Path, label: str) -> dict:
+    paths = run_paths(run_dir)
+    try:
+        if label == "best" and paths["best_json"].is_file():
+            return dict(json.loads(paths["best_json"].read_text()).get("metrics", {}))
+        if paths["metrics"].is_file():
+            return dict(json.loads(paths["metrics"].read_text()).get("evaluations", {}).get(label, {}).get("metrics", {}))
+    except (OSError, json.JSONDecodeError):
+        pass
+    return {}
+
+
+def bake(G: torch.nn.Module) -> torch.nn.Module:
+    """G, in place: eval mode, parametrizations (spectral norm) replaced by their current weights.
+    (In place because ``copy.deepcopy`` of a parametrized module does not give a removable copy.)"""
+    import torch.nn.utils.parametrize as P
+
+    G = G.cpu().eval()
+    for m in list(G.modules()):
+        if P.is_parametrized(m):
+            for name in list(m.parametrizations.keys()):
+                P.remove_parametrizations(m, name, leave_parametrized=True)
+    return G.requires_grad_(False)
+
+
+def quantize_dynamic(G: torch.nn.Module) -> torch.nn.Module:
+    """torch dynamic int8 quantization (Linear layers; convolutions stay fp32)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return torch.ao.quantization.quantize_dynamic(G, {torch.nn.Linear}, dtype=torch.qint8)
+
+
+def example_inputs(z_dim: int, num_classes: int, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, z_dim, generator=g), torch.arange(n) % num_classes
+
+
+def save_torchscript(G, z, y, path: Path) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        ts = torch.jit.trace(G, (z, y), check_trace=False)
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.jit.save(ts, str(tmp))
+    tmp.replace(path)
+
+
+def save_onnx(G, z, y, path: Path, quantize: str) -> None:
+    batch = torch.export.Dim("batch", min=1, max=4096)
+    tmp = path.with_name(f".tmp-{path.name}")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prog = torch.onnx.export(G, (z, y), input_names=["z", "y"], output_names=["images"],
+                                 dynamic_shapes={"z": {0: batch}, "y": {0: batch}}, dynamo=True, verbose=False)
+    prog.save(str(tmp))
+    if quantize == "int8":  # onnxruntime's dynamic quantization (MatMul/Gemm weights to int8)
+        from onnxruntime.quantization import QuantType, quantize_dynamic as ort_qd
+
+        q = path.with_name(f".tmp-q-{path.name}")
+        ort_qd(str(tmp), str(q), weight_type=QuantType.QInt8)
+        tmp.unlink()
+        tmp = q
+    tmp.replace(path)
+
+
+def sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "none",
+           checkpoint: str | None = None, best: bool = False) -> dict:
+    """Write ``out_dir/generator.{pt,onnx}`` + ``artifact.json``; check the artifact against the eager
+    G on fresh inputs (another batch size than the trace) and record the max abs difference."""
+    from gan.metrics import load_generator
+
+    if fmt not in FORMATS:
+        raise ExportError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
+    if quantize not in QUANTIZE:
+        raise ExportError(f"--quantize {quantize!r} is not one of: {', '.join(QUANTIZE)}")
+    loaded = load_generator(run_dir, pick_weights(run_dir, checkpoint, best), "cpu")
+    cfg, m = loaded.cfg, loaded.cfg.model
+    base = bake(loaded.G)
+    G = quantize_dynamic(base) if quantize == "int8" and fmt == "torchscript" else base
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / FILES[fmt]
+    z, y = example_inputs(m.z_dim, m.num_classes, 4)
+    (save_torchscript if fmt == "torchscript" else lambda *a: save_onnx(*a, quantize))(G, z, y, path)
+    art = Artifact(out, expect_sha=False, meta={"format": fmt, "file": path.name})
+    zc, yc = example_inputs(m.z_dim, m.num_classes, 7, seed=1)
+    with torch.no_grad():
+        ref = base(zc, yc)
+    diff = float((art(zc, yc) - ref).abs().max())
+    tol = PARITY_TOL[quantize]
+    if tol is not None and not diff <= tol:
+        raise ExportError(f"the {fmt} artifact differs from the eager generator by {diff:.3g} (> {tol}); not written")
+    meta = {"format_version": 1, "format": fmt, "file": path.name, "sha256": sha256(path), "quantize": quantize,
+            "model": m.name, "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__},
+            "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(cfg),
+            "image_shape": [m.img_channels, m.img_size, m.img_size], "output_range": [-1, 1],
+            "inputs": {"z": ["float32", "N", m.z_dim], "y": ["int64", "N"]},
+            "step": loaded.step, "source": str(loaded.source), "label": loaded.label, "run": str(Path(run_dir)),
+            "metrics": run_metrics(run_dir, loaded.label), "parity_max_abs_diff": diff, "parity_tolerance": tol}
+    write_json_atomic(out / ARTIFACT_JSON, meta)
+    return meta
+
+
+class Artifact:
+    """A loaded artifact: ``artifact(z, y)`` -> float (N, C, H, W) on the CPU. Verifies artifact.json
+    and the model file's sha256 before use."""
+
+    def __init__(self, directory: str | Path, device: str = "cpu", expect_sha: bool = True, meta: dict | None = None,
+                 threads: int = 0):
+        d = Path(directory)
+        if meta is None:
+            p = d / ARTIFACT_JSON
+            if not p.is_file():
+                raise ExportError(f"{d} is not an exported artifact (no {ARTIFACT_JSON}); make one with "
+                                  f"`python launch/export.py --run RUN --format torchscript|onnx --out {d}`")
+            try:
+                meta = json.loads(p.read_text())
+            except (OSError, json.JSONDecodeError) as e:
+                raise ExportError(f"{p} is not valid JSON ({e}); export again") from None
+        fmt = meta.get("format")
+        if fmt not in FORMATS:
+            raise ExportError(f"{d}: artifact format {fmt!r} is not one this server loads ({', '.join(FORMATS)})")
+        self.path = d / str(meta.get("file", ""))
+        if not self.path.is_file():
+            raise ExportError(f"{d}: the model file {self.path.name!r} named in {ARTIFACT_JSON} is missing; export again")
+        if expect_sha and meta.get("sha256") != sha256(self.path):
+            raise ExportError(f"{self.path} does not match the sha256 in {ARTIFACT_JSON} (damaged or replaced); "
+                              f"export again")
+        self.meta, self.format, self.device = meta, fmt, torch.device(device)
+        if fmt == "torchscript":
+            try:
+                self.module = torch.jit.load(str(self.path), map_location=self.device).eval()
+            except RuntimeError as e:
+                raise ExportError(f"{self.path} is not a loadable TorchScript file ({str(e).splitlines()[0]})") from None
+        else:
+            import onnxruntime as ort
+
+            providers = (["CUDAExecutionProvider"] if self.device.type == "cuda" else []) + ["CPUExecutionProvider"]
+            try:
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all cores)
+                self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+            except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
+                raise ExportError(f"{self.path} is not a loadable ONNX model ({e})") from None
+
+    @torch.no_grad()
+    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        if self.format == "torchscript":
+            return self.module(z.to(self.device), y.to(self.device)).float().cpu()
+        out = self.session.run(None, {"z": z.float().cpu().numpy(), "y": y.long().cpu().numpy()})[0]
+        return torch.from_numpy(out)

@@ -1,0 +1,101 @@
+"""Dynamic batching: requests wait in a bounded asyncio queue; one worker takes the first, gathers more
+until ``max_batch`` images or ``max_wait_ms`` have passed, runs ONE forward pass (in a thread, so the
+event loop keeps serving), and splits the result. A full queue raises :class:`QueueFull` (the app
+answers 503 + Retry-After). ``max_batch=0`` turns batching off: one forward pass per request."""
+from __future__ import annotations
+
+import asyncio
+import collections
+import time
+
+import torch
+
+
+class QueueFull(RuntimeError):
+    pass
+
+
+class Batcher:
+    def __init__(self, model, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 256):
+        self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000
+        self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
+        self.batch_sizes: collections.Counter = collections.Counter()  # images per forward pass -> count
+        self.requests = self.rejected = self.forwards = 0
+        self._task: asyncio.Task | None = None
+        self._carry = None  # a request that did not fit into the previous batch leads the next one
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._worker())
+
+    async def stop(self) -> None:
+        if self._task:
+            self._task.cancel()
+            try:
+                await self._task
+            except asyncio.CancelledError:
+                pass
+
+    async def submit(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        fut = asyncio.get_running_loop().create_future()
+        try:
+            self.queue.put_nowait((z, y, fut))
+        except asyncio.QueueFull:
+            self.rejected += 1
+            raise QueueFull(f"{self.queue.maxsize} requests are already waiting") from None
+        self.requests += 1
+        return await fut
+
+    async def _gather(self) -> list:
+        if self._carry is not None:  # the request that did not fit into the previous batch
+            items, self._carry = [self._carry], None
+        else:
+            items = [await self.queue.get()]
+        if self.max_batch <= 0:
+            return items
+        n = len(items[0][0])
+        deadline = time.monotonic() + self.max_wait
+        while n < self.max_batch:
+            if self.queue.empty():
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    break
+                try:
+                    nxt = await asyncio.wait_for(self.queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+            else:
+                nxt = self.queue.get_nowait()
+            if n + len(nxt[0]) > self.max_batch:  # would overflow: it leads the next batch
+                self._carry = nxt
+                break
+            items.append(nxt)
+            n += len(nxt[0])
+        return items
+
+    async def _worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            items = await self._gather()
+            items = [it for it in items if not it[2].cancelled()]
+            if not items:
+                continue
+            z = torch.cat([it[0] for it in items])
+            y = torch.cat([it[1] for it in items])
+            try:
+                out = await loop.run_in_executor(None, self.model, z, y)
+            except Exception as e:  # noqa: BLE001 (every waiting request gets the error)
+                for it in items:
+                    if not it[2].done():
+                        it[2].set_exception(e)
+                continue
+            self.forwards += 1
+            self.batch_sizes[len(z)] += 1
+            for part, it in zip(out.split([len(it[0]) for it in items]), items):
+                if not it[2].done():
+                    it[2].set_result(part)
+
+    def stats(self) -> dict:
+        return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000, "queue_size": self.queue.qsize(),
+                "queue_limit": self.queue.maxsize, "requests": self.requests, "rejected": self.rejected,
+                "forward_passes": self.forwards,
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}

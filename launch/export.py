@@ -1,0 +1,49 @@
+#!/usr/bin/env python
+"""Export a run's EMA generator as a self-contained artifact (TorchScript or ONNX, optionally int8).
+
+    python launch/export.py --run runs/cdcgan --format torchscript --out artifacts/cdcgan-ts
+    python launch/export.py --run runs/cdcgan --best --format onnx --out artifacts/cdcgan-onnx
+    python launch/export.py --run runs/biggan --format torchscript --quantize int8 --out artifacts/biggan-int8
+
+Weights: --checkpoint PATH, or RUN/best (--best), or RUN/export (default, the newest export).
+Writes OUT/generator.pt|generator.onnx and OUT/artifact.json (z_dim, classes and names, image
+shape, step, metrics, parity with the eager generator).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", "--run-dir", dest="run", required=True)
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a G_ema.safetensors file")
+    src.add_argument("--best", action="store_true", help="RUN/best (the best evaluation during training)")
+    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
+    p.add_argument("--quantize", default="none", choices=("none", "int8"))
+    p.add_argument("--out", required=True)
+    args = p.parse_args(argv)
+
+    from gan.checkpoint import CheckpointError
+    from gan.config import ConfigError
+    from gan.export import ExportError, export
+    from gan.metrics import MetricError
+
+    try:
+        meta = export(args.run, args.out, args.format, args.quantize, args.checkpoint, args.best)
+    except (ExportError, MetricError, CheckpointError, ConfigError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({k: meta[k] for k in ("format", "quantize", "file", "step", "parity_max_abs_diff")}))
+    print(Path(args.out) / meta["file"])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

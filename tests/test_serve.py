@@ -1,0 +1,205 @@
+"""Export parity (eager vs TorchScript vs ONNX in onnxruntime) and every endpoint of a real server."""
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from conftest import REPO, train_debug
+from serve_helpers import running_server
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("fastapi")
+pytest.importorskip("onnxruntime")
+
+TOL = 1e-4  # fp32 artifacts vs the eager G (measured: 0 for TorchScript, < 1e-6 for ONNX)
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory, tiny_shards):
+    run = tmp_path_factory.mktemp("serve") / "run"
+    train_debug(run, tiny_shards, "train.max_steps=5")
+    return run
+
+
+@pytest.fixture(scope="module")
+def artifacts(run_dir, tmp_path_factory):
+    from gan.export import export
+
+    out = tmp_path_factory.mktemp("artifacts")
+    return {f: (out / f, export(run_dir, out / f, f)) for f in ("torchscript", "onnx")}
+
+
+def eager(run_dir):
+    from gan.export import bake
+    from gan.metrics import load_generator
+
+    return bake(load_generator(run_dir, run_dir / "export" / "G_ema.safetensors").G)
+
+
+def test_export_parity_and_metadata(run_dir, artifacts):
+    from gan.export import Artifact
+
+    G = eager(run_dir)
+    for n in (1, 13):  # other batch sizes than the trace/export used
+        z, y = torch.randn(n, G.z_dim), torch.arange(n) % 10
+        ref = G(z, y)
+        for fmt, (d, meta) in artifacts.items():
+            assert meta["parity_max_abs_diff"] <= TOL
+            got = Artifact(d)(z, y)
+            assert got.shape == ref.shape == (n, 3, 32, 32)
+            assert (got - ref).abs().max().item() <= TOL, fmt
+    meta = artifacts["onnx"][1]
+    assert meta["class_names"] == [f"class{k}" for k in range(10)]
+    assert meta["z_dim"] == G.z_dim and meta["image_shape"] == [3, 32, 32] and meta["step"] == 5
+
+
+def test_artifacts_load_without_this_package(artifacts, tmp_path):
+    """Only torch / onnxruntime + artifact.json: the loaded modules never include gan."""
+    script = r"""
+import json, sys, numpy as np, torch, onnxruntime as ort
+ts_dir, onnx_dir = sys.argv[1:3]
+m = json.load(open(ts_dir + "/artifact.json"))
+z = torch.randn(3, m["z_dim"]); y = torch.tensor([0, 1, 2])
+a = torch.jit.load(ts_dir + "/" + m["file"])(z, y)
+s = ort.InferenceSession(onnx_dir + "/generator.onnx", providers=["CPUExecutionProvider"])
+b = s.run(None, {"z": z.numpy(), "y": y.numpy()})[0]
+assert not any(k == "gan" or k.startswith("gan.") for k in sys.modules), "gan was imported"
+print(float(abs(a.numpy() - b).max()))
+"""
+    r = subprocess.run([sys.executable, "-I", "-c", script, str(artifacts["torchscript"][0]), str(artifacts["onnx"][0])],
+                       cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert float(r.stdout.strip().splitlines()[-1]) <= TOL
+
+
+def test_int8_export_runs(run_dir, tmp_path):
+    from gan.export import Artifact, export
+
+    G = eager(run_dir)
+    z, y = torch.randn(4, G.z_dim), torch.arange(4)
+    for fmt in ("torchscript", "onnx"):
+        meta = export(run_dir, tmp_path / fmt, fmt, "int8")
+        assert meta["quantize"] == "int8"
+        out = Artifact(tmp_path / fmt)(z, y)
+        assert torch.isfinite(out).all() and out.shape == (4, 3, 32, 32)
+
+
+def test_export_cli_errors(run_dir, tmp_path):
+    cli = [sys.executable, "launch/export.py", "--format", "onnx", "--out", str(tmp_path / "x")]
+    r = subprocess.run(cli + ["--run", str(tmp_path / "nope")], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "run directory not found" in r.stderr
+    r = subprocess.run(cli + ["--run", str(run_dir), "--best"], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and "best/G_ema.safetensors" in r.stderr
+
+
+def png_size(data: bytes) -> tuple[int, int]:
+    from PIL import Image
+
+    return Image.open(io.BytesIO(data)).size
+
+
+async def _post_many(url, bodies, accept="image/png"):
+    async with httpx.AsyncClient(timeout=300) as c:
+        return await asyncio.gather(*[c.post(url + "/generate", json=b, headers={"Accept": accept}) for b in bodies])
+
+
+@pytest.mark.slow
+def test_endpoints_batching_and_bad_input(artifacts):
+    with running_server("--artifact", str(artifacts["torchscript"][0]), "--max-batch", "64", "--max-wait-ms", "50") as url:
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        info = httpx.get(url + "/info").json()
+        assert info["classes"][3] == {"index": 3, "name": "class3"} and info["step"] == 5
+        assert httpx.get(url + "/docs").status_code == 200 and "/generate" in httpx.get(url + "/openapi.json").text
+        assert "<select" in httpx.get(url + "/").text
+        r = httpx.post(url + "/generate", json={"class": "class2", "n": 10, "seed": 7}, timeout=120)
+        assert r.status_code == 200 and r.headers["content-type"] == "image/png"
+        assert png_size(r.content) == (8 * 34 + 2, 2 * 34 + 2)  # 8 per row, 2 px padding
+        j = httpx.post(url + "/generate", json={"class": 2, "n": 3, "seed": 7},
+                       headers={"Accept": "application/json"}, timeout=120).json()
+        assert j["class_name"] == "class2" and len(j["images"]) == 3
+        assert png_size(base64.b64decode(j["images"][0])) == (32, 32)
+        alone = j["images"]
+        # same seed and class -> same images, also when batched with 31 other requests
+        bodies = [{"class": k % 10, "n": 1 + k % 3, "seed": 1000 + k} for k in range(31)] + [{"class": 2, "n": 3, "seed": 7}]
+        rs = asyncio.run(_post_many(url, bodies, "application/json"))
+        assert [r.status_code for r in rs] == [200] * 32
+        assert rs[-1].json()["images"] == alone
+        assert [len(r.json()["images"]) for r in rs] == [b["n"] for b in bodies]
+        sizes = {int(k): v for k, v in httpx.get(url + "/info").json()["batching"]["batch_sizes"].items()}
+        assert max(sizes) > 3, sizes  # requests shared forward passes (larger than any single request)
+        assert httpx.post(url + "/generate", json={"class": 1, "n": 2}).headers["x-seed"].isdigit()
+        # bad input: 4xx naming the field and the allowed values
+        for body, field in [({"class": "dragon"}, "class"), ({"class": 10}, "class"), ({"class": 0, "n": 0}, "n"),
+                            ({"class": 0, "n": 65}, "n"), ({"class": 0, "seed": -1}, "seed"),
+                            ({"class": 0, "truncation": 9}, "truncation"), ({"class": 0, "colour": 1}, "colour")]:
+            r = httpx.post(url + "/generate", json=body)
+            assert r.status_code == 422, (body, r.text)
+            d = r.json()["detail"][0]
+            assert d["field"] == field and d["allowed"], (body, d)
+        r = httpx.post(url + "/generate", content=b"{not json", headers={"Content-Type": "application/json"})
+        assert r.status_code == 400 and "JSON" in r.json()["detail"][0]["message"]
+        assert httpx.get(url + "/health").status_code == 200
+
+
+@pytest.mark.slow
+def test_full_queue_answers_503_and_recovers(artifacts):
+    with running_server("--artifact", str(artifacts["onnx"][0]), "--max-batch", "0", "--max-queue", "2") as url:
+        rs = asyncio.run(_post_many(url, [{"class": 0, "n": 64, "seed": k} for k in range(24)]))
+        codes = [r.status_code for r in rs]
+        assert set(codes) <= {200, 503} and 503 in codes and 200 in codes, codes
+        busy = next(r for r in rs if r.status_code == 503)
+        assert busy.headers["retry-after"] == "1" and "busy" in busy.json()["detail"]
+        stats = httpx.get(url + "/metrics").json()
+        assert stats["rejected"] == codes.count(503) and set(stats["batch_sizes"]) == {"64"}
+        assert httpx.post(url + "/generate", json={"class": 0}, timeout=120).status_code == 200
+
+
+def test_startup_errors_before_binding(run_dir, tmp_path, artifacts):
+    def serve(*args):
+        return subprocess.run([sys.executable, "launch/serve.py", *args, "--port", "1"], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    r = serve("--artifact", str(tmp_path / "missing"))
+    assert r.returncode == 2 and "artifact directory not found" in r.stderr
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    (bare / "config.yaml").write_text((run_dir / "config.yaml").read_text())
+    r = serve("--run", str(bare))
+    assert r.returncode == 2 and "no export/G_ema.safetensors yet" in r.stderr
+    other = tmp_path / "other"
+    other.mkdir()
+    meta = json.loads((artifacts["onnx"][0] / "artifact.json").read_text())
+    (other / "artifact.json").write_text(json.dumps({**meta, "format": "tflite"}))
+    r = serve("--artifact", str(other))
+    assert r.returncode == 2 and "format 'tflite'" in r.stderr
+    damaged = tmp_path / "damaged"
+    damaged.mkdir()
+    (damaged / "artifact.json").write_text(json.dumps(meta))
+    data = (artifacts["onnx"][0] / "generator.onnx").read_bytes()
+    (damaged / "generator.onnx").write_bytes(data[: len(data) // 2])
+    r = serve("--artifact", str(damaged))
+    assert r.returncode == 2 and "sha256" in r.stderr
+
+
+def test_bake_spectral_norm_biggan_matches_eager():
+    """BigGAN with spectral norm in G: the baked copy computes what the eval-mode G computes."""
+    from gan.config import from_dict
+    from gan.export import bake
+    from gan.models import build_models
+
+    cfg = from_dict({"model": {"name": "biggan", "g_channels": 8, "d_channels": 8, "z_dim": 20, "shared_dim": 16,
+                               "hier_z": True, "g_spectral_norm": True}}).model
+    G = build_models(cfg)[0].eval()
+    z, y = torch.randn(3, 20), torch.arange(3)
+    with torch.no_grad():
+        ref = G(z, y)
+        baked = bake(G)
+        assert not any(hasattr(m, "parametrizations") for m in baked.modules())
+        assert (baked(z, y) - ref).abs().max().item() <= 1e-5
