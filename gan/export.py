@@ -30,11 +30,12 @@ class ExportError(ValueError):
 
 
 def run_paths(run_dir: str | Path) -> dict[str, Path]:
-    """The only place this module knows the run-directory layout (to be pointed at gan/rundir.py)."""
-    run = Path(run_dir)
-    return {"config": run / "config.yaml", "export": run / "export" / "G_ema.safetensors",
-            "best": run / "best" / "G_ema.safetensors", "metrics": run / "metrics.json",
-            "best_json": run / "best.json"}
+    """What export and serving read from a run directory (gan/rundir.py owns the layout)."""
+    from gan.rundir import RunDir
+
+    run = RunDir(run_dir)
+    return {"config": run.config, "export": run.export / "G_ema.safetensors",
+            "best": run.best / "G_ema.safetensors", "metrics": run.metrics_json, "best_json": run.best_json}
 
 
 def pick_weights(run_dir: str | Path, checkpoint: str | None = None, best: bool = False) -> Path | None:

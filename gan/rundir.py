@@ -221,6 +221,11 @@ class RunDir:
         return self.root / "best.json"
 
     @property
+    def metrics_json(self) -> Path:
+        """launch/evaluate.py's merged results."""
+        return self.root / "metrics.json"
+
+    @property
     def lock_file(self) -> Path:
         return self.root / ".lock"
 

@@ -28,6 +28,7 @@ from gan.checkpoint import CheckpointError  # noqa: E402
 from gan.config import ConfigError  # noqa: E402
 from gan.data import ShardError  # noqa: E402
 from gan.metrics.names import valid_list  # noqa: E402
+from gan.rundir import RunDir  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         details["processes"] = acc.num_processes
         if acc.is_main_process:
             step = loaded.step if loaded.step is not None else 0
-            merge_metrics_json(run / "metrics.json", loaded.label, loaded.step, str(loaded.source), values, details)
+            merge_metrics_json(RunDir(run).metrics_json, loaded.label, loaded.step, str(loaded.source), values, details)
             if not args.no_tensorboard:
                 log_tensorboard(run, step, values)
             result = {"run": str(run), "checkpoint": str(loaded.source), "step": loaded.step, "metrics": values}
