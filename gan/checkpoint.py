@@ -58,8 +58,10 @@ def read_meta(path: str | Path) -> dict:
     return json.loads((path / META).read_text())
 
 
-def save(accelerator, root: str | Path, step: int, meta: dict, keep: int) -> Path:
-    """Collective. Writes ``root/step-XXXXXXXX`` atomically and keeps the newest ``keep``."""
+def save(accelerator, root: str | Path, step: int, meta: dict, keep: int, extra=None) -> Path:
+    """Collective. Writes ``root/step-XXXXXXXX`` atomically and keeps the newest ``keep``.
+    ``extra(dir)``, run on every rank after Accelerate's state, writes what lives outside it
+    (DeepSpeed engines: gan.backends)."""
     root = Path(root)
     tmp, final = root / f".tmp-{ckpt_name(step)}", root / ckpt_name(step)
     if accelerator.is_main_process:
@@ -67,6 +69,8 @@ def save(accelerator, root: str | Path, step: int, meta: dict, keep: int) -> Pat
         shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
     accelerator.wait_for_everyone()
     accelerator.save_state(str(tmp))
+    if extra is not None:
+        extra(tmp)
     accelerator.wait_for_everyone()  # every rank's RNG file is in place
     if accelerator.is_main_process:
         write_json_atomic(tmp / META, {**meta, "step": step, "world_size": accelerator.num_processes})
@@ -86,10 +90,12 @@ def save(accelerator, root: str | Path, step: int, meta: dict, keep: int) -> Pat
     return final
 
 
-def load(accelerator, path: str | Path) -> dict:
+def load(accelerator, path: str | Path, extra=None) -> dict:
     """Collective. Restores everything ``save`` wrote and returns the checkpoint's meta."""
     meta = read_meta(path)
     accelerator.load_state(str(path))
+    if extra is not None:
+        extra(Path(path))
     return meta
 
 

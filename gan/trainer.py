@@ -18,12 +18,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from gan import checkpoint
+from gan.backends import Update, backend_of, build_backend
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
 from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
+from gan.optim import build_scheduler
 from gan.rank_zero import RankZero
 
 
@@ -97,6 +99,17 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     if path is None:
         return None
     meta = checkpoint.read_meta(path)
+    written_by = backend_of(meta)
+    if written_by != cfg.train.backend:
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} was written by the {written_by} backend and this run uses train.backend="
+            f"{cfg.train.backend}. Resume it with train.backend={written_by}; it can't be converted in place "
+            f"(the optimizer states are laid out differently: {'ZeRO partitions, one file per rank' if written_by == 'deepspeed' else 'whole, in Accelerate files'}). "
+            f"Its EMA G export (RUN/export/) works with either backend; to switch, start a new --run-dir")
+    if written_by == "deepspeed" and meta.get("world_size") not in (None, _world_size()):
+        raise checkpoint.CheckpointError(
+            f"checkpoint {path} holds ZeRO optimizer states partitioned over {meta['world_size']} ranks and this run "
+            f"has {_world_size()}; resume it with {meta['world_size']} processes (--nproc_per_node), or start a new --run-dir")
     saved = meta.get("config", {}).get("model", {})
     diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in dataclasses.asdict(m).items()
             if saved.get(k) != v]
@@ -105,6 +118,11 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
             f"checkpoint {path} was written for a different architecture ({'; '.join(diff)}). "
             f"Resume with the config saved in {path / checkpoint.META}, or start a new --run-dir")
     return path
+
+
+def _world_size() -> int:
+    import os
+    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def resolve_precision(name: str) -> str:
@@ -179,13 +197,21 @@ class Trainer:
         G, D = G.to(self.device, memory_format=self.memory_format), D.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(G, cfg.ema)
         o = cfg.optim
-        opt_G = build_optimizer(G.parameters(), o, o.lr_g, o.betas_g, self.device)
-        opt_D = build_optimizer(D.parameters(), o, o.lr_d, o.betas_d, self.device)
-        self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
-        factor = lr_factor(o, t.max_steps)
-        # Not prepared: Accelerate would step a prepared scheduler once per process.
-        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G.optimizer, factor)
-        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D.optimizer, factor)
+        self.backend = None
+        if t.backend == "deepspeed":  # TODO(issue 11, phase 2): DDP through gan.backends.DDPBackend too
+            self.backend = build_backend(cfg, acc, resolve_precision(t.mixed_precision))
+            self.G, self.D = self.backend.prepare(G, D)
+            self.opt_G, self.opt_D = self.backend.optimizers["G"], self.backend.optimizers["D"]
+            self.sched_G = build_scheduler(self.opt_G, o, t.max_steps)
+            self.sched_D = build_scheduler(self.opt_D, o, t.max_steps)
+        else:
+            opt_G = build_optimizer(G.parameters(), o, o.lr_g, o.betas_g, self.device)
+            opt_D = build_optimizer(D.parameters(), o, o.lr_d, o.betas_d, self.device)
+            self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
+            factor = lr_factor(o, t.max_steps)
+            # Not prepared: Accelerate would step a prepared scheduler once per process.
+            self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G.optimizer, factor)
+            self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D.optimizer, factor)
         self.loss = build_loss(cfg.loss)
         self.state = TrainState()
         acc.register_for_checkpointing(self.ema, self.state, self.sched_G, self.sched_D)
@@ -222,6 +248,9 @@ class Trainer:
         """One optimizer update: the only place that calls backward() and step(). No host sync
         here on the bf16/fp32 path with a fused optimizer: a non-finite gradient skips the update on
         the device and is counted there; ``_check_nonfinite`` reads the count once per log interval."""
+        if self.backend is not None:
+            self._account(name, self.backend.update(name[0], loss), sched)
+            return
         opt.zero_grad(set_to_none=True)
         self.accelerator.backward(loss)
         self.accelerator.unscale_gradients(opt)  # no-op unless fp16
@@ -257,6 +286,24 @@ class Trainer:
             self._nonfinite[name] = self._nonfinite.get(name, 0) + 1
             self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {gnorm.item():.4g}", last=self.state.step)
         self.stats.report(f"GradNorm/{name}", gnorm.float())
+        if name in ("D", "G"):
+            self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
+
+    def _account(self, name: str, u: Update, sched) -> None:
+        """The non-finite/fp16 policy for a backend's update (gan.backends)."""
+        if u.fp16_skipped is not None:
+            self.stats.report("Mixed/fp16_skipped", float(u.fp16_skipped))
+            if u.fp16_skipped:
+                self.state.fp16_skipped += 1
+                self._fp16_streak += 1
+                if self._fp16_streak > self.cfg.train.max_skipped:
+                    raise NonFiniteError(f"{self._fp16_streak} fp16 steps in a row overflowed in {name}; "
+                                         f"the loss is diverging. Lower the learning rates or use bf16")
+            else:
+                self._fp16_streak = 0
+        elif torch.is_tensor(u.nonfinite) or u.nonfinite:
+            self._nonfinite[name] = self._nonfinite.get(name, 0) + u.nonfinite
+        self.stats.report(f"GradNorm/{name}", u.gnorm)
         if name in ("D", "G"):
             self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
 
@@ -304,8 +351,8 @@ class Trainer:
                     self._optimize("D_reg", loss, self.D, self.opt_D, self.sched_D)
                     self._report(stats)
             z, y_fake = self._noise(B)
-            with acc.no_sync(self.D), _frozen(self.D):
-                loss, stats = self.loss.g_loss(self.D, self.G(z, y_fake), y_fake)
+            with self._g_phase() as D:
+                loss, stats = self.loss.g_loss(D, self.G(z, y_fake), y_fake)
                 self._optimize("G", loss, self.G, self.opt_G, self.sched_G)
             self._report(stats)
         self.sched_G.step()
@@ -314,6 +361,16 @@ class Trainer:
         self.state.step += 1
         self.state.images_seen += self.cfg.optim.n_dis * B * acc.num_processes
         self.state.data = self.stream.state_dict()
+
+    @contextlib.contextmanager
+    def _g_phase(self):
+        """D for the G phase: frozen, without gradient sync (the backend's, where there is one)."""
+        if self.backend is not None:
+            with self.backend.g_phase() as D:
+                yield D
+            return
+        with self.accelerator.no_sync(self.D), _frozen(self.D):
+            yield self.D
 
     def _report(self, stats: dict) -> None:
         for k, v in stats.items():
@@ -344,7 +401,8 @@ class Trainer:
         broadcast_buffers([self.G, self.D, self.ema.model])  # collective, every rank
         check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model}, self.device)  # collective
         path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
-                               {"config": self.cfg.to_dict()}, self.cfg.checkpoint.keep)
+                               {"config": self.cfg.to_dict(), "backend": self.cfg.train.backend}, self.cfg.checkpoint.keep,
+                               extra=self.backend.save if self.backend is not None else None)
         if self.rank0.enabled:
             checkpoint.export_generator(self.run_dir / "export", self.ema.model,
                                         dataclasses.asdict(self.cfg.model), self.state.step)
@@ -376,7 +434,7 @@ class Trainer:
         """Resume if asked, train to ``train.max_steps``. Returns "finished" or "preempted"."""
         acc, cfg = self.accelerator, self.cfg
         if self.resume_from is not None:
-            checkpoint.load(acc, self.resume_from)
+            checkpoint.load(acc, self.resume_from, extra=self.backend.load if self.backend is not None else None)
             self.stream.load_state_dict(self.state.data)
         self._batches = None
         StopRequest.install()  # idempotent; launch/train.py installs it before building
