@@ -209,7 +209,14 @@ class DeepSpeedBackend:
             if dtype is not None:
                 model.register_forward_pre_hook(_cast_floating_inputs(dtype))
             opt = build_optimizer(model.parameters(), o, lr, betas)
+            # DeepSpeed's initial weight broadcast views each weight as bytes, which a 0-dim tensor
+            # (self-attention's gamma) can't do: give those a shape of (1,) while the engine is built.
+            scalars = [p for p in model.parameters() if p.dim() == 0]
+            for p in scalars:
+                p.data = p.data.reshape(1)
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.config)
+            for p in scalars:  # still a view of ZeRO's flat weight buffer
+                p.data = p.data.reshape(())
             self.engines[net], self.optimizers[net] = engine, opt
         return self.engines["G"], self.engines["D"]
 
