@@ -6,9 +6,7 @@ check, step), so a backend whose backward also steps (DeepSpeed) plugs in at one
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import math
 import signal
 import time
 from pathlib import Path
@@ -18,14 +16,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
 from gan import checkpoint
-from gan.backends import Update, backend_of, build_backend
+from gan.backends import backend_of, build_backend
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
 from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
-from gan.optim import build_scheduler
+from gan.optim import build_optimizer, build_scheduler, lr_factor  # noqa: F401 (re-exported for callers)
 from gan.rank_zero import RankZero
 
 
@@ -132,47 +130,6 @@ def resolve_precision(name: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def lr_factor(o, max_steps: int):
-    """The LR multiplier as a function of the G step, for ``optim.lr_schedule``."""
-    start, span = o.lr_decay_start, max(1, max_steps - o.lr_decay_start)
-    if o.lr_schedule == "linear":
-        return lambda s: 1.0 if s < start else max(0.0, 1.0 - (s - start) / span)
-    if o.lr_schedule == "cosine":
-        return lambda s: 1.0 if s < start else 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - start) / span)))
-    if o.lr_schedule == "step":
-        return lambda s: o.lr_gamma ** (s // o.lr_step_every)
-    if o.lr_schedule == "exponential":
-        return lambda s: o.lr_gamma ** (s / o.lr_step_every)
-    return lambda s: 1.0
-
-
-def build_optimizer(params, o, lr: float, betas, device: torch.device) -> torch.optim.Optimizer:
-    """Adam and AdamW use the fused kernels (CUDA and CPU): one launch per step, and the non-finite
-    skip happens on the device (see Trainer._optimize). RMSprop has no fused kernel: foreach."""
-    if o.name in ("adam", "adamw"):
-        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=tuple(betas), eps=o.eps, weight_decay=o.weight_decay, fused=True)
-    return torch.optim.RMSprop(params, lr=lr, eps=o.eps, weight_decay=o.weight_decay, foreach=True)
-
-
-def skips_on_device(opt: torch.optim.Optimizer) -> bool:
-    """True for optimizers whose step() honours ``found_inf`` on the device (fused Adam/AdamW):
-    a step with found_inf=1 changes neither the weights nor the moments nor the step count."""
-    return bool(getattr(opt, "_step_supports_amp_scaling", False))
-
-
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module):
-    """D's weights need no gradients in the G phase (its input gradient is all G needs)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
-
-
 # ---------------------------------------------------------------------------- trainer
 
 
@@ -196,22 +153,10 @@ class Trainer:
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         G, D = G.to(self.device, memory_format=self.memory_format), D.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(G, cfg.ema)
-        o = cfg.optim
-        self.backend = None
-        if t.backend == "deepspeed":  # TODO(issue 11, phase 2): DDP through gan.backends.DDPBackend too
-            self.backend = build_backend(cfg, acc, resolve_precision(t.mixed_precision))
-            self.G, self.D = self.backend.prepare(G, D)
-            self.opt_G, self.opt_D = self.backend.optimizers["G"], self.backend.optimizers["D"]
-            self.sched_G = build_scheduler(self.opt_G, o, t.max_steps)
-            self.sched_D = build_scheduler(self.opt_D, o, t.max_steps)
-        else:
-            opt_G = build_optimizer(G.parameters(), o, o.lr_g, o.betas_g, self.device)
-            opt_D = build_optimizer(D.parameters(), o, o.lr_d, o.betas_d, self.device)
-            self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
-            factor = lr_factor(o, t.max_steps)
-            # Not prepared: Accelerate would step a prepared scheduler once per process.
-            self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G.optimizer, factor)
-            self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D.optimizer, factor)
+        self.backend = build_backend(cfg, acc, resolve_precision(t.mixed_precision))  # DDP or DeepSpeed
+        self.G, self.D = self.backend.prepare(G, D)
+        self.sched_G = build_scheduler(self.backend.optimizers["G"], cfg.optim, t.max_steps)
+        self.sched_D = build_scheduler(self.backend.optimizers["D"], cfg.optim, t.max_steps)
         self.loss = build_loss(cfg.loss)
         self.state = TrainState()
         acc.register_for_checkpointing(self.ema, self.state, self.sched_G, self.sched_D)
@@ -244,53 +189,12 @@ class Trainer:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=True)
 
-    def _optimize(self, name: str, loss: torch.Tensor, model, opt, sched) -> None:
-        """One optimizer update: the only place that calls backward() and step(). No host sync
-        here on the bf16/fp32 path with a fused optimizer: a non-finite gradient skips the update on
-        the device and is counted there; ``_check_nonfinite`` reads the count once per log interval."""
-        if self.backend is not None:
-            self._account(name, self.backend.update(name[0], loss), sched)
-            return
-        opt.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        self.accelerator.unscale_gradients(opt)  # no-op unless fp16
-        params = [p for p in model.parameters() if p.grad is not None]
-        if self.cfg.optim.grad_clip:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # gnorm is identical on every rank (gradients are all-reduced), so every rank decides alike.
-        if self.accelerator.mixed_precision == "fp16":
-            opt.step()  # the shared GradScaler skips overflowing steps and lowers the scale (it syncs)
-            if opt.step_was_skipped:
-                self.state.fp16_skipped += 1
-                self.stats.report("Mixed/fp16_skipped", 1.0)
-                self._fp16_streak += 1
-                if self._fp16_streak > self.cfg.train.max_skipped:
-                    raise NonFiniteError(f"{self._fp16_streak} fp16 steps in a row overflowed in {name}; "
-                                         f"the loss is diverging. Lower the learning rates or use bf16")
-            else:
-                self._fp16_streak = 0
-                self.stats.report("Mixed/fp16_skipped", 0.0)
-        elif skips_on_device(opt.optimizer):
-            bad = (~torch.isfinite(gnorm)).float()
-            opt.optimizer.found_inf = bad  # the fused kernel leaves everything as it was where this is 1
-            try:
-                opt.step()
-            finally:
-                del opt.optimizer.found_inf
-            self._nonfinite[name] = self._nonfinite.get(name, 0) + bad
-        elif torch.isfinite(gnorm):  # RMSprop: one host sync per update
-            opt.step()
-        else:
-            self._nonfinite[name] = self._nonfinite.get(name, 0) + 1
-            self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {gnorm.item():.4g}", last=self.state.step)
-        self.stats.report(f"GradNorm/{name}", gnorm.float())
-        if name in ("D", "G"):
-            self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
-
-    def _account(self, name: str, u: Update, sched) -> None:
-        """The non-finite/fp16 policy for a backend's update (gan.backends)."""
+    def _optimize(self, name: str, loss: torch.Tensor, sched) -> None:
+        """One optimizer update through the backend (gan.backends), then the one non-finite/fp16
+        policy for every backend. Non-finite updates were not applied; counts on the device (DDP with
+        fused Adam) are read once per log interval by ``_check_nonfinite``, counts already on the host
+        (RMSprop, DeepSpeed) right away."""
+        u = self.backend.update(name[0], loss)
         if u.fp16_skipped is not None:
             self.stats.report("Mixed/fp16_skipped", float(u.fp16_skipped))
             if u.fp16_skipped:
@@ -301,9 +205,12 @@ class Trainer:
                                          f"the loss is diverging. Lower the learning rates or use bf16")
             else:
                 self._fp16_streak = 0
-        elif torch.is_tensor(u.nonfinite) or u.nonfinite:
+        elif torch.is_tensor(u.nonfinite):
             self._nonfinite[name] = self._nonfinite.get(name, 0) + u.nonfinite
-        self.stats.report(f"GradNorm/{name}", u.gnorm)
+        elif u.nonfinite:
+            self._nonfinite[name] = self._nonfinite.get(name, 0) + u.nonfinite
+            self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {float(u.gnorm):.4g}", last=self.state.step)
+        self.stats.report(f"GradNorm/{name}", u.gnorm.float() if torch.is_tensor(u.gnorm) else u.gnorm)
         if name in ("D", "G"):
             self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
 
@@ -344,33 +251,23 @@ class Trainer:
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
                 loss, stats = self.loss.d_loss(self.D, real, y_real, fake, y_fake)
-                self._optimize("D", loss, self.D, self.opt_D, self.sched_D)
+                self._optimize("D", loss, self.sched_D)
                 self._report(stats)
                 if self.loss.has_regularizer and (self.state.step * n_dis + i) % self.loss.cfg.r1_every == 0:
                     loss, stats = self.loss.d_regularizer(self.D, real, y_real)  # lazy R1: its own update
-                    self._optimize("D_reg", loss, self.D, self.opt_D, self.sched_D)
+                    self._optimize("D_reg", loss, self.sched_D)
                     self._report(stats)
             z, y_fake = self._noise(B)
-            with self._g_phase() as D:
+            with self.backend.g_phase() as D:  # frozen, no gradient sync
                 loss, stats = self.loss.g_loss(D, self.G(z, y_fake), y_fake)
-                self._optimize("G", loss, self.G, self.opt_G, self.sched_G)
+                self._optimize("G", loss, self.sched_G)
             self._report(stats)
         self.sched_G.step()
         self.sched_D.step()
-        self.ema.update(acc.unwrap_model(self.G))
+        self.ema.update(self.backend.unwrap(self.G))
         self.state.step += 1
         self.state.images_seen += self.cfg.optim.n_dis * B * acc.num_processes
         self.state.data = self.stream.state_dict()
-
-    @contextlib.contextmanager
-    def _g_phase(self):
-        """D for the G phase: frozen, without gradient sync (the backend's, where there is one)."""
-        if self.backend is not None:
-            with self.backend.g_phase() as D:
-                yield D
-            return
-        with self.accelerator.no_sync(self.D), _frozen(self.D):
-            yield self.D
 
     def _report(self, stats: dict) -> None:
         for k, v in stats.items():
@@ -402,7 +299,7 @@ class Trainer:
         check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model}, self.device)  # collective
         path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
                                {"config": self.cfg.to_dict(), "backend": self.cfg.train.backend}, self.cfg.checkpoint.keep,
-                               extra=self.backend.save if self.backend is not None else None)
+                               extra=self.backend.save)
         if self.rank0.enabled:
             checkpoint.export_generator(self.run_dir / "export", self.ema.model,
                                         dataclasses.asdict(self.cfg.model), self.state.step)
@@ -434,7 +331,7 @@ class Trainer:
         """Resume if asked, train to ``train.max_steps``. Returns "finished" or "preempted"."""
         acc, cfg = self.accelerator, self.cfg
         if self.resume_from is not None:
-            checkpoint.load(acc, self.resume_from, extra=self.backend.load if self.backend is not None else None)
+            checkpoint.load(acc, self.resume_from, extra=self.backend.load)
             self.stream.load_state_dict(self.state.data)
         self._batches = None
         StopRequest.install()  # idempotent; launch/train.py installs it before building
