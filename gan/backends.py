@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from pathlib import Path
 
 import torch
@@ -172,6 +173,8 @@ def _init_process_group(accelerator) -> None:
 
     if dist.is_initialized():
         return
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1")):  # what a launcher would set
+        os.environ.setdefault(key, value)
     backend = "nccl" if accelerator.device.type == "cuda" else "gloo"
     dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
