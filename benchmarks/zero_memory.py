@@ -141,7 +141,7 @@ def worker(args) -> None:
                     mem["params"] += params_of(backend, net)
                     mem["optimizer"] += optimizer_of(backend, net)
                 times = []
-                for i in range(args.warmup + args.steps):  # full steps: D update, G update
+                for i in range(args.warmup + args.steps if args.steps else 0):  # full steps: D update, G update
                     t0 = time.perf_counter()
                     backend.update("D", d_loss())
                     backend.update("G", g_loss())
@@ -157,7 +157,7 @@ def worker(args) -> None:
                 nparams = sum(p.numel() for p in G.parameters()) + sum(p.numel() for p in D.parameters())
                 rows.append({"width": width, "backend": name, "repeat": repeat, "ranks": dist.get_world_size(),
                              "params_G_plus_D": nparams, "per_rank_max": {k: max(m[k] for m in gathered) for k in mem},
-                             "step_s": statistics.median(times)})
+                             "step_s": statistics.median(times) if times else None})
                 del backend, Gw, Dw, G, D
     if acc.is_main_process:
         Path(args.json).write_text(json.dumps(rows, indent=1))
@@ -170,7 +170,7 @@ def main() -> int:
     p.add_argument("--ranks", default="2,8", help="comma list of process counts (each one torchrun)")
     p.add_argument("--widths", default="96,192", help="BigGAN g_channels = d_channels values")
     p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--steps", type=int, default=3, help="timed steps per backend (median)")
+    p.add_argument("--steps", type=int, default=3, help="timed steps per backend (median); 0: memory only")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats of ddp/zero1/zero2")
     p.add_argument("--json", default=None)
@@ -197,7 +197,7 @@ def main() -> int:
     for r in results:
         m = r["per_rank_max"]
         print(f"{r['ranks']:>5} {r['width']:>5} {r['backend']:>7} {m['params'] / 2**20:9.1f} {m['grads'] / 2**20:9.1f} "
-              f"{m['optimizer'] / 2**20:9.1f} {m['total'] / 2**20:9.1f} {m['buckets'] / 2**20:10.1f} {r['step_s']:7.3f}")
+              f"{m['optimizer'] / 2**20:9.1f} {m['total'] / 2**20:9.1f} {m['buckets'] / 2**20:10.1f} {r['step_s'] or float('nan'):7.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0

@@ -257,6 +257,14 @@ class DeepSpeedBackend:
 
 
 def build_backend(cfg: Config, accelerator, precision: str):
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
+        # torchrun on a CPU-only machine without ACCELERATE_USE_CPU=1: Accelerate starts the process
+        # group yet reports one process, so every rank would train alone into the same run directory.
+        raise ConfigError(f"torch.distributed has {dist.get_world_size()} processes but Accelerate sees "
+                          f"{accelerator.num_processes} ({accelerator.distributed_type}); on a machine without "
+                          f"GPUs set ACCELERATE_USE_CPU=1 (or use accelerate launch --cpu)")
     if cfg.train.backend == "deepspeed":
         return DeepSpeedBackend(cfg, accelerator, precision)
     return DDPBackend(cfg, accelerator)
