@@ -6,8 +6,11 @@ Memory is measured from the tensors each backend really holds on a rank, after o
 one G update (storages counted once, whatever views share them):
 - parameters: the modules' weights (DeepSpeed keeps them whole on every rank at stages 1 and 2);
 - gradients: after backward, before the step: the weights' .grad plus ZeRO's own gradient partitions
-  and buckets (``averaged_gradients``, ``ipg_buffer``); DDP's reducer buckets are internal to torch
-  and not counted (with ``gradient_as_bucket_view=False`` they add one more copy of the gradients);
+  (``averaged_gradients``, ``grads_in_partition``); "grad peak": the most of those alive at once
+  during backward (a hook after each weight's gradient lands), where ZeRO-1 and ZeRO-2 differ:
+  ZeRO-2 frees each reduced bucket of gradients during backward. ZeRO's bucket buffers (their
+  most during backward, ``reduce_bucket_size`` elements, double-buffered) are reported apart; DDP's reducer buckets are internal to torch and not counted (with
+  ``gradient_as_bucket_view=False`` they add one more copy of the gradients);
 - optimizer states: Adam's moments and step, plus ZeRO's fp32 master partition of the weights.
 On a GPU ``torch.cuda.max_memory_allocated`` is reported too.
 
@@ -47,6 +50,19 @@ def nbytes(tensors) -> int:
     return total
 
 
+def logical_bytes(tensors) -> int:
+    """Bytes of the tensors themselves (a view into a bigger buffer counts its own elements), each once."""
+    seen, total = set(), 0
+    for t in tensors:
+        if t is None or not torch.is_tensor(t):
+            continue
+        key = (t.data_ptr(), t.numel())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+    return total
+
+
 def _flat(x):
     if torch.is_tensor(x):
         yield x
@@ -62,13 +78,13 @@ def grads_of(backend, net: str) -> tuple[int, int]:
     """(gradients, ZeRO's reduction buckets) in bytes on this rank."""
     if backend.name == "ddp":
         model = backend.G if net == "G" else backend.D
-        return nbytes(p.grad for p in model.parameters()), 0
+        return logical_bytes(p.grad for p in model.parameters()), 0
     engine = backend.engines[net]
     zero = engine.optimizer
     grads = [p.grad for p in engine.module.parameters()] + list(_flat(getattr(zero, "averaged_gradients", {})))
     grads += [getattr(zero, "grads_in_partition", None)]
     buckets = [b for bucket in getattr(zero, "ipg_buckets", {}).values() for b in bucket.buffer]
-    return nbytes(grads), nbytes(buckets)
+    return logical_bytes(grads), nbytes(buckets)
 
 
 def optimizer_of(backend, net: str) -> int:
@@ -121,9 +137,16 @@ def worker(args) -> None:
 
                 if torch.cuda.is_available():
                     torch.cuda.reset_peak_memory_stats()
-                mem = {"params": 0, "grads": 0, "optimizer": 0, "buckets": 0}
+                mem = {"params": 0, "grads": 0, "optimizer": 0, "buckets": 0, "grads_peak": 0}
                 for net, fn in (("D", d_loss), ("G", g_loss)):  # one split update each, to measure between
                     ls = fn()
+                    peak = [0, 0]
+                    model = (backend.G if net == "G" else backend.D) if backend.name == "ddp" else backend.engines[net].module
+
+                    def track(_p, net=net, peak=peak):  # after DeepSpeed's own hook (registered later): live gradients
+                        g, b = grads_of(backend, net)
+                        peak[0], peak[1] = max(peak[0], g), max(peak[1], b)
+                    hooks = [p.register_post_accumulate_grad_hook(track) for p in model.parameters() if p.requires_grad]
                     if backend.name == "ddp":
                         model, opt = backend._prepared[net]
                         opt.zero_grad(set_to_none=True)
@@ -134,10 +157,12 @@ def worker(args) -> None:
                     else:
                         engine = backend.engines[net]
                         engine.backward(ls)
-                        g, b = grads_of(backend, net)
-                        mem["grads"] += g
-                        mem["buckets"] += b
+                        mem["grads"] += grads_of(backend, net)[0]
                         engine.step()
+                    for h in hooks:
+                        h.remove()
+                    mem["grads_peak"] += peak[0]
+                    mem["buckets"] += peak[1]
                     mem["params"] += params_of(backend, net)
                     mem["optimizer"] += optimizer_of(backend, net)
                 times = []
@@ -193,11 +218,11 @@ def main() -> int:
                 return r.returncode
             results += json.loads(out.read_text())
     print(f"{'ranks':>5} {'width':>5} {'backend':>7} {'params MB':>9} {'grads MB':>9} {'optim MB':>9} "
-          f"{'total MB':>9} {'buckets MB':>10} {'step s':>7}")
+          f"{'total MB':>9} {'buckets MB':>10} {'grad peak MB':>12} {'step s':>7}")
     for r in results:
         m = r["per_rank_max"]
         print(f"{r['ranks']:>5} {r['width']:>5} {r['backend']:>7} {m['params'] / 2**20:9.1f} {m['grads'] / 2**20:9.1f} "
-              f"{m['optimizer'] / 2**20:9.1f} {m['total'] / 2**20:9.1f} {m['buckets'] / 2**20:10.1f} {r['step_s'] or float('nan'):7.3f}")
+              f"{m['optimizer'] / 2**20:9.1f} {m['total'] / 2**20:9.1f} {m['buckets'] / 2**20:10.1f} {m['grads_peak'] / 2**20:12.1f} {r['step_s'] or float('nan'):7.3f}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     return 0
