@@ -203,7 +203,11 @@ class DeepSpeedBackend:
         self.config = deepspeed_config(cfg, precision)
         self.engines: dict[str, object] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
-        self._fp16_skips = {"G": 0, "D": 0}
+        self._scalars: dict[str, list] = {}
+
+    def _restore_scalars(self, net: str) -> None:
+        for p in self._scalars[net]:  # still views of ZeRO's flat weight buffer
+            p.data = p.data.reshape(())
 
     def prepare(self, G: torch.nn.Module, D: torch.nn.Module):
         import deepspeed
@@ -216,14 +220,14 @@ class DeepSpeedBackend:
                 model.register_forward_pre_hook(_cast_floating_inputs(dtype))
             opt = build_optimizer(model.parameters(), o, lr, betas)
             # DeepSpeed's initial weight broadcast views each weight as bytes, which a 0-dim tensor
-            # (self-attention's gamma) can't do: give those a shape of (1,) while the engine is built.
-            scalars = [p for p in model.parameters() if p.dim() == 0]
-            for p in scalars:
+            # (self-attention's gamma) can't do: those get a shape of (1,) for DeepSpeed, which keeps
+            # it (its step re-points the weights into its flat buffer), and () back for everyone else.
+            self._scalars[net] = [p for p in model.parameters() if p.dim() == 0]
+            for p in self._scalars[net]:
                 p.data = p.data.reshape(1)
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.config)
-            for p in scalars:  # still a view of ZeRO's flat weight buffer
-                p.data = p.data.reshape(())
             self.engines[net], self.optimizers[net] = engine, opt
+            self._restore_scalars(net)
         return self.engines["G"], self.engines["D"]
 
     def g_phase(self):
@@ -234,6 +238,7 @@ class DeepSpeedBackend:
         engine = self.engines[net]
         engine.backward(loss)
         engine.step()  # clips (gradient_clipping), skips a non-finite update, zeroes the gradients
+        self._restore_scalars(net)
         gnorm = engine.get_global_grad_norm()
         gnorm = float("nan") if gnorm is None else float(gnorm)
         applied = engine.was_step_applied()
@@ -257,6 +262,7 @@ class DeepSpeedBackend:
                                                   load_optimizer_states=True, load_lr_scheduler_states=False)
             if load_path is None:
                 raise RuntimeError(f"DeepSpeed found no {net} engine state under {Path(path) / 'deepspeed' / net}")
+            self._restore_scalars(net)
 
 
 def build_backend(cfg: Config, accelerator, precision: str):
