@@ -29,6 +29,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from gan.rundir import RunDir  # noqa: E402
+
 RECIPES = {"cdcgan": "configs/cifar10_cdcgan.yaml", "sngan": "configs/cifar10_sngan.yaml",
            "biggan": "configs/cifar10_biggan.yaml", "biggan_diffaug": "configs/cifar10_biggan_diffaug.yaml"}
 EVAL_FILE = "budget_eval.json"
@@ -44,7 +46,7 @@ def read_json(path: Path) -> dict | None:
 def training(run: Path, since: float) -> bool:
     """Has the process started after ``since`` reached its training loop? Only then is its signal
     handler surely installed (a USR2 before it would kill the process instead of stopping it)."""
-    status = run / "status.json"
+    status = RunDir(run).status_file
     try:
         fresh = status.stat().st_mtime >= since - 1
     except OSError:
@@ -66,7 +68,7 @@ def train(recipe: str, run: Path, args, deadline: float | None) -> str:
             proc.send_signal(signal.SIGUSR2)
             signalled = True
         time.sleep(0.2)
-    status = read_json(run / "status.json") or {}
+    status = RunDir(run).read_status() or {}
     if proc.returncode != 0:
         print(f"[{recipe}] training exited with {proc.returncode}: {status.get('error')}", flush=True)
         return "failed"
@@ -75,7 +77,7 @@ def train(recipe: str, run: Path, args, deadline: float | None) -> str:
 
 def evaluate(recipe: str, run: Path, args) -> dict | None:
     """Offline (and, with Inception weights, torch-fidelity) metrics of the run's newest checkpoint."""
-    status = read_json(run / "status.json") or {}
+    status = RunDir(run).read_status() or {}
     done = read_json(run / EVAL_FILE)
     if done and done.get("step") == status.get("step") and set(done.get("metrics", {})) >= set(_keys(args.metrics)):
         return done
@@ -100,7 +102,7 @@ def _keys(metrics: str) -> list[str]:
 def rows_of(out: Path, recipes: list[str]) -> list[dict]:
     rows = []
     for r in recipes:
-        status = read_json(out / r / "status.json")
+        status = RunDir(out / r).read_status()
         if not status:
             continue
         ev = read_json(out / r / EVAL_FILE) or {}

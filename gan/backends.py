@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import math
 import os
 from pathlib import Path
 
@@ -41,7 +42,9 @@ class Update:
     ``fp16_skipped`` is None unless fp16 loss scaling is on; then True when the scaler skipped it."""
     gnorm: torch.Tensor | float
     nonfinite: torch.Tensor | int = 0
+    too_large: torch.Tensor | int = 0  # skipped for a gradient norm above train.max_grad_norm
     fp16_skipped: bool | None = None
+    diverged: bool = False  # above train.max_grad_norm and already applied or not skippable: stop
 
 
 @contextlib.contextmanager
@@ -84,7 +87,7 @@ class DDPBackend:
         stack.enter_context(frozen(self.D))
         return _Yield(stack, self.D)
 
-    def update(self, net: str, loss: torch.Tensor) -> Update:
+    def update(self, net: str, loss: torch.Tensor, max_grad_norm: float = 0.0) -> Update:
         model, opt = self._prepared[net]
         acc = self.accelerator
         opt.zero_grad(set_to_none=True)
@@ -96,22 +99,26 @@ class DDPBackend:
         else:
             gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
         # gnorm is identical on every rank (gradients are all-reduced), so every rank decides alike.
+        too_large = (gnorm > max_grad_norm) & torch.isfinite(gnorm) if max_grad_norm else None
         if acc.mixed_precision == "fp16":
+            if too_large is not None and bool(too_large):  # the fp16 path syncs anyway; the scaler can't skip it
+                return Update(gnorm, diverged=True)
             opt.step()  # the shared GradScaler skips overflowing steps and lowers the scale (it syncs)
             return Update(gnorm, fp16_skipped=bool(opt.step_was_skipped))
         if is_fused(opt.optimizer):
-            bad = (~torch.isfinite(gnorm)).float()
+            nonfinite = ~torch.isfinite(gnorm)
+            bad = nonfinite if too_large is None else nonfinite | too_large
             # GradScaler's protocol with the fused kernels: where found_inf is 1 the step changes nothing.
-            opt.optimizer.found_inf = bad
+            opt.optimizer.found_inf = bad.float()
             try:
                 opt.step()
             finally:
                 del opt.optimizer.found_inf
-            return Update(gnorm, nonfinite=bad)
-        if torch.isfinite(gnorm):  # RMSprop: one host sync per update
+            return Update(gnorm, nonfinite=nonfinite.float(), too_large=0 if too_large is None else too_large.float())
+        finite, large = bool(torch.isfinite(gnorm)), too_large is not None and bool(too_large)  # RMSprop: one sync
+        if finite and not large:
             opt.step()
-            return Update(gnorm)
-        return Update(gnorm, nonfinite=1)
+        return Update(gnorm, nonfinite=int(not finite), too_large=int(large))
 
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
@@ -234,7 +241,9 @@ class DeepSpeedBackend:
         """D's plain module, frozen: see the module docstring (deepspeed #4923)."""
         return frozen(self.engines["D"].module)
 
-    def update(self, net: str, loss: torch.Tensor) -> Update:
+    def update(self, net: str, loss: torch.Tensor, max_grad_norm: float = 0.0) -> Update:
+        """ZeRO computes the gradient norm inside its step, so an update above ``max_grad_norm`` is
+        already applied when it is known: it stops the run (Update.diverged), it can't be skipped."""
         engine = self.engines[net]
         engine.backward(loss)
         engine.step()  # clips (gradient_clipping), skips a non-finite update, zeroes the gradients
@@ -242,6 +251,8 @@ class DeepSpeedBackend:
         gnorm = engine.get_global_grad_norm()
         gnorm = float("nan") if gnorm is None else float(gnorm)
         applied = engine.was_step_applied()
+        if max_grad_norm and applied and math.isfinite(gnorm) and gnorm > max_grad_norm:
+            return Update(gnorm, diverged=True)
         if self.precision == "fp16":
             return Update(gnorm, fp16_skipped=not applied)
         return Update(gnorm, nonfinite=0 if applied else 1)

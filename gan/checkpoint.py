@@ -1,92 +1,117 @@
-"""Atomic, self-describing checkpoints on top of ``Accelerator.save_state``.
+"""Checkpoints on top of ``Accelerator.save_state``: what goes in, how it is written, and whether a
+checkpoint can be resumed under the config given. The file layout is :mod:`gan.rundir`'s.
 
-Layout: ``RUN/checkpoints/step-XXXXXXXX/`` holds Accelerate's state (G, D as safetensors, both
-optimizers, the fp16 scaler, every rank's RNG state, the registered custom objects: EMA G,
-schedulers, train state with the data stream position) plus ``meta.json`` (step, world size and
-the resolved config). A checkpoint is written under a hidden ``.tmp-`` name and renamed into place
-only when every rank has finished writing, so a crash at any moment leaves the newest complete
-checkpoint loadable, and an existing checkpoint is never replaced by a partial one.
+A checkpoint holds G, D (safetensors), both optimizers, the fp16 scaler, every rank's RNG state and the
+named custom parts (EMA G, train state with the data stream position, both schedulers), plus
+``meta.json`` (step, world size, resolved config, every file's size and sha256). It is written under a
+hidden ``.tmp-`` name, sealed and renamed into place only when every rank has written its part, so a
+crash at any moment leaves the newest complete checkpoint loadable.
 
-``save``/``load`` are collectives: every rank calls them. Only rank 0 renames and prunes.
+``save``/``load`` are collectives: every rank calls them. Only rank 0 seals, renames and prunes.
 """
 from __future__ import annotations
 
-import json
-import os
-import re
+import dataclasses
+import errno
 import shutil
 from pathlib import Path
 
 from safetensors.torch import save as safetensors_bytes
 
-from gan.io import fsync_dir, write_file_atomic, write_json_atomic
+from gan.dist import any_rank
+from gan.io import write_file_atomic, write_json_atomic
+from gan.rundir import (CUSTOM, META, MODELS, OPTIMIZERS, CheckpointError, RunDir, RunDirError,
+                        part_file, step_of, read_meta,  # noqa: F401
+                        seal, verify)
 
-_NAME = re.compile(r"^step-(\d{8})$")
-META = "meta.json"
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that can't be used: the message names the path and the fix."""
-
-
-def ckpt_name(step: int) -> str:
-    return f"step-{step:08d}"
+# Settings a resume can't change: the data stream position, the per-rank RNG states and the optimizer
+# state are only meaningful under the values they were written with. Everything else in the config
+# takes effect from the resumed step on (see Trainer._apply_config).
+FIXED_ON_RESUME = ("train.batch_size", "train.seed", "data.num_workers", "optim.name", "train.mixed_precision")
 
 
-def list_checkpoints(root: str | Path) -> list[Path]:
-    """Complete checkpoints under ``root`` (a run's checkpoints/ dir), oldest first."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and _NAME.match(p.name) and (p / META).is_file()]
-    return sorted(found, key=lambda p: p.name)
+class SaveError(RuntimeError):
+    """A checkpoint could not be written (e.g. a full disk); the previous one is still the newest."""
 
 
-def latest_checkpoint(root: str | Path) -> Path | None:
-    found = list_checkpoints(root)
-    return found[-1] if found else None
+def register(accelerator, **parts) -> None:
+    """Register the custom checkpoint parts by name (gan.rundir.CUSTOM fixes their files)."""
+    if set(parts) != set(CUSTOM):
+        raise ValueError(f"checkpoint parts must be exactly {CUSTOM}, got {sorted(parts)}")
+    accelerator.register_for_checkpointing(*(parts[name] for name in CUSTOM))
 
 
-def read_meta(path: str | Path) -> dict:
-    path = Path(path)
-    if not path.exists():
-        raise CheckpointError(f"checkpoint not found: {path}. Pass an existing checkpoints/step-XXXXXXXX "
-                              f"directory, or --resume auto to continue from the newest one in the run directory")
-    if not (path / META).is_file():
-        raise CheckpointError(f"{path} is not a complete checkpoint (no {META}); pass a checkpoints/step-XXXXXXXX "
-                              f"directory written by launch/train.py")
-    return json.loads((path / META).read_text())
+def _disk_full(error: BaseException | None, where: Path, expected: int) -> bool:
+    e = error
+    while e is not None:
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return True
+        e = e.__cause__ or e.__context__
+    try:
+        free = shutil.disk_usage(where).free
+    except OSError:
+        return False
+    # torch.save reports a short write as "basic_ios::clear: iostream error", without errno
+    return error is not None and free < max(1 << 20, expected)
 
 
-def save(accelerator, root: str | Path, step: int, meta: dict, keep: int, extra=None) -> Path:
-    """Collective. Writes ``root/step-XXXXXXXX`` atomically and keeps the newest ``keep``.
-    ``extra(dir)``, run on every rank after Accelerate's state, writes what lives outside it
-    (DeepSpeed engines: gan.backends)."""
-    root = Path(root)
-    tmp, final = root / f".tmp-{ckpt_name(step)}", root / ckpt_name(step)
-    if accelerator.is_main_process:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+def _save_error(run: RunDir, tmp: Path, error: BaseException | None, expected: int) -> SaveError:
+    if error is None:
+        return SaveError(f"checkpoint {tmp.name} could not be written on another rank (see its log); the newest "
+                         f"checkpoint is still {run.latest_checkpoint()}")
+    newest = run.latest_checkpoint()
+    keep = f"the newest checkpoint is still {newest}" if newest else "no checkpoint was written"
+    if _disk_full(error, tmp.parent, expected):
+        free = shutil.disk_usage(tmp.parent).free
+        return SaveError(f"no space left on device while writing checkpoint {tmp} ({free / 2**20:.1f} MiB free); "
+                         f"{keep}. Free some space (or lower checkpoint.keep), then run again with --resume auto")
+    return SaveError(f"could not write checkpoint {tmp}: {type(error).__name__}: {error}; {keep}")
+
+
+def _size(path: Path | None) -> int:
+    try:
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file()) if path else 0
+    except OSError:
+        return 0
+
+
+def save(accelerator, run: RunDir, step: int, meta: dict, keep: int, extra=None) -> Path:
+    """Collective. Writes ``step-X`` atomically and keeps it plus the newest ``keep - 1`` before it.
+    Raises SaveError on every rank if any rank failed (nothing partial stays behind). ``extra(dir)``,
+    run on every rank after Accelerate's state, writes what lives outside it (DeepSpeed's engines)."""
+    tmp, main = run.tmp_checkpoint(step), accelerator.is_main_process
+    expected = _size(run.latest_checkpoint())
+    error = None
+    if main:
+        try:
+            run.checkpoints.mkdir(parents=True, exist_ok=True)
+            shutil.rmtree(tmp, ignore_errors=True)  # leftovers of a crashed save
+        except OSError as e:
+            error = e
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp))
-    if extra is not None:
-        extra(tmp)
-    accelerator.wait_for_everyone()  # every rank's RNG file is in place
-    if accelerator.is_main_process:
-        write_json_atomic(tmp / META, {**meta, "step": step, "world_size": accelerator.num_processes})
-        fsync_dir(tmp)
-        old = None
-        if final.exists():  # same step saved again (e.g. after a resume): swap, never delete first
-            old = root / f".old-{ckpt_name(step)}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-        os.replace(tmp, final)
-        fsync_dir(root)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        for stale in list_checkpoints(root)[:-keep]:
-            shutil.rmtree(stale, ignore_errors=True)
-    accelerator.wait_for_everyone()
+    if error is None:
+        try:
+            accelerator.save_state(str(tmp))
+            if extra is not None:
+                extra(tmp)
+        except Exception as e:  # noqa: BLE001 - reported below, on every rank
+            error = e
+    failed, = any_rank([error is not None], accelerator.device)  # also: every rank's RNG file is in place
+    final = run.checkpoint(step)
+    if not failed and main:
+        try:
+            seal(tmp, {**meta, "step": step, "world_size": accelerator.num_processes,
+                       "parts": {name: part_file(name) for name in
+                                 (CUSTOM if extra is not None else MODELS + OPTIMIZERS + CUSTOM)}})
+            run.publish(tmp, step)
+            run.prune(keep, final)
+        except OSError as e:
+            error = e
+    failed, = any_rank([error is not None], accelerator.device)
+    if failed:
+        if main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_error(run, tmp, error, expected)
     return final
 
 
@@ -99,6 +124,48 @@ def load(accelerator, path: str | Path, extra=None) -> dict:
     return meta
 
 
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
+    """Raise CheckpointError if ``cfg`` can't continue the checkpoint at ``path`` exactly (another
+    architecture, world size or one of FIXED_ON_RESUME). Returns the changed keys that take effect
+    from the resumed step on, as "key: old -> new" lines."""
+    written_by = meta.get("backend") or meta.get("config", {}).get("train", {}).get("backend") or "ddp"
+    if written_by != cfg.train.backend:
+        layout = "ZeRO partitions, one file per rank" if written_by == "deepspeed" else "whole, in Accelerate's files"
+        raise CheckpointError(
+            f"checkpoint {path} was written by the {written_by} backend and this run uses train.backend="
+            f"{cfg.train.backend}. Resume it with train.backend={written_by}; it can't be converted in place (the "
+            f"optimizer states are laid out differently: {layout}). Its EMA G export (RUN/export/) works with "
+            f"either backend; to switch, start a new --run-dir")
+    saved = _flat(meta.get("config", {}))
+    ours = _flat(cfg.to_dict())
+    arch = [f"model.{k}: checkpoint {saved.get(f'model.{k}')!r}, config {v!r}"
+            for k, v in dataclasses.asdict(cfg.model).items() if saved.get(f"model.{k}") != v]
+    if arch:
+        raise CheckpointError(f"checkpoint {path} was written for a different architecture ({'; '.join(arch)}). "
+                              f"Resume with the config saved in {path / META}, or start a new --run-dir")
+    fixed = [f"{k}: checkpoint {saved[k]!r}, now {ours.get(k)!r}" for k in FIXED_ON_RESUME
+             if k in saved and saved[k] != ours.get(k)]
+    if meta.get("world_size", world_size) != world_size:
+        fixed.insert(0, f"world size (processes): checkpoint {meta['world_size']}, now {world_size}")
+    if fixed:
+        raise CheckpointError(
+            f"checkpoint {path} can't be resumed exactly under these settings ({'; '.join(fixed)}): the data "
+            f"position, per-rank random states and optimizer state depend on them. Resume with the checkpoint's "
+            f"values (launch as many processes as before; its config is in {path / META}), or start a new "
+            f"--run-dir")
+    return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in ours.items() if k in saved and saved[k] != v]
+
+
 def export_generator(out_dir: str | Path, g_ema, model_cfg: dict, step: int) -> None:
     """Rank 0: a small inference export, EMA G weights (safetensors) + the model config to build it.
     No pickled modules: ``gan.models.build_models(ModelConfig(**model.json['model']))`` rebuilds it."""
@@ -107,3 +174,51 @@ def export_generator(out_dir: str | Path, g_ema, model_cfg: dict, step: int) -> 
     state = {k: v.detach().cpu().contiguous() for k, v in g_ema.state_dict().items()}
     write_file_atomic(out / "G_ema.safetensors", safetensors_bytes(state, metadata={"step": str(step)}))
     write_json_atomic(out / "model.json", {"model": model_cfg, "step": step})
+
+
+def resume_point(run: RunDir, resume: str | None, cfg, world_size: int, writer: bool) -> tuple[Path | None, list[str]]:
+    """The checkpoint to resume from (None: a fresh start) and what to tell the user about it. Raises
+    CheckpointError/RunDirError with the fix. ``writer``: this is rank 0, holding the run's lock, so it
+    may set damaged checkpoints aside; every rank picks the same checkpoint from the same files."""
+    notes: list[str] = []
+    if resume is None:
+        existing = sorted(p.name for p in run.checkpoints.glob("step-*") if step_of(p) is not None) \
+            if run.checkpoints.is_dir() else []
+        if existing:
+            raise RunDirError(
+                f"run directory {run.root} already holds checkpoints of a run (newest: {existing[-1]}, step "
+                f"{step_of(existing[-1])}); nothing was changed. Pass --resume auto to continue it, --resume "
+                f"{run.checkpoints / existing[-1]} to continue from a given one, or a new --run-dir to start over")
+        return None, notes
+    if resume == "auto":
+        path, skipped = run.newest_valid()
+        if path is None and skipped:
+            raise CheckpointError(f"no checkpoint in {run.checkpoints} verifies: {'; '.join(skipped)}. Resume "
+                                  f"from a copy you trust (--resume PATH), or start a new --run-dir")
+        for line in skipped:
+            notes.append(f"warning: skipped a damaged checkpoint: {line}")
+        if writer and path is not None:
+            for p in run.list_checkpoints():
+                if p.name > path.name:
+                    notes.append(f"moved the damaged checkpoint {p.name} aside to {run.set_aside(p)}")
+        if path is None:
+            return None, notes
+        meta = verify(path)
+    else:
+        path = Path(resume)
+        meta = verify(path)
+        newer = [p.name for p in run.list_checkpoints() if p.name > path.name]
+        if newer and path.resolve().parent == run.checkpoints.resolve():
+            raise RunDirError(f"--resume {path}: {run.checkpoints} holds newer checkpoints ({', '.join(newer)}); "
+                              f"continuing from an older one would mix two histories in one run directory. Use "
+                              f"--resume auto, or start a new --run-dir with --resume {path}")
+    changed = check_resume(path, meta, cfg, world_size)
+    if changed:
+        notes.append(f"resuming {path.name} with changed settings, in effect from step {meta.get('step')} on: "
+                     + "; ".join(changed))
+    return path, notes
+
+
+def latest_checkpoint(root: str | Path) -> Path | None:
+    """The newest checkpoint in a run's ``checkpoints/`` directory ``root`` (see RunDir.latest_checkpoint)."""
+    return RunDir(Path(root).parent).latest_checkpoint()

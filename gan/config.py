@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -141,8 +142,8 @@ class OptimConfig:
     def __post_init__(self):
         _check(self.name in ("adam", "adamw", "rmsprop"), "optim.name",
                f"'{self.name}' is not one of: adam, adamw, rmsprop")
-        _check(self.lr_g > 0, "optim.lr_g", "must be > 0")
-        _check(self.lr_d > 0, "optim.lr_d", "must be > 0")
+        _check(math.isfinite(self.lr_g) and self.lr_g > 0, "optim.lr_g", f"must be a finite number > 0, got {self.lr_g}")
+        _check(math.isfinite(self.lr_d) and self.lr_d > 0, "optim.lr_d", f"must be a finite number > 0, got {self.lr_d}")
         for key in ("betas_g", "betas_d"):
             betas = getattr(self, key)
             _check(len(betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in betas),
@@ -205,6 +206,12 @@ class TrainConfig:
     max_minutes: float = 0.0  # stop (checkpointed, "finished") after this much training wall-clock, summed over resumes; 0 = off
     stop_check_every: int = 10  # multi-process: steps between the ranks' agreement on a stop signal
     backend: str = "ddp"  # ddp (Accelerate DDP + AMP) | deepspeed (ZeRO engines for G and D; section deepspeed)
+    collective_timeout: float = 600.0  # seconds a collective may wait for a stalled or vanished peer before every rank fails
+    # Divergence (0 = off). An update whose gradient norm (before clipping) is above max_grad_norm is
+    # treated like a non-finite one (train.on_nonfinite); a loss or weight above its limit stops the run.
+    max_grad_norm: float = 1e6
+    max_loss: float = 1e6  # largest |loss| of any update (checked each log interval and before each checkpoint)
+    max_abs_weight: float = 1e4  # largest |weight| in G, D or the EMA G (same checks)
 
     def __post_init__(self):
         _check(self.max_steps >= 1, "train.max_steps", "must be >= 1")
@@ -216,6 +223,11 @@ class TrainConfig:
         _check(self.max_skipped >= 0, "train.max_skipped", "must be >= 0")
         _check(self.max_minutes >= 0, "train.max_minutes", "must be >= 0 (0 = no time budget)")
         _check(self.stop_check_every >= 1, "train.stop_check_every", "must be >= 1")
+        _check(0 <= self.seed < 2**32, "train.seed", f"must be in [0, 2**32) (NumPy's seed range), got {self.seed}")
+        _check(math.isfinite(self.collective_timeout) and self.collective_timeout > 0, "train.collective_timeout",
+               "must be a number of seconds > 0")
+        for key in ("max_grad_norm", "max_loss", "max_abs_weight"):
+            _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = no limit)")
         _check(self.backend in ("ddp", "deepspeed"), "train.backend", f"'{self.backend}' is not one of: ddp, deepspeed")
 
 
@@ -436,9 +448,12 @@ def read_yaml(path: str | Path, _seen: tuple = ()) -> dict:
     if path.resolve() in _seen:
         raise ConfigError(f"config file {path} includes itself through 'base:'")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(path.read_text())
     except yaml.YAMLError as e:
         raise ConfigError(f"config file {path} is not valid YAML: {e}") from None
+    if raw is None:  # an empty file would silently mean "all defaults"
+        raise ConfigError(f"config file {path} is empty. Give it at least a 'base:' line and the keys that "
+                          f"differ, e.g. 'base: base.yaml' (see configs/)")
     if not isinstance(raw, dict):
         raise ConfigError(f"config file {path} must hold a mapping of sections, not {type(raw).__name__}")
     base = raw.pop("base", None)

@@ -5,10 +5,16 @@ and reduced once per log interval with a single all-reduce that every rank joins
 """
 from __future__ import annotations
 
+import ctypes
+import os
+import signal
+import sys
 from collections import defaultdict
 
 import torch
 import torch.distributed as dist
+
+PR_SET_PDEATHSIG = 1  # linux/prctl.h
 
 
 def world_size() -> int:
@@ -28,6 +34,15 @@ def any_rank(flags: list[bool], device: torch.device) -> list[bool]:
         return [bool(f) for f in flags]
     t = torch.tensor([1.0 if f else 0.0 for f in flags], device=device)
     return [v > 0 for v in all_reduce_(t, dist.ReduceOp.MAX).tolist()]
+
+
+def same_on_all_ranks(value: int, device: torch.device) -> bool:
+    """True on every rank if ``value`` is the same on all ranks (a collective: call on every rank)."""
+    if world_size() == 1:
+        return True
+    t = torch.tensor([float(value), -float(value)], device=device, dtype=torch.float64)
+    all_reduce_(t, dist.ReduceOp.MAX)
+    return t[0].item() == -t[1].item()
 
 
 class Stats:
@@ -109,3 +124,35 @@ def broadcast_buffers(modules: list[torch.nn.Module]) -> None:
     for m in modules:
         for b in m.buffers():
             dist.broadcast(b.data, src=0)
+
+
+def end_with_launcher(sig: int = signal.SIGTERM) -> bool:
+    """Linux, in a process started by a launcher (torchrun, ``accelerate launch``): have the kernel send
+    ``sig`` to this process when the launcher dies (``prctl(PR_SET_PDEATHSIG)``), so a ``kill -9`` of the
+    launcher can't leave its workers training as orphans. SIGTERM makes the trainer checkpoint and exit
+    (gan.trainer.StopRequest). Returns whether it is armed."""
+    if not sys.platform.startswith("linux"):
+        return False
+    parent = os.getppid()
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+            return False
+    except (OSError, AttributeError):
+        return False
+    if os.getppid() != parent:  # the launcher died before prctl took effect
+        os.kill(os.getpid(), sig)
+    return True
+
+
+def peer_failure(e: BaseException) -> str | None:
+    """What a failed collective says about the other ranks (gloo and NCCL raise RuntimeErrors that say it
+    in words), or None for any other error."""
+    text = str(e).lower()
+    if not isinstance(e, RuntimeError):
+        return None
+    if "timed out" in text or "timeout" in text:
+        return "another rank stalled (a collective timed out after train.collective_timeout)"
+    if "connection closed by peer" in text or "connection reset by peer" in text or "broken pipe" in text:
+        return "another rank died (its connection closed)"
+    return None

@@ -7,24 +7,18 @@ this module may call a collective.
 """
 from __future__ import annotations
 
-import datetime as _dt
-import json
 import math
-from pathlib import Path
 
 import torch
 
-from gan.io import write_json_atomic, write_text_atomic
+from gan.io import write_text_atomic
+from gan.rundir import RunDir
 from gan.viz import class_grid, save_png
 
 
-def _now() -> str:
-    return _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
-
-
 class RankZero:
-    def __init__(self, run_dir: str | Path, enabled: bool, max_steps: int, progress: bool):
-        self.run_dir = Path(run_dir)
+    def __init__(self, run: RunDir, enabled: bool, max_steps: int, progress: bool):
+        self.run = run
         self.enabled = enabled
         self.max_steps = max_steps
         self._tb = None
@@ -37,9 +31,12 @@ class RankZero:
             return
         from torch.utils.tensorboard import SummaryWriter
 
-        (self.run_dir / "samples").mkdir(parents=True, exist_ok=True)
-        write_text_atomic(self.run_dir / "config.yaml", config_yaml)
-        self._tb = SummaryWriter(str(self.run_dir))
+        self.run.samples.mkdir(parents=True, exist_ok=True)
+        write_text_atomic(self.run.config, config_yaml)
+        # Rows and events after the start step were written after the checkpoint this run resumes
+        # from (or by a run that wrote none): this run writes them again, once.
+        self.run.truncate_metrics(start_step)
+        self._tb = SummaryWriter(str(self.run.root), purge_step=start_step + 1)
         if self._progress:
             from tqdm import tqdm
             self._bar = tqdm(total=self.max_steps, initial=start_step, desc="train", unit="step",
@@ -58,10 +55,7 @@ class RankZero:
     def status(self, state: str, step: int, error: str | None = None, note: str | None = None, **fields) -> None:
         if not self.enabled:
             return
-        self.run_dir.mkdir(parents=True, exist_ok=True)
-        extra = {**({"note": note} if note else {}), **fields}
-        write_json_atomic(self.run_dir / "status.json", {"state": state, "step": step, "max_steps": self.max_steps,
-                                                         "updated": _now(), "error": error, **extra})
+        self.run.write_status(state, step, self.max_steps, error, **({"note": note} if note else {}), **fields)
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         if not self.enabled:
@@ -70,8 +64,7 @@ class RankZero:
             self._tb.add_scalar(name, v, step)
         self._tb.flush()
         row = {"step": step, **{k: (v if math.isfinite(v) else str(v)) for k, v in values.items()}}
-        with open(self.run_dir / "metrics.jsonl", "a") as f:
-            f.write(json.dumps(row) + "\n")
+        self.run.append_metrics(row)
         if self._bar is not None:
             short = {k.split("/")[-2] + "/" + k.split("/")[-1] if k.count("/") >= 2 else k: v
                      for k, v in values.items() if k.startswith("Loss/")}
@@ -86,7 +79,7 @@ class RankZero:
         if not self.enabled:
             return
         grid = class_grid(images.float().cpu(), labels.cpu(), num_classes, per_class)
-        save_png(grid, self.run_dir / "samples" / f"step-{step:08d}.png")
+        save_png(grid, self.run.sample_png(step))
         self._tb.add_image("Samples/ema", grid, step)
         self._tb.flush()
 

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from gan.rundir import RunDir
 from gan.sweep import LOGS, MANIFEST, SweepError, format_value, read_manifest
 
 STATUSES = ("finished", "failed", "preempted", "running", "missing")
@@ -135,7 +136,7 @@ def read_log(path: Path | None) -> dict:
 def run_status(run_dir: Path, log: dict) -> tuple[str, str]:
     """(status, detail) from status.json, the run directory and the task log."""
     status = None
-    sp = run_dir / "status.json"
+    sp = RunDir(run_dir).status_file
     if sp.is_file():
         try:
             status = json.loads(sp.read_text())
@@ -196,7 +197,8 @@ def _discover(out: Path) -> list[dict]:
     """Without a manifest: every sub-directory that looks like a run directory."""
     tasks = []
     for i, d in enumerate(sorted(p for p in out.iterdir() if p.is_dir() and p.name != LOGS)):
-        if (d / "status.json").exists() or (d / "metrics.jsonl").exists() or (d / "checkpoints").is_dir():
+        run = RunDir(d)
+        if run.status_file.exists() or run.metrics_file.exists() or run.checkpoints.is_dir():
             tasks.append({"index": i, "name": d.name, "run_dir": str(d), "overrides": {}})
     return tasks
 
@@ -224,7 +226,7 @@ def collect(out: str | Path) -> tuple[list[Row], list[str]]:
         log = read_log(_task_log(out, t["index"]))
         row = Row(t["index"], t["name"], run_dir, t.get("overrides", {}), log=log["log"])
         row.status, row.detail = run_status(run_dir, log)
-        metrics = read_metrics(run_dir / "metrics.jsonl")
+        metrics = read_metrics(RunDir(run_dir).metrics_file)
         row.final, row.best = final_and_best(metrics)
         for m in metrics:
             for k, v in m.items():
@@ -234,7 +236,7 @@ def collect(out: str | Path) -> tuple[list[Row], list[str]]:
                     row.curves[k][0].append(m["step"])
                     row.curves[k][1].append(x)
         try:
-            st = json.loads((run_dir / "status.json").read_text())
+            st = json.loads(RunDir(run_dir).status_file.read_text())
             row.step, row.max_steps = st.get("step"), st.get("max_steps")
         except (OSError, json.JSONDecodeError):
             row.step = metrics[-1]["step"] if metrics else None

@@ -7,24 +7,30 @@ check, step), so a backend whose backward also steps (DeepSpeed) plugs in at one
 from __future__ import annotations
 
 import dataclasses
+import datetime
+import gc
+import math
+import os
 import signal
 import time
 from pathlib import Path
 
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
-from accelerate.utils import DistributedDataParallelKwargs, set_seed
+from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from gan import checkpoint
-from gan.backends import backend_of, build_backend
+from gan.backends import build_backend
 from gan.config import Config, ConfigError
 from gan.data import ShardError, TrainStream, read_manifest
-from gan.dist import Stats, any_rank, broadcast_buffers, check_replicas
+from gan.dist import Stats, all_reduce_, any_rank, broadcast_buffers, check_replicas, peer_failure, same_on_all_ranks
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
 from gan.optim import build_optimizer, build_scheduler, lr_factor  # noqa: F401 (re-exported for callers)
 from gan.rank_zero import RankZero
+from gan.rundir import RunDir
 
 
 class StopRequest:
@@ -33,11 +39,21 @@ class StopRequest:
     start-up is not lost; the trainer reads ``reason`` after every step."""
 
     reason: str | None = None
+    _previous: dict = {}  # signal -> the handler install() replaced
 
     @classmethod
     def install(cls) -> None:
         for sig in (signal.SIGUSR2, signal.SIGTERM):
-            signal.signal(sig, cls._handler)
+            previous = signal.signal(sig, cls._handler)
+            if previous is not cls._handler:
+                cls._previous[sig] = previous
+
+    @classmethod
+    def uninstall(cls) -> None:
+        """Restore the handlers install() replaced: after training a plain SIGTERM ends the process."""
+        for sig, previous in cls._previous.items():
+            signal.signal(sig, previous if previous is not None else signal.SIG_DFL)
+        cls._previous = {}
 
     @classmethod
     def _handler(cls, signum, _frame) -> None:
@@ -46,6 +62,15 @@ class StopRequest:
 
 class NonFiniteError(RuntimeError):
     """Training hit a non-finite loss or gradient and the policy says stop."""
+
+
+class DivergenceError(NonFiniteError):
+    """A finite blow-up: a loss, gradient norm or weight above its limit (train.max_loss,
+    train.max_grad_norm, train.max_abs_weight)."""
+
+
+class PeerError(RuntimeError):
+    """A collective failed because another rank stalled or died: the message says which and what next."""
 
 
 @dataclasses.dataclass
@@ -70,57 +95,52 @@ class TrainState:
 # ---------------------------------------------------------------------------- preflight
 
 
+def _launch_rank() -> tuple[int, int]:
+    """(rank, world size) as the launcher (torchrun, accelerate launch) sets them, before any process group."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
 def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
-    """All checks that need no work: the run directory, the shards against the model, and the
-    checkpoint to resume from. Returns that checkpoint (or None for a fresh start)."""
+    """All checks that need no work: the run directory (locked by rank 0 from here on, leftovers of a
+    crash cleaned), the shards against the model, and the checkpoint to resume from. Returns that
+    checkpoint (or None for a fresh start)."""
+    run, (rank, world_size) = RunDir(run_dir), _launch_rank()
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / ".write-test"
+        run.root.mkdir(parents=True, exist_ok=True)
+        if rank == 0:
+            run.lock()  # raises RunDirError naming the holder
+            for line in run.clean_leftovers():  # before the probe: a full disk may be full of them
+                print(line, flush=True)
+        probe = run.root / f".write-test-{os.getpid()}"
         probe.write_text("ok")
         probe.unlink()
     except OSError as e:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir "
                           f"with a directory you can write to") from None
-    build_loss(cfg.loss)  # unknown names fail here, listing the valid ones
-    if cfg.model.name not in MODELS:
-        build_models(cfg.model)  # raises ConfigError listing the valid architectures
+    check_names(cfg)
     manifest = read_manifest(cfg.data.shards)
     m = cfg.model
     manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
                    num_classes=m.num_classes)
+    manifest.check_files()  # zero-filled or truncated shards fail here, not at step 0 (or never)
+    if cfg.train.batch_size > manifest.total:
+        raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} is larger than the data set "
+                          f"({manifest.total} samples in {manifest.dir}); use a batch of at most {manifest.total}")
     if cfg.metrics.every:  # weights files, classifier, counts: fail now, not at the first evaluation
         from gan.metrics import check_setup
         check_setup(cfg)
-    if resume is None:
-        return None
-    path = checkpoint.latest_checkpoint(run_dir / "checkpoints") if resume == "auto" else Path(resume)
-    if path is None:
-        return None
-    meta = checkpoint.read_meta(path)
-    written_by = backend_of(meta)
-    if written_by != cfg.train.backend:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} was written by the {written_by} backend and this run uses train.backend="
-            f"{cfg.train.backend}. Resume it with train.backend={written_by}; it can't be converted in place "
-            f"(the optimizer states are laid out differently: {'ZeRO partitions, one file per rank' if written_by == 'deepspeed' else 'whole, in Accelerate files'}). "
-            f"Its EMA G export (RUN/export/) works with either backend; to switch, start a new --run-dir")
-    if written_by == "deepspeed" and meta.get("world_size") not in (None, _world_size()):
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} holds ZeRO optimizer states partitioned over {meta['world_size']} ranks and this run "
-            f"has {_world_size()}; resume it with {meta['world_size']} processes (--nproc_per_node), or start a new --run-dir")
-    saved = meta.get("config", {}).get("model", {})
-    diff = [f"model.{k}: checkpoint {saved.get(k)!r}, config {v!r}" for k, v in dataclasses.asdict(m).items()
-            if saved.get(k) != v]
-    if diff:
-        raise checkpoint.CheckpointError(
-            f"checkpoint {path} was written for a different architecture ({'; '.join(diff)}). "
-            f"Resume with the config saved in {path / checkpoint.META}, or start a new --run-dir")
+    path, notes = checkpoint.resume_point(run, resume, cfg, world_size, writer=rank == 0)
+    for line in notes if rank == 0 else ():
+        print(line, flush=True)
     return path
 
 
-def _world_size() -> int:
-    import os
-    return int(os.environ.get("WORLD_SIZE", "1"))
+def check_names(cfg: Config) -> None:
+    """The registered names of the config exist (ConfigError listing the valid ones): the loss and the
+    model here; metric names are checked by MetricsConfig itself when the config is built."""
+    build_loss(cfg.loss)
+    if cfg.model.name not in MODELS:
+        build_models(cfg.model)  # raises ConfigError listing the valid architectures
 
 
 def resolve_precision(name: str) -> str:
@@ -136,17 +156,25 @@ def resolve_precision(name: str) -> str:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from = cfg, Path(run_dir), resume_from
+        self.run = RunDir(run_dir)
         t = cfg.train
+        pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.collective_timeout))
+        pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default (600 s), and
+        # torch's own default for gloo is 30 min: pass it always
         self.accelerator = acc = Accelerator(
             mixed_precision=resolve_precision(t.mixed_precision),
             dynamo_backend="inductor" if t.compile else "no",
-            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False)])
+            kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), pg])
+        if acc.mixed_precision == "fp16" and acc.scaler is None:  # e.g. on CPU: fp16 without loss scaling
+            raise ConfigError(f"config key 'train.mixed_precision': fp16 needs a gradient scaler, and Accelerate "
+                              f"provides none on this {acc.device.type} device (it would train without one). "
+                              f"Use train.mixed_precision=bf16 or no here")
         torch.backends.cudnn.deterministic = t.deterministic
         torch.backends.cudnn.benchmark = not t.deterministic
         if t.deterministic:
             torch.use_deterministic_algorithms(True, warn_only=True)
         self.device = acc.device
-        self.rank0 = RankZero(self.run_dir, acc.is_main_process, t.max_steps, cfg.log.progress)
+        self.rank0 = RankZero(self.run, acc.is_main_process, t.max_steps, cfg.log.progress)
 
         set_seed(t.seed)  # identical initial weights on every rank
         G, D = build_models(cfg.model)
@@ -159,7 +187,7 @@ class Trainer:
         self.sched_D = build_scheduler(self.backend.optimizers["D"], cfg.optim, t.max_steps)
         self.loss = build_loss(cfg.loss)
         self.state = TrainState()
-        acc.register_for_checkpointing(self.ema, self.state, self.sched_G, self.sched_D)
+        checkpoint.register(acc, ema=self.ema, train_state=self.state, sched_G=self.sched_G, sched_D=self.sched_D)
 
         set_seed(t.seed, device_specific=True)  # different noise per rank
         self.stream = TrainStream(cfg.data, batch_size=t.batch_size, seed=t.seed,
@@ -172,6 +200,8 @@ class Trainer:
         self._batches = None  # created on first use, after any resume has positioned the stream
         self._fp16_streak = 0
         self._nonfinite: dict[str, torch.Tensor | int] = {}  # phase -> non-finite updates since the last check
+        self._too_large: dict[str, torch.Tensor | int] = {}  # phase -> updates skipped for train.max_grad_norm
+        self._peak_loss: dict[str, torch.Tensor] = {}  # phase -> largest finite |loss| since the last check
         self._nonfinite_since = 0
 
     # ------------------------------------------------------------------ pieces
@@ -190,56 +220,100 @@ class Trainer:
         return x, y.to(self.device, non_blocking=True)
 
     def _optimize(self, name: str, loss: torch.Tensor, sched) -> None:
-        """One optimizer update through the backend (gan.backends), then the one non-finite/fp16
-        policy for every backend. Non-finite updates were not applied; counts on the device (DDP with
-        fused Adam) are read once per log interval by ``_check_nonfinite``, counts already on the host
-        (RMSprop, DeepSpeed) right away."""
-        u = self.backend.update(name[0], loss)
+        """One optimizer update through the backend (gan.backends: zero_grad, backward, clip, skip,
+        step), then the one non-finite/divergence policy for every backend. Skipped updates were not
+        applied; counts on the device (DDP with fused Adam) are read once per log interval by
+        ``_check_nonfinite``, counts already on the host (RMSprop, DeepSpeed) right away."""
+        t = self.cfg.train
+        # The loss differs between ranks (each has its own batch): only recorded; the ranks agree in _check_nonfinite.
+        loss_abs = loss.detach().float().abs()
+        peak = torch.where(torch.isfinite(loss_abs), loss_abs, 0.0)
+        self._peak_loss[name] = torch.maximum(self._peak_loss[name], peak) if name in self._peak_loss else peak
+        u = self.backend.update(name[0], loss, t.max_grad_norm)
+        if u.diverged:  # an update the backend could not skip (fp16 scaler, DeepSpeed) with the norm above the limit
+            raise DivergenceError(f"gradient norm {float(u.gnorm):.4g} in {name} at step {self.state.step} is above "
+                                  f"train.max_grad_norm={t.max_grad_norm:g}; the training is diverging. Stopped; "
+                                  f"the last good checkpoint is kept. Lower the learning rates")
         if u.fp16_skipped is not None:
             self.stats.report("Mixed/fp16_skipped", float(u.fp16_skipped))
             if u.fp16_skipped:
                 self.state.fp16_skipped += 1
                 self._fp16_streak += 1
-                if self._fp16_streak > self.cfg.train.max_skipped:
+                if self._fp16_streak > t.max_skipped:
                     raise NonFiniteError(f"{self._fp16_streak} fp16 steps in a row overflowed in {name}; "
                                          f"the loss is diverging. Lower the learning rates or use bf16")
             else:
                 self._fp16_streak = 0
-        elif torch.is_tensor(u.nonfinite):
-            self._nonfinite[name] = self._nonfinite.get(name, 0) + u.nonfinite
-        elif u.nonfinite:
-            self._nonfinite[name] = self._nonfinite.get(name, 0) + u.nonfinite
+        for counts, n in ((self._nonfinite, u.nonfinite), (self._too_large, u.too_large)):
+            if torch.is_tensor(n) or n:
+                counts[name] = counts.get(name, 0) + n
+        if not torch.is_tensor(u.nonfinite) and (u.nonfinite or u.too_large):  # known on the host: decide now
             self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {float(u.gnorm):.4g}", last=self.state.step)
         self.stats.report(f"GradNorm/{name}", u.gnorm.float() if torch.is_tensor(u.gnorm) else u.gnorm)
         if name in ("D", "G"):
             self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
 
     def _check_nonfinite(self, detail: str = "", last: int | None = None) -> None:
-        """Every rank (the counts agree, so every rank decides alike): fold the non-finite updates
-        counted since the last check into the state and apply ``train.on_nonfinite``. Those updates
-        were never applied, so the weights are still those of the last finite update."""
-        counts = dict(self._nonfinite)
+        """Every rank, a collective (it decides alike everywhere): read what the updates since the last
+        check recorded on the device, with one all-reduce and one host sync, and apply the policy.
+
+        Skipped updates (non-finite gradient, or gradient norm above ``train.max_grad_norm``) were never
+        applied, so the weights are still those of the last good update: ``train.on_nonfinite`` says
+        stop or skip (up to ``train.max_skipped``). A loss above ``train.max_loss`` or a weight above
+        ``train.max_abs_weight`` (or a non-finite one) was already trained on: that always stops, and
+        since this runs before every checkpoint, no checkpoint ever holds such weights."""
+        t = self.cfg.train
+        phases = {"non-finite": dict(self._nonfinite), "large": dict(self._too_large)}
+        peaks = dict(self._peak_loss)
         self._nonfinite.clear()
+        self._too_large.clear()
+        self._peak_loss.clear()
         since, self._nonfinite_since = self._nonfinite_since, self.state.step
-        if not counts:
-            return
-        values = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=self.device)
-                              for v in counts.values()]).tolist()  # the one host sync
-        counts = {k: int(v) for k, v in zip(counts, values) if v}
-        n = sum(counts.values())
-        if n == 0:
-            return
-        self.state.skipped_nonfinite += n
+        nets = {"G": self.G, "D": self.D, "G_ema": self.ema.model}
+        weights = [torch.nn.utils.get_total_norm([p.detach() for p in m.parameters()], norm_type=math.inf)
+                   for m in nets.values()]  # the largest |weight| of each net; NaN if any is NaN
+        values = [torch.as_tensor(v, dtype=torch.float32, device=self.device)
+                  for kind in phases.values() for v in kind.values()] + \
+                 [v.float() for v in peaks.values()] + [w.float().to(self.device) for w in weights]
+        packed = torch.stack(values)
+        packed = torch.where(torch.isnan(packed), torch.full_like(packed, math.inf), packed)  # MAX keeps inf, not NaN
+        values = iter(all_reduce_(packed, dist.ReduceOp.MAX).tolist())  # the one sync
+        counts = {kind: {k: int(next(values)) for k in c} for kind, c in phases.items()}
+        peaks = {k: next(values) for k in peaks}
+        weights = dict(zip(nets, values))
         last = self.state.step - 1 if last is None else last  # steps are numbered by G steps done before them
         where = f"step {last}" if last <= since else f"steps {since}-{last}"
-        msg = (f"non-finite loss/gradient in {n} update(s) ({', '.join(f'{k} {v}' for k, v in counts.items())}) "
-               f"in {where}{f' ({detail})' if detail else ''}; those updates were not applied")
-        t = self.cfg.train
-        if t.on_nonfinite == "stop" or self.state.skipped_nonfinite > t.max_skipped:
-            raise NonFiniteError(msg + f" ({self.state.skipped_nonfinite} in this run). Stopped; the last good "
-                                 f"checkpoint is kept. Lower the learning rates, or set train.on_nonfinite=skip "
-                                 f"(train.max_skipped={t.max_skipped}) to go on past them")
-        self.rank0.print(f"warning: {msg}; skipped ({self.state.skipped_nonfinite} so far)")
+        advice = "Stopped; the last good checkpoint is kept. Lower the learning rates (optim.lr_d, optim.lr_g)"
+
+        n = sum(v for c in counts.values() for v in c.values())
+        if n:
+            self.state.skipped_nonfinite += n
+            parts = []
+            for kind, c in counts.items():
+                c = {k: v for k, v in c.items() if v}
+                if c:
+                    what = ("non-finite loss/gradient" if kind == "non-finite" else
+                            f"gradient norm above train.max_grad_norm={t.max_grad_norm:g}")
+                    parts.append(f"{what} in {sum(c.values())} update(s) ({', '.join(f'{k} {v}' for k, v in c.items())})")
+            msg = f"{'; '.join(parts)} in {where}{f' ({detail})' if detail else ''}; those updates were not applied"
+            if t.on_nonfinite == "stop" or self.state.skipped_nonfinite > t.max_skipped:
+                error = DivergenceError if not any(counts["non-finite"].values()) else NonFiniteError
+                raise error(msg + f" ({self.state.skipped_nonfinite} in this run). {advice}, or set "
+                                  f"train.on_nonfinite=skip (train.max_skipped={t.max_skipped}) to go on past them")
+            self.rank0.print(f"warning: {msg}; skipped ({self.state.skipped_nonfinite} so far)")
+        bad = {k: v for k, v in weights.items() if not math.isfinite(v)}
+        if bad:
+            raise NonFiniteError(f"non-finite weights in {', '.join(bad)} at step {self.state.step}. {advice}")
+        if t.max_abs_weight and max(weights.values()) > t.max_abs_weight:
+            big = ", ".join(f"{k} {v:.3g}" for k, v in weights.items() if v > t.max_abs_weight)
+            raise DivergenceError(f"the training is diverging: largest |weight| above train.max_abs_weight="
+                                  f"{t.max_abs_weight:g} at step {self.state.step} ({big}). {advice}, or raise "
+                                  f"train.max_abs_weight if such weights are expected")
+        if t.max_loss and peaks and max(peaks.values()) > t.max_loss:
+            big = ", ".join(f"{k} {v:.3g}" for k, v in peaks.items() if v > t.max_loss)
+            raise DivergenceError(f"the training is diverging: |loss| above train.max_loss={t.max_loss:g} in "
+                                  f"{where} (largest: {big}). {advice}, or raise train.max_loss if such losses are "
+                                  f"expected")
 
     def train_step(self) -> None:
         acc, B, n_dis = self.accelerator, self.cfg.train.batch_size, self.cfg.optim.n_dis
@@ -293,15 +367,28 @@ class Trainer:
         self.rank0.samples(self.state.step, images, self.fixed_y, self.cfg.model.num_classes,
                            self.cfg.log.samples_per_class)
 
+    def _check_finite_weights(self, nets: dict) -> None:
+        """Every rank (replicas agree): refuse to checkpoint non-finite weights, naming the tensors."""
+        bad = [f"{name}.{k}" for name, net in nets.items()
+               for k, t in self.accelerator.unwrap_model(net).state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            raise NonFiniteError(
+                f"non-finite weights in {', '.join(bad[:4])}{' ...' if len(bad) > 4 else ''} at step {self.state.step}"
+                f"; not checkpointed, so the newest checkpoint is still {self.run.latest_checkpoint()}. Lower the "
+                f"learning rates (or set a train.on_nonfinite policy that stops earlier) and resume from it")
+
     def save_checkpoint(self) -> Path:
         self._check_nonfinite()  # policy first: a stop leaves the last good checkpoint the newest
         broadcast_buffers([self.G, self.D, self.ema.model])  # collective, every rank
-        check_replicas({"G": self.G, "D": self.D, "G_ema": self.ema.model}, self.device)  # collective
-        path = checkpoint.save(self.accelerator, self.run_dir / "checkpoints", self.state.step,
-                               {"config": self.cfg.to_dict(), "backend": self.cfg.train.backend}, self.cfg.checkpoint.keep,
-                               extra=self.backend.save)
+        nets = {"G": self.G, "D": self.D, "G_ema": self.ema.model}
+        self._check_finite_weights(nets)
+        check_replicas(nets, self.device)  # collective
+        path = checkpoint.save(self.accelerator, self.run, self.state.step,
+                               {"config": self.cfg.to_dict(), "backend": self.backend.name}, self.cfg.checkpoint.keep,
+                               extra=self.backend.save if self.backend.name == "deepspeed" else None)
         if self.rank0.enabled:
-            checkpoint.export_generator(self.run_dir / "export", self.ema.model,
+            checkpoint.export_generator(self.run.export, self.ema.model,
                                         dataclasses.asdict(self.cfg.model), self.state.step)
         return path
 
@@ -326,13 +413,34 @@ class Trainer:
         every = self.cfg.train.stop_check_every if self.accelerator.num_processes > 1 else 1
         return step % every == 0 or step == self.cfg.train.max_steps
 
+    def _apply_config(self) -> None:
+        """After a resume: the config's learning rates, betas, eps and weight decay replace those restored
+        with the optimizers and schedulers (the schedule's factor comes from the config already), so a
+        value given on resume takes effect, as config.yaml says. Unchanged values give the same floats."""
+        o = self.cfg.optim
+        for opt, sched, lr, betas in ((self.opt_G.optimizer, self.sched_G, o.lr_g, o.betas_g),
+                                      (self.opt_D.optimizer, self.sched_D, o.lr_d, o.betas_d)):
+            sched.base_lrs = [lr] * len(opt.param_groups)
+            for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+                group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), eps=o.eps, weight_decay=o.weight_decay)
+                if "betas" in group:
+                    group["betas"] = tuple(betas)
+            sched._last_lr = [group["lr"] for group in opt.param_groups]
+
     # ------------------------------------------------------------------ fit
     def fit(self) -> str:
         """Resume if asked, train to ``train.max_steps``. Returns "finished" or "preempted"."""
         acc, cfg = self.accelerator, self.cfg
         if self.resume_from is not None:
+            meta = checkpoint.read_meta(self.resume_from)
+            checkpoint.check_resume(self.resume_from, meta, cfg, acc.num_processes)  # before any work
             checkpoint.load(acc, self.resume_from, extra=self.backend.load)
+            if not same_on_all_ranks(self.state.step, self.device):  # collective, every rank
+                raise checkpoint.CheckpointError(
+                    f"the ranks resumed from different checkpoints (this one: {self.resume_from}); do all nodes "
+                    f"see the same {self.run.checkpoints}? Pass --resume PATH to name one")
             self.stream.load_state_dict(self.state.data)
+            self._apply_config()
         self._batches = None
         StopRequest.install()  # idempotent; launch/train.py installs it before building
         start = self._nonfinite_since = self.state.step
@@ -388,10 +496,38 @@ class Trainer:
                               train_seconds=round(self.state.train_seconds, 3))
             return outcome
         except BaseException as e:
-            self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")
+            why = peer_failure(e) if acc.num_processes > 1 else None
+            if why is not None:  # say it in words on every rank (and in status.json), not as a gloo/NCCL trace
+                e = PeerError(f"rank {acc.process_index} at step {self.state.step}: {why} "
+                              f"(train.collective_timeout={cfg.train.collective_timeout:g} s). The other rank's log "
+                              f"says why; then --resume auto continues from the last checkpoint. "
+                              f"[{str(e).splitlines()[0]}]")
+            with contextlib.suppress(OSError):  # a full disk must not hide the error itself
+                self.rank0.status("failed", self.state.step, f"{type(e).__name__}: {e}")
+            if why is not None:
+                raise e from None
             raise
         finally:
             self.rank0.close()
 
+    def close(self) -> None:
+        """Every rank, once, after ``fit`` (also after a failure): an explicit teardown, so that no rank can
+        hang at exit. A process group left for the interpreter's exit to destroy can deadlock there
+        (``~Reducer`` -> ``~ProcessGroupGloo`` joins a gloo thread that waits for the GIL), so: stop the
+        loader's workers, drop every reference to the DDP-wrapped models and optimizers (ours and
+        Accelerate's), end the trackers, destroy the process group, restore the signal handlers."""
+        self.stream.close()
+        self._batches = None
+        self.rank0.close()
+        acc = self.accelerator
+        acc.end_training()
+        self.G = self.D = self.opt_G = self.opt_D = self.sched_G = self.sched_D = None
+        acc.free_memory()  # Accelerate's own lists of prepared models and optimizers
+        gc.collect()
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+        StopRequest.uninstall()
 
-__all__ = ["Trainer", "TrainState", "NonFiniteError", "preflight", "ShardError", "ConfigError"]
+
+__all__ = ["Trainer", "TrainState", "NonFiniteError", "DivergenceError", "PeerError", "check_names", "preflight", "ShardError",
+           "ConfigError"]

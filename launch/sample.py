@@ -24,6 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gan.checkpoint import CheckpointError  # noqa: E402
 from gan.config import ConfigError  # noqa: E402
 from gan.data import ShardError  # noqa: E402
+from gan.rundir import RunDir  # noqa: E402
 
 MODES = ("grid", "interp", "classvar", "realfake", "curves", "export")
 DEFAULT_NUM = {"grid": 10, "interp": 10, "classvar": 8, "realfake": 10, "export": 1000}
@@ -72,16 +73,16 @@ def main(argv=None) -> int:
         if args.mode == "curves":
             if not run.is_dir():
                 raise MetricError(f"run directory not found: {run}")
-            out = Path(args.out) if args.out else run / "samples" / "curves.png"
+            out = Path(args.out) if args.out else RunDir(run).samples / "curves.png"
             try:
-                sampling.curves_png(run / "metrics.jsonl", out, title=str(run))
+                sampling.curves_png(RunDir(run).metrics_file, out, title=str(run))
             except (FileNotFoundError, ValueError) as e:
                 raise MetricError(str(e)) from None
             if not args.no_tensorboard:
                 from PIL import Image
                 import numpy as np
                 arr = np.array(Image.open(out).convert("RGB"))
-                rows = sampling.read_metrics_jsonl(run / "metrics.jsonl")
+                rows = sampling.read_metrics_jsonl(RunDir(run).metrics_file)
                 _tb_image(run, "Sample/curves", torch.from_numpy(arr).permute(2, 0, 1),
                           max([r.get("step", 0) for r in rows] or [0]))
             print(out)
@@ -96,7 +97,7 @@ def main(argv=None) -> int:
             if bad:
                 raise MetricError(f"--class {bad[0]} is not a class index of this model (0..{m.num_classes - 1})")
         if args.mode == "export":
-            out = Path(args.out) if args.out else run / "samples" / f"export-{loaded.label}"
+            out = Path(args.out) if args.out else RunDir(run).samples / f"export-{loaded.label}"
             from gan.data import read_manifest
             try:
                 names = list(read_manifest(loaded.cfg.data.shards).classes)
@@ -117,7 +118,7 @@ def main(argv=None) -> int:
         else:
             img = sampling.real_vs_fake(G, m.z_dim, m.num_classes, num, args.real_shards or loaded.cfg.data.shards,
                                         device, args.seed)
-        out = Path(args.out) if args.out else run / "samples" / f"{args.mode}-{loaded.label}.png"
+        out = Path(args.out) if args.out else RunDir(run).samples / f"{args.mode}-{loaded.label}.png"
         save_png(img, out)
         if not args.no_tensorboard:
             _tb_image(run, f"Sample/{args.mode}", img, step)

@@ -9,14 +9,16 @@ Parse, check every input, build, fit, close. The library lives in gan/.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gan.checkpoint import CheckpointError  # noqa: E402
+from gan.checkpoint import CheckpointError, SaveError  # noqa: E402
 from gan.config import ConfigError, load_config  # noqa: E402
 from gan.data import ShardError  # noqa: E402
+from gan.rundir import RunDirError  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -28,36 +30,40 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "or a checkpoints/step-XXXXXXXX directory")
     p.add_argument("--dry-run", action="store_true", help="print the resolved config and exit")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted overrides, e.g. optim.lr_d=1e-4")
-    return p.parse_args(argv)
+    return p.parse_intermixed_args(argv)  # overrides may come before, between or after the flags
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from gan.dist import end_with_launcher
     from gan.trainer import StopRequest
 
     StopRequest.install()  # first: a preemption signal during start-up must not be lost
+    if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun / accelerate-launch worker: end with the launcher
+        end_with_launcher()
     try:
         cfg = load_config(args.config, args.overrides)
+        from gan.trainer import Trainer, check_names, preflight
+
         if args.dry_run:
+            check_names(cfg)  # every registered name (model, loss, metrics), as a real run would
             print(cfg.to_yaml(), end="")
             return 0
-        from gan.trainer import Trainer, preflight
-
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = preflight(cfg, run_dir, args.resume)
-    except (ConfigError, ShardError, CheckpointError) as e:
+        trainer = Trainer(cfg, run_dir, resume_from)  # may refuse the device (fp16 without a scaler)
+    except (ConfigError, ShardError, CheckpointError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from gan.trainer import NonFiniteError
+    from gan.trainer import NonFiniteError, PeerError
 
-    trainer = Trainer(cfg, run_dir, resume_from)
     try:
         outcome = trainer.fit()
-    except NonFiniteError as e:
-        print(f"error: {e}", file=sys.stderr)
+    except (NonFiniteError, SaveError, ShardError, PeerError) as e:  # divergence, a full disk, a shard damaged
+        print(f"error: {e}", file=sys.stderr)  # since the start-up checks, a stalled or dead rank: the message says it all
         return 1
     finally:
-        trainer.accelerator.end_training()
+        trainer.close()  # every rank: process group destroyed, signal handlers restored
     trainer.rank0.print(f"{outcome} at step {trainer.state.step}; run directory: {run_dir}")
     return 0
 

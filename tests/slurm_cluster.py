@@ -26,6 +26,7 @@ from debian import Unavailable, apt_install  # noqa: E402
 
 BINARIES = ("slurmctld", "slurmd", "sbatch", "scontrol", "squeue", "scancel", "sinfo", "munged")
 PACKAGES = ("slurm-wlm", "munge")
+REQUEUE_DELAY_S = 30  # slurm.conf AuthInfo cred_expire: how long a requeued job waits before it may start again
 
 
 class SlurmUnavailable(Unavailable):
@@ -120,7 +121,11 @@ class SlurmCluster:
             f"SlurmdPort={d_port}",
             "AuthType=auth/munge",
             "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            # cred_expire is also Slurm's requeue delay: a requeued job may start only once the credentials
+            # of its previous run have expired (120 s by default). Forcing it earlier (scontrol update
+            # StartTime=now) can launch it while slurmd still holds the revoked credential: the launch fails
+            # and Slurm holds the job ("launch failed requeued held"), for ever. 30 s keeps the tests short.
+            f"AuthInfo=socket={self.munge_socket},cred_expire={REQUEUE_DELAY_S}",
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={r / 'state'}",

@@ -45,20 +45,23 @@ def _env():
     return {"GAN_PYTHON": sys.executable, "GAN_REPO": str(ROOT)}
 
 
-def wait_done(cluster: SlurmCluster, prefix: str, timeout: float, release_requeued: bool = False) -> None:
-    """Wait until no job whose id starts with ``prefix`` is left. Slurm holds a requeued job for
-    about two minutes (BeginTime); with ``release_requeued`` the test lets it start at once."""
+def wait_done(cluster: SlurmCluster, prefix: str, timeout: float) -> None:
+    """Wait until no job whose id starts with ``prefix`` is left. A requeued job waits
+    REQUEUE_DELAY_S (the test cluster's cred_expire) and then Slurm starts it by itself; it is never
+    forced to start earlier (see tests/slurm_cluster.py). A held job never starts: fail at once."""
     deadline = time.time() + timeout
     while time.time() < deadline:
         mine = [j for j in cluster.jobs() if j[0] == prefix or j[0].startswith(prefix + "_")]
         if not mine:
             return
-        if release_requeued:
-            for jid, state, reason in mine:
-                if state == "PENDING" and reason == "BeginTime":
-                    cluster.run(["scontrol", "update", f"JobId={jid}", "StartTime=now"], check=False)
+        held = [j for j in mine if "held" in j[2].lower()]
+        if held:
+            pytest.fail(f"job(s) held by Slurm: {held}\n{cluster.run(['scontrol', 'show', 'job'], check=False).stdout}"
+                        f"\n{cluster.logs()}")
         time.sleep(1)
-    pytest.fail(f"jobs {prefix} still queued after {timeout:.0f} s: {cluster.jobs()}\n{cluster.logs()}")
+    pytest.fail(f"jobs {prefix} still queued after {timeout:.0f} s: {cluster.jobs()}\n"
+                f"{cluster.run(['scontrol', 'show', 'job'], check=False).stdout}\n"
+                f"{cluster.run(['sinfo', '-R'], check=False).stdout}\n{cluster.logs()}")
 
 
 def array_job_of(out: Path, timeout: float = 60) -> str:
@@ -234,7 +237,7 @@ def test_preempted_task_checkpoints_requeues_and_resumes_exactly(slurm, shards, 
         time.sleep(0.2)
     assert (pre / "metrics.jsonl").is_file(), task_logs(out)
     slurm.run(["scancel", "--signal=USR2", "--batch", f"{job}_1"])
-    wait_done(slurm, job, 420, release_requeued=True)
+    wait_done(slurm, job, 420)
 
     log1 = (out / "logs" / f"{job}_1.log").read_text()
     log0 = (out / "logs" / f"{job}_0.log").read_text()
@@ -274,7 +277,7 @@ def test_multi_process_run_through_accelerate_is_preempted_and_resumes(slurm, sh
     steps, run = 300, tmp_path / "run"
     job, log = submit_and_signal(slurm, shards, run, f"train.max_steps={steps}", cpus=2,
                                  env={"GPUS_PER_NODE": "2", "ACCELERATE_USE_CPU": "1"})
-    wait_done(slurm, job, 420, release_requeued=True)
+    wait_done(slurm, job, 420)
     text = log.read_text()
     assert "processes=2" in text and "accelerate.commands.launch" in text and "--multi_gpu" in text
     assert f"requeueing {job} " in text and "restart=1" in text, text

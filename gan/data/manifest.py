@@ -17,6 +17,7 @@ FORMAT = 1
 MANIFEST = "manifest.json"
 ENCODINGS = ("raw", "png")
 SHARD_RE = r"[A-Za-z0-9_]+-\d{6}\.tar"
+TAR_BLOCK = 512
 
 BUILD_HINT = ("build shards with `python -m data_shards build --source cifar10|imagefolder|fashion-mnist|mnist "
               "--root SRC --split train --out {dir}` (or `make shards` for CIFAR-10)")
@@ -79,11 +80,54 @@ class Manifest:
                              f"(model.num_classes). Set model.num_classes={self.num_classes} or use other shards.")
         return self
 
+    def check_files(self) -> "Manifest":
+        """Cheap checks of every shard file against the manifest (two small reads per shard, no hashing):
+        at least the bytes its sample count needs, a valid first tar header (a zero-filled shard has
+        none) and the end-of-archive marker (a truncated shard has none). Raises :class:`ShardError`
+        naming the shard and ``python -m data_shards verify`` (which hashes and decodes everything)."""
+        c, h, w = self.image_shape
+        blocks = lambda n: -(-n // TAR_BLOCK) * TAR_BLOCK  # noqa: E731
+        per_sample = 2 * TAR_BLOCK + (blocks(c * h * w) + TAR_BLOCK if self.encoding == "raw" else 2 * TAR_BLOCK)
+        problems = []
+        for s in self.shards:
+            path = self.dir / s.name
+            need = s.count * per_sample + 2 * TAR_BLOCK
+            with open(path, "rb") as f:
+                size = f.seek(0, 2)
+                f.seek(0)
+                head = f.read(TAR_BLOCK)
+                f.seek(max(0, size - 2 * TAR_BLOCK))
+                tail = f.read(2 * TAR_BLOCK)
+            if size < need or size % TAR_BLOCK:
+                problems.append(f"{s.name} has {size} bytes, but {s.count} samples need at least {need} "
+                                f"in whole 512-byte blocks (truncated?)")
+            elif not any(head):
+                problems.append(f"{s.name} starts with a zero block: no tar header (zero-filled?)")
+            elif not tar_header_ok(head):
+                problems.append(f"{s.name} starts with a corrupt tar header (checksum mismatch)")
+            elif any(tail):
+                problems.append(f"{s.name} has no end-of-archive marker (truncated?)")
+        if problems:
+            raise ShardError(f"damaged shard(s) in {self.dir}: {'; '.join(problems[:5])}"
+                             f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. Run "
+                             f"`python -m data_shards verify {self.dir}` for the full report and rebuild the "
+                             f"damaged shards (or the directory): " + BUILD_HINT.format(dir=self.dir))
+        return self
+
     def to_json(self) -> dict:
         return {"format": FORMAT, "dataset": self.dataset, "split": self.split, "classes": list(self.classes),
                 "image_shape": list(self.image_shape), "encoding": self.encoding,
                 "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
                 "total": self.total}
+
+
+def tar_header_ok(header: bytes) -> bool:
+    """The checksum of a 512-byte tar header: the byte sum with the 8-byte checksum field read as spaces."""
+    try:
+        stored = int(header[148:156].strip(b"\0 ") or b"-1", 8)
+    except ValueError:
+        return False
+    return stored == sum(header[:148]) + sum(header[156:]) + 8 * 32
 
 
 def _bad(path: Path, why: str) -> ShardError:

@@ -37,7 +37,7 @@ from gan.data.codec import SampleDecodeError, decode_images, decode_label, deriv
 from gan.data.manifest import Manifest, ShardError, read_manifest
 from gan.data.tario import tar_samples
 
-_TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUG = 11, 12, 13
+_TAG_SHARDS, _TAG_SHUFFLE, _TAG_AUG, _TAG_LOADER = 11, 12, 13, 14
 CHUNK_IMAGES = 256  # images per worker -> consumer message (see chunk_batches)
 
 
@@ -220,8 +220,13 @@ class TrainStream:
         ds = _EpochChunks(self.manifest, self.cfg, self.batch_size, self.seed, self.rank, self.world_size,
                           self.batches_per_epoch, self.num_workers, self._epoch, self._batch)
         if self.num_workers > 0:
+            # A DataLoader draws its workers' base seed when its iterator is created: from the global
+            # torch RNG unless given a generator. That draw would shift the noise of the training loop,
+            # and differently in a resumed run (it creates the iterator after restoring the RNG state),
+            # so exact resume needs a generator of the loader's own (every sample is seeded anyway).
+            gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self._epoch, _TAG_LOADER))
             loader = wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                   persistent_workers=True, prefetch_factor=self.prefetch_factor)
+                                   persistent_workers=True, prefetch_factor=self.prefetch_factor, generator=gen)
         else:
             loader = ds
         b = self.batch_size

@@ -11,15 +11,17 @@ from __future__ import annotations
 
 import io
 import mmap
+import os
 import tarfile
 
-from gan.data.manifest import ShardError
+from gan.data.manifest import ShardError, tar_header_ok
 
 _BLOCK = 512
 _REGULAR = (b"0", b"\0")
 
 
-_HINT = "run `python -m data_shards verify` on its directory and rebuild the shards"
+def _hint(url) -> str:
+    return f"run `python -m data_shards verify {os.path.dirname(url) or '.'}` and rebuild the damaged shards"
 
 
 def _members_fast(buf, url: str):
@@ -30,22 +32,27 @@ def _members_fast(buf, url: str):
         header = buf[off:off + _BLOCK]
         if header[0] == 0 and not any(header):
             return out
+        if not tar_header_ok(header):  # flipped bytes: name them, never read garbage as a member
+            raise ShardError(f"{url}: corrupt tar header at byte {off} (checksum mismatch): " + _hint(url))
         if header[156:157] not in _REGULAR or header[345] != 0:  # other member types, or a ustar name prefix
             return None
-        name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+        try:
+            name = header[:100].split(b"\0", 1)[0].decode("utf-8")
+        except UnicodeDecodeError:
+            raise ShardError(f"{url}: corrupt tar header at byte {off} (member name is not UTF-8): " + _hint(url)) from None
         try:
             size = int(header[124:136].strip(b"\0 ") or b"0", 8)
         except ValueError:
-            raise ShardError(f"{url}: corrupt tar header at byte {off}: " + _HINT) from None
+            raise ShardError(f"{url}: corrupt tar header at byte {off}: " + _hint(url)) from None
         start = off + _BLOCK
         if start + size > end:
             raise ShardError(f"{url}: truncated tar (member {name} runs past the end of the file): "
-                             + _HINT)
+                             + _hint(url))
         out.append((name, buf[start:start + size]))
         off = start + (size + _BLOCK - 1) // _BLOCK * _BLOCK
     if off == end and end > 0:  # tarfile tolerates a missing end marker only if nothing follows
         return out
-    raise ShardError(f"{url}: truncated tar (ends inside a header at byte {off}): " + _HINT)
+    raise ShardError(f"{url}: truncated tar (ends inside a header at byte {off}): " + _hint(url))
 
 
 def _members_tarfile(buf: bytes, url: str):
@@ -53,14 +60,14 @@ def _members_tarfile(buf: bytes, url: str):
         with tarfile.open(fileobj=io.BytesIO(buf), mode="r:") as tf:
             return [(m.name, tf.extractfile(m).read()) for m in tf if m.isreg()]
     except (tarfile.TarError, EOFError, OSError) as e:
-        raise ShardError(f"{url}: unreadable tar ({e}): " + _HINT) from None
+        raise ShardError(f"{url}: unreadable tar ({e}): " + _hint(url)) from None
 
 
 def shard_members(path: str):
     with open(path, "rb") as f:
         size = f.seek(0, 2)
         if size == 0:
-            raise ShardError(f"{path}: empty shard file: " + _HINT)
+            raise ShardError(f"{path}: empty shard file: " + _hint(path))
         with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as mm:
             members = _members_fast(mm, path)
             if members is None:
@@ -82,5 +89,6 @@ def tar_samples(src):
                     yield sample
                 sample = {"__key__": key, "__url__": url}
             sample[ext.lower()] = data
-        if sample is not None:
-            yield sample
+        if sample is None:  # a zero-filled or empty shard: never skip it silently (or spin on it for ever)
+            raise ShardError(f"{url}: no samples in this shard (zero-filled or empty?): " + _hint(url))
+        yield sample

@@ -7,17 +7,15 @@ import datetime as _dt
 import json
 import math
 import os
+import sys
 from pathlib import Path
 
 import torch
 
-from gan import checkpoint as ckpt
-from gan.checkpoint import CheckpointError
 from gan.config import Config, ConfigError, from_dict, load_config
 from gan.metrics.errors import MetricError
 from gan.metrics.names import FIDELITY
-
-EMA_FILE = "custom_checkpoint_0.pkl"  # the first object registered for checkpointing: the EMA
+from gan.rundir import CheckpointError, RunDir, part_file, read_meta
 
 
 @dataclasses.dataclass
@@ -33,7 +31,7 @@ def run_config(run_dir: Path) -> Config:
     run_dir = Path(run_dir)
     if not run_dir.is_dir():
         raise MetricError(f"run directory not found: {run_dir}. Pass the --run-dir of a launch/train.py run")
-    path = run_dir / "config.yaml"
+    path = RunDir(run_dir).config
     if not path.is_file():
         raise MetricError(f"{run_dir} is not a run directory (no config.yaml); pass the --run-dir of a "
                           f"launch/train.py run")
@@ -48,17 +46,20 @@ def _model_diff(saved: dict, cfg: Config) -> list[str]:
 
 
 def resolve_source(run_dir: Path, checkpoint: str | Path | None) -> Path:
-    """--checkpoint, else the newest complete checkpoint, else export/G_ema.safetensors."""
+    """--checkpoint, else the newest checkpoint that verifies, else export/G_ema.safetensors."""
     if checkpoint:
         p = Path(checkpoint)
         if not p.exists():
             raise MetricError(f"checkpoint not found: {p}. Pass a checkpoints/step-XXXXXXXX directory or a "
                               f"G_ema.safetensors export")
         return p
-    latest = ckpt.latest_checkpoint(run_dir / "checkpoints")
+    run = RunDir(run_dir)
+    latest, skipped = run.newest_valid()
+    for line in skipped:
+        print(f"warning: skipped a damaged checkpoint: {line}", file=sys.stderr)
     if latest is not None:
         return latest
-    export = run_dir / "export" / "G_ema.safetensors"
+    export = run.export / "G_ema.safetensors"
     if export.is_file():
         return export
     raise MetricError(f"{run_dir} has no complete checkpoint (checkpoints/step-*/ with meta.json) and no "
@@ -76,12 +77,12 @@ def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, de
     cfg = run_config(run_dir)
     src = resolve_source(run_dir, checkpoint)
     if src.is_dir():
-        meta = ckpt.read_meta(src)
+        meta = read_meta(src)
         saved_model = meta.get("config", {}).get("model", {})
         step, label = meta.get("step"), src.name
-        ema_file = src / EMA_FILE
+        ema_file = src / meta.get("parts", {}).get("ema", part_file("ema"))
         if not ema_file.is_file():
-            raise CheckpointError(f"{src} has no {EMA_FILE} (the EMA generator); it was not written by "
+            raise CheckpointError(f"{src} has no {ema_file.name} (the EMA generator); it was not written by "
                                   f"launch/train.py")
         try:
             state = torch.load(ema_file, map_location="cpu", weights_only=True)["model"]

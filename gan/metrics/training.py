@@ -7,8 +7,6 @@ best / early-stop decision (:func:`update_best` is pure and deterministic).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from pathlib import Path
 
 import torch
@@ -71,10 +69,11 @@ def save_best(run_dir: str | Path, g_ema: torch.nn.Module, model_cfg, step: int,
     model.json, the export format, so evaluate.py/sample.py take ``--checkpoint RUN/best/G_ema.safetensors``)
     and ``RUN/best.json``. Each file is replaced atomically."""
     from gan.checkpoint import export_generator
+    from gan.io import write_json_atomic
+    from gan.rundir import RunDir
 
-    run_dir = Path(run_dir)
-    export_generator(run_dir / "best", g_ema, dataclasses.asdict(model_cfg), step)
-    tmp = run_dir / "best.json.tmp"
-    tmp.write_text(json.dumps({**best, "metrics": values, "weights": "best/G_ema.safetensors"}, indent=2))
-    os.replace(tmp, run_dir / "best.json")
-    return run_dir / "best"
+    run = RunDir(run_dir)
+    export_generator(run.best, g_ema, dataclasses.asdict(model_cfg), step)
+    weights = (run.best / "G_ema.safetensors").relative_to(run.root)
+    write_json_atomic(run.best_json, {**best, "metrics": values, "weights": str(weights)})
+    return run.best
