@@ -418,8 +418,9 @@ class Trainer:
         with the optimizers and schedulers (the schedule's factor comes from the config already), so a
         value given on resume takes effect, as config.yaml says. Unchanged values give the same floats."""
         o = self.cfg.optim
-        for opt, sched, lr, betas in ((self.opt_G.optimizer, self.sched_G, o.lr_g, o.betas_g),
-                                      (self.opt_D.optimizer, self.sched_D, o.lr_d, o.betas_d)):
+        opts = self.backend.optimizers  # the plain torch optimizers (under ZeRO: their groups are the engines')
+        for opt, sched, lr, betas in ((opts["G"], self.sched_G, o.lr_g, o.betas_g),
+                                      (opts["D"], self.sched_D, o.lr_d, o.betas_d)):
             sched.base_lrs = [lr] * len(opt.param_groups)
             for group, factor in zip(opt.param_groups, sched.lr_lambdas):
                 group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), eps=o.eps, weight_decay=o.weight_decay)
@@ -521,7 +522,7 @@ class Trainer:
         self.rank0.close()
         acc = self.accelerator
         acc.end_training()
-        self.G = self.D = self.opt_G = self.opt_D = self.sched_G = self.sched_D = None
+        self.G = self.D = self.backend = self.sched_G = self.sched_D = None
         acc.free_memory()  # Accelerate's own lists of prepared models and optimizers
         gc.collect()
         if dist.is_available() and dist.is_initialized():
