@@ -6,6 +6,7 @@ check, step), so a backend whose backward also steps (DeepSpeed) plugs in at one
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import gc
@@ -162,7 +163,8 @@ class Trainer:
         pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default (600 s), and
         # torch's own default for gloo is 30 min: pass it always
         self.accelerator = acc = Accelerator(
-            mixed_precision=resolve_precision(t.mixed_precision),
+            # DeepSpeed's engines do their own precision (gan.backends); Accelerate prepares nothing there
+            mixed_precision=resolve_precision(t.mixed_precision) if t.backend == "ddp" else "no",
             dynamo_backend="inductor" if t.compile else "no",
             kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), pg])
         if acc.mixed_precision == "fp16" and acc.scaler is None:  # e.g. on CPU: fp16 without loss scaling

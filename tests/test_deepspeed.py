@@ -242,11 +242,12 @@ def test_resume_across_backends_is_refused(fp32_runs, tiny_shards, tmp_path):
         finally:
             del os.environ["WORLD_SIZE"]
 
-    check(fp32_runs["ddp"][0], "deepspeed", "written by the ddp backend.*Resume it with train.backend=ddp.*can't be converted")
-    check(fp32_runs["zero2"][0], "ddp", "written by the deepspeed backend.*train.backend=deepspeed.*ZeRO partitions")
-    check(fp32_runs["zero1"][0], "deepspeed", r"world size \(processes\): checkpoint 2, now 1", world="1")
+    # the CLI first: the in-process preflights below lock the run directories for this process
     r = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir",
                         str(fp32_runs["ddp"][0]), "--resume", "auto", f"data.shards={tiny_shards}",
                         "train.backend=deepspeed"], cwd=REPO, capture_output=True, text=True, timeout=300,
                        env={**os.environ, **ENV})
     assert r.returncode == 2 and "written by the ddp backend" in r.stderr, r.stderr[-3000:]
+    check(fp32_runs["ddp"][0], "deepspeed", "written by the ddp backend.*Resume it with train.backend=ddp.*can't be converted")
+    check(fp32_runs["zero2"][0], "ddp", "written by the deepspeed backend.*train.backend=deepspeed.*ZeRO partitions")
+    check(fp32_runs["zero1"][0], "deepspeed", r"world size \(processes\): checkpoint 2, now 1", world="1")
