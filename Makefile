@@ -15,7 +15,7 @@ SHARDS ?= data/shards/cifar10-train
 
 $(STAMP): pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -c constraints.txt -e ".[test]"
+	$(BIN)/pip install -c constraints.txt -e ".[test,deepspeed]"
 	touch $@
 
 setup: $(STAMP)

@@ -75,9 +75,10 @@ def _size(path: Path | None) -> int:
         return 0
 
 
-def save(accelerator, run: RunDir, step: int, meta: dict, keep: int) -> Path:
+def save(accelerator, run: RunDir, step: int, meta: dict, keep: int, extra=None) -> Path:
     """Collective. Writes ``step-X`` atomically and keeps it plus the newest ``keep - 1`` before it.
-    Raises SaveError on every rank if any rank failed (nothing partial stays behind)."""
+    Raises SaveError on every rank if any rank failed (nothing partial stays behind). ``extra(dir)``,
+    run on every rank after Accelerate's state, writes what lives outside it (DeepSpeed's engines)."""
     tmp, main = run.tmp_checkpoint(step), accelerator.is_main_process
     expected = _size(run.latest_checkpoint())
     error = None
@@ -91,6 +92,8 @@ def save(accelerator, run: RunDir, step: int, meta: dict, keep: int) -> Path:
     if error is None:
         try:
             accelerator.save_state(str(tmp))
+            if extra is not None:
+                extra(tmp)
         except Exception as e:  # noqa: BLE001 - reported below, on every rank
             error = e
     failed, = any_rank([error is not None], accelerator.device)  # also: every rank's RNG file is in place
@@ -98,7 +101,8 @@ def save(accelerator, run: RunDir, step: int, meta: dict, keep: int) -> Path:
     if not failed and main:
         try:
             seal(tmp, {**meta, "step": step, "world_size": accelerator.num_processes,
-                       "parts": {name: part_file(name) for name in MODELS + OPTIMIZERS + CUSTOM}})
+                       "parts": {name: part_file(name) for name in
+                                 (CUSTOM if extra is not None else MODELS + OPTIMIZERS + CUSTOM)}})
             run.publish(tmp, step)
             run.prune(keep, final)
         except OSError as e:
@@ -111,10 +115,12 @@ def save(accelerator, run: RunDir, step: int, meta: dict, keep: int) -> Path:
     return final
 
 
-def load(accelerator, path: str | Path) -> dict:
+def load(accelerator, path: str | Path, extra=None) -> dict:
     """Collective. Restores everything ``save`` wrote and returns the checkpoint's meta."""
     meta = read_meta(path)
     accelerator.load_state(str(path))
+    if extra is not None:
+        extra(Path(path))
     return meta
 
 
@@ -132,6 +138,14 @@ def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
     """Raise CheckpointError if ``cfg`` can't continue the checkpoint at ``path`` exactly (another
     architecture, world size or one of FIXED_ON_RESUME). Returns the changed keys that take effect
     from the resumed step on, as "key: old -> new" lines."""
+    written_by = meta.get("backend") or meta.get("config", {}).get("train", {}).get("backend") or "ddp"
+    if written_by != cfg.train.backend:
+        layout = "ZeRO partitions, one file per rank" if written_by == "deepspeed" else "whole, in Accelerate's files"
+        raise CheckpointError(
+            f"checkpoint {path} was written by the {written_by} backend and this run uses train.backend="
+            f"{cfg.train.backend}. Resume it with train.backend={written_by}; it can't be converted in place (the "
+            f"optimizer states are laid out differently: {layout}). Its EMA G export (RUN/export/) works with "
+            f"either backend; to switch, start a new --run-dir")
     saved = _flat(meta.get("config", {}))
     ours = _flat(cfg.to_dict())
     from gan.startup import resolve_precision_source  # "auto" compared as this launch resolves it

@@ -216,6 +216,7 @@ class TrainConfig:
     compile: bool = False  # torch.compile G and D (Accelerate's dynamo backend "inductor")
     max_minutes: float = 0.0  # stop (checkpointed, "finished") after this much training wall-clock, summed over resumes; 0 = off
     stop_check_every: int = 10  # multi-process: steps between the ranks' agreement on a stop signal
+    backend: str = "ddp"  # ddp (Accelerate DDP + AMP) | deepspeed (ZeRO engines for G and D; section deepspeed)
     collective_timeout: float = 600.0  # seconds a collective may wait for a stalled or vanished peer before every rank fails
     # Divergence (0 = off). An update whose gradient norm (before clipping) is above max_grad_norm is
     # treated like a non-finite one (train.on_nonfinite); a loss or weight above its limit stops the run.
@@ -238,6 +239,56 @@ class TrainConfig:
                "must be a number of seconds > 0")
         for key in ("max_grad_norm", "max_loss", "max_abs_weight"):
             _check(getattr(self, key) >= 0, f"train.{key}", "must be >= 0 (0 = no limit)")
+        _check(self.backend in ("ddp", "deepspeed"), "train.backend", f"'{self.backend}' is not one of: ddp, deepspeed")
+
+
+# DeepSpeed settings that come from our own config keys; a deepspeed.config file must not set them.
+DEEPSPEED_OWNED = {
+    "optimizer": "optim.name/lr_g/lr_d/betas_*/eps/weight_decay (a torch optimizer is handed to DeepSpeed)",
+    "scheduler": "optim.lr_schedule (stepped once per G step, not once per engine step)",
+    "fp16": "train.mixed_precision=fp16", "bf16": "train.mixed_precision=bf16",
+    "train_batch_size": "train.batch_size", "train_micro_batch_size_per_gpu": "train.batch_size",
+    "gradient_accumulation_steps": "train.batch_size (one micro-batch per step)",
+    "gradient_clipping": "optim.grad_clip",
+}
+
+
+@dataclass
+class DeepSpeedConfig:
+    """Used with ``train.backend=deepspeed``: G and D each become a ZeRO engine."""
+    stage: int = 2  # ZeRO stage: 1 (optimizer states partitioned) or 2 (+ gradients partitioned)
+    offload_optimizer: bool = False  # optimizer states and step on the CPU (ZeRO-Offload)
+    config: str = ""  # JSON with everything else (bucket sizes, overlap_comm, ...); "" = DeepSpeed's defaults
+
+    def __post_init__(self):
+        _check(self.stage in (1, 2), "deepspeed.stage",
+               f"{self.stage} is not supported: use 1 or 2 (stage 3 partitions the weights, which the EMA "
+               f"of G and the cross-engine D(G(z)) of the G phase read whole on every rank)")
+        if self.config:
+            self.settings()  # exists, parses, owns none of our keys: fail now, not when the engines are built
+
+    def settings(self) -> dict:
+        """The JSON file's settings (checked), or {} without one."""
+        if not self.config:
+            return {}
+        import json
+
+        path = Path(self.config)
+        _check(path.is_file(), "deepspeed.config", f"file not found: {path}. Use configs/deepspeed/zero1.json or "
+                                                     f"zero2.json, or leave it empty for DeepSpeed's defaults")
+        try:
+            values = json.loads(path.read_text())
+        except (ValueError, OSError) as e:
+            raise ConfigError(f"config key 'deepspeed.config': {path} is not valid JSON ({e}); fix the file "
+                              f"or point deepspeed.config at configs/deepspeed/zero2.json") from None
+        _check(isinstance(values, dict), "deepspeed.config", f"{path} must hold a JSON object, not {type(values).__name__}")
+        owned = [f"'{k}' (set {DEEPSPEED_OWNED[k]} instead)" for k in values if k in DEEPSPEED_OWNED]
+        _check(not owned, "deepspeed.config", f"{path} sets {', '.join(owned)}; remove them from the file")
+        stage = values.get("zero_optimization", {}).get("stage", self.stage)
+        _check(stage == self.stage, "deepspeed.config",
+               f"{path} says zero_optimization.stage={stage} but deepspeed.stage={self.stage}; make them agree "
+               f"(deepspeed.stage=... on the command line, or the file for that stage)")
+        return values
 
 
 @dataclass
@@ -289,12 +340,37 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     metrics: MetricsConfig = field(default_factory=MetricsConfig)
+    deepspeed: DeepSpeedConfig = field(default_factory=DeepSpeedConfig)
+
+    def __post_init__(self):
+        if self.train.backend == "deepspeed":
+            for problem in deepspeed_problems(self):
+                raise ConfigError(problem)
 
     def to_dict(self) -> dict:
         return _keyword_keys(dataclasses.asdict(self))
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+def deepspeed_problems(cfg: Config) -> list[str]:
+    """Why ``train.backend=deepspeed`` can't run ``cfg``: each entry names the key, the reason and the fix."""
+    import importlib.util
+
+    out = []
+    if importlib.util.find_spec("deepspeed") is None:
+        out.append("config key 'train.backend': deepspeed is not installed in this environment. Install it with "
+                   "pip install 'gan-train[deepspeed]' (tested: deepspeed==0.19.8), or use train.backend=ddp")
+    if cfg.optim.name == "rmsprop":
+        out.append("config key 'optim.name': rmsprop with train.backend=deepspeed is refused: ZeRO supports "
+                   "Adam/AdamW (DeepSpeed marks other optimizers untested). Use optim.name=adam or adamw, "
+                   "or train.backend=ddp")
+    if cfg.train.compile:
+        out.append("config key 'train.compile': torch.compile with train.backend=deepspeed is refused: the engines "
+                   "wrap G and D themselves and this combination is untested here. Use train.compile=false, or "
+                   "train.backend=ddp")
+    return out
 
 
 # ---------------------------------------------------------------------------- loading

@@ -9,6 +9,8 @@ overrides ``d_loss``; nothing branches on names inside the loop.
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 import torch.nn.functional as F
 
@@ -60,9 +62,13 @@ def ls_g_loss(fake_logits: torch.Tensor) -> torch.Tensor:
 
 
 def uncompiled(D):
-    """D without torch.compile's wrapper: the same parameters and the same DDP wrapper, run eagerly.
-    Gradient penalties need double backward, which compiled graphs do not support."""
-    return getattr(D, "_orig_mod", D)
+    """D for a gradient penalty's inner forward. Without torch.compile's wrapper: the same parameters
+    and the same DDP wrapper, run eagerly (compiled graphs do not support double backward). Without a
+    DeepSpeed engine's wrapper: the engine's output hooks would start its ZeRO gradient reduction inside
+    ``torch.autograd.grad``; the plain module's parameters carry ZeRO's gradient hooks all the same."""
+    D = getattr(D, "_orig_mod", D)
+    deepspeed = sys.modules.get("deepspeed")
+    return D.module if deepspeed is not None and isinstance(D, deepspeed.DeepSpeedEngine) else D
 
 
 def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor,

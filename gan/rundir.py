@@ -60,8 +60,14 @@ def rng_file(rank: int) -> str:
     return f"random_states_{rank}.pkl"
 
 
-def required_files(world_size: int) -> list[str]:
-    """Files every checkpoint of this trainer must hold (scaler.pt only with fp16, so not listed)."""
+def required_files(world_size: int, backend: str = "ddp") -> list[str]:
+    """Files every checkpoint of this trainer must hold (scaler.pt only with fp16, so not listed).
+    Under DeepSpeed the engines hold G, D and their optimizers (gan.backends.DeepSpeedBackend.save):
+    one weights file and one optimizer partition per rank for each."""
+    if backend == "deepspeed":
+        nets = [f"deepspeed/{net}/{f}" for net in MODELS for f in
+                ["mp_rank_00_model_states.pt"] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]]
+        return nets + [part_file(n) for n in CUSTOM] + [rng_file(r) for r in range(world_size)]
     return [part_file(n) for n in MODELS + OPTIMIZERS + CUSTOM] + [rng_file(r) for r in range(world_size)]
 
 
@@ -101,12 +107,14 @@ def seal(ckpt: Path, meta: dict) -> None:
     """Fsync every file in ``ckpt``, then write ``meta.json`` listing each one's size and sha256.
     ``meta.json`` is written last: a directory without it is not a checkpoint."""
     files = {}
-    for p in sorted(ckpt.iterdir()):
+    for p in sorted(ckpt.rglob("*")):  # DeepSpeed's engines write into subdirectories
         if p.name == META or not p.is_file():
             continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-        files[p.name] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[p.relative_to(ckpt).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+    for d in sorted({p.parent for p in ckpt.rglob("*") if p.is_file()}, reverse=True):
+        fsync_dir(d)
     write_json_atomic(ckpt / META, {**meta, "files": files})
     fsync_dir(ckpt)
 
@@ -142,7 +150,7 @@ def verify(path: str | Path) -> dict:
         world_size = int(meta["world_size"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path / META} is damaged (no world_size); resume from another checkpoint") from None
-    for name in required_files(world_size):
+    for name in required_files(world_size, meta.get("backend", "ddp")):
         if name not in files:
             raise CheckpointError(f"{path / name} is not recorded in {path / META}: the checkpoint is incomplete; "
                                   f"resume from another checkpoint")

@@ -22,12 +22,14 @@ from accelerate import Accelerator
 from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs, set_seed
 
 from gan import checkpoint
+from gan.backends import build_backend
 from gan.config import Config, ConfigError
 from gan.data import ShardError, read_manifest, train_stream
 from gan.dist import Stats, all_reduce_, any_rank, broadcast_buffers, check_replicas, peer_failure, same_on_all_ranks
 from gan.ema import EMA
 from gan.losses import build_loss
 from gan.models import MODELS, build_models
+from gan.optim import build_optimizer, build_scheduler, lr_factor  # noqa: F401 (re-exported for callers)
 from gan.rank_zero import RankZero
 from gan.rundir import RunDir
 from gan.startup import banner, resolve_precision_source
@@ -153,47 +155,6 @@ def resolve_precision(name: str) -> str:
     return resolve_precision_source(name)[0]
 
 
-def lr_factor(o, max_steps: int):
-    """The LR multiplier as a function of the G step, for ``optim.lr_schedule``."""
-    start, span = o.lr_decay_start, max(1, max_steps - o.lr_decay_start)
-    if o.lr_schedule == "linear":
-        return lambda s: 1.0 if s < start else max(0.0, 1.0 - (s - start) / span)
-    if o.lr_schedule == "cosine":
-        return lambda s: 1.0 if s < start else 0.5 * (1.0 + math.cos(math.pi * min(1.0, (s - start) / span)))
-    if o.lr_schedule == "step":
-        return lambda s: o.lr_gamma ** (s // o.lr_step_every)
-    if o.lr_schedule == "exponential":
-        return lambda s: o.lr_gamma ** (s / o.lr_step_every)
-    return lambda s: 1.0
-
-
-def build_optimizer(params, o, lr: float, betas, device: torch.device) -> torch.optim.Optimizer:
-    """Adam and AdamW use the fused kernels (CUDA and CPU): one launch per step, and the non-finite
-    skip happens on the device (see Trainer._optimize). RMSprop has no fused kernel: foreach."""
-    if o.name in ("adam", "adamw"):
-        cls = torch.optim.Adam if o.name == "adam" else torch.optim.AdamW
-        return cls(params, lr=lr, betas=tuple(betas), eps=o.eps, weight_decay=o.weight_decay, fused=True)
-    return torch.optim.RMSprop(params, lr=lr, eps=o.eps, weight_decay=o.weight_decay, foreach=True)
-
-
-def skips_on_device(opt: torch.optim.Optimizer) -> bool:
-    """True for optimizers whose step() honours ``found_inf`` on the device (fused Adam/AdamW):
-    a step with found_inf=1 changes neither the weights nor the moments nor the step count."""
-    return bool(getattr(opt, "_step_supports_amp_scaling", False))
-
-
-@contextlib.contextmanager
-def _frozen(module: torch.nn.Module):
-    """D's weights need no gradients in the G phase (its input gradient is all G needs)."""
-    flags = [p.requires_grad for p in module.parameters()]
-    module.requires_grad_(False)
-    try:
-        yield
-    finally:
-        for p, f in zip(module.parameters(), flags):
-            p.requires_grad_(f)
-
-
 # ---------------------------------------------------------------------------- trainer
 
 
@@ -208,7 +169,8 @@ class Trainer:
         precision, self.precision_source = resolve_precision_source(t.mixed_precision)
         t.mixed_precision = precision  # the resolved value is what config.yaml and the checkpoints keep
         self.accelerator = acc = Accelerator(
-            mixed_precision=precision,
+            # DeepSpeed's engines do their own precision (gan.backends); Accelerate prepares nothing there
+            mixed_precision=precision if t.backend == "ddp" else "no",
             dynamo_backend="inductor" if t.compile else "no",
             log_with=build_trackers(tracker_names(cfg.log.with_), self.run_dir, cfg.log.project,
                                     tracked_metrics(cfg)) or None,
@@ -229,14 +191,10 @@ class Trainer:
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         G, D = G.to(self.device, memory_format=self.memory_format), D.to(self.device, memory_format=self.memory_format)
         self.ema = EMA(G, cfg.ema)
-        o = cfg.optim
-        opt_G = build_optimizer(G.parameters(), o, o.lr_g, o.betas_g, self.device)
-        opt_D = build_optimizer(D.parameters(), o, o.lr_d, o.betas_d, self.device)
-        self.G, self.D, self.opt_G, self.opt_D = acc.prepare(G, D, opt_G, opt_D)
-        factor = lr_factor(o, t.max_steps)
-        # Not prepared: Accelerate would step a prepared scheduler once per process.
-        self.sched_G = torch.optim.lr_scheduler.LambdaLR(self.opt_G.optimizer, factor)
-        self.sched_D = torch.optim.lr_scheduler.LambdaLR(self.opt_D.optimizer, factor)
+        self.backend = build_backend(cfg, acc, resolve_precision(t.mixed_precision))  # DDP or DeepSpeed
+        self.G, self.D = self.backend.prepare(G, D)
+        self.sched_G = build_scheduler(self.backend.optimizers["G"], cfg.optim, t.max_steps)
+        self.sched_D = build_scheduler(self.backend.optimizers["D"], cfg.optim, t.max_steps)
         self.loss = build_loss(cfg.loss)
         self.state = TrainState()
         checkpoint.register(acc, ema=self.ema, train_state=self.state, sched_G=self.sched_G, sched_D=self.sched_D)
@@ -271,61 +229,37 @@ class Trainer:
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         return x, y.to(self.device, non_blocking=True)
 
-    def _optimize(self, name: str, loss: torch.Tensor, model, opt, sched) -> None:
-        """One optimizer update: the only place that calls backward() and step(). No host sync
-        here on the bf16/fp32 path with a fused optimizer: a non-finite gradient skips the update on
-        the device and is counted there; ``_check_nonfinite`` reads the count once per log interval."""
-        opt.zero_grad(set_to_none=True)
-        self.accelerator.backward(loss)
-        self.accelerator.unscale_gradients(opt)  # no-op unless fp16
-        params = [p for p in model.parameters() if p.grad is not None]
-        if self.cfg.optim.grad_clip:
-            gnorm = torch.nn.utils.clip_grad_norm_(params, self.cfg.optim.grad_clip)
-        else:
-            gnorm = torch.nn.utils.get_total_norm([p.grad for p in params])
-        # gnorm is identical on every rank (gradients are all-reduced), so every rank decides alike.
-        # The loss is not (each rank has its own batch): it is only recorded, and the ranks agree in _check_nonfinite.
+    def _optimize(self, name: str, loss: torch.Tensor, sched) -> None:
+        """One optimizer update through the backend (gan.backends: zero_grad, backward, clip, skip,
+        step), then the one non-finite/divergence policy for every backend. Skipped updates were not
+        applied; counts on the device (DDP with fused Adam) are read once per log interval by
+        ``_check_nonfinite``, counts already on the host (RMSprop, DeepSpeed) right away."""
         t = self.cfg.train
+        # The loss differs between ranks (each has its own batch): only recorded; the ranks agree in _check_nonfinite.
         loss_abs = loss.detach().float().abs()
         peak = torch.where(torch.isfinite(loss_abs), loss_abs, 0.0)
         self._peak_loss[name] = torch.maximum(self._peak_loss[name], peak) if name in self._peak_loss else peak
-        too_large = (gnorm > t.max_grad_norm) & torch.isfinite(gnorm) if t.max_grad_norm else None
-        if self.accelerator.mixed_precision == "fp16":
-            if too_large is not None and bool(too_large):  # the fp16 path syncs anyway; the scaler can't skip it
-                raise DivergenceError(f"gradient norm {gnorm.item():.4g} in {name} at step {self.state.step} is above "
-                                      f"train.max_grad_norm={t.max_grad_norm:g}; the training is diverging. Stopped; "
-                                      f"the last good checkpoint is kept. Lower the learning rates")
-            opt.step()  # the shared GradScaler skips overflowing steps and lowers the scale (it syncs)
-            if opt.step_was_skipped:
+        u = self.backend.update(name[0], loss, t.max_grad_norm)
+        if u.diverged:  # an update the backend could not skip (fp16 scaler, DeepSpeed) with the norm above the limit
+            raise DivergenceError(f"gradient norm {float(u.gnorm):.4g} in {name} at step {self.state.step} is above "
+                                  f"train.max_grad_norm={t.max_grad_norm:g}; the training is diverging. Stopped; "
+                                  f"the last good checkpoint is kept. Lower the learning rates")
+        if u.fp16_skipped is not None:
+            self.stats.report("Mixed/fp16_skipped", float(u.fp16_skipped))
+            if u.fp16_skipped:
                 self.state.fp16_skipped += 1
-                self.stats.report("Mixed/fp16_skipped", 1.0)
                 self._fp16_streak += 1
-                if self._fp16_streak > self.cfg.train.max_skipped:
+                if self._fp16_streak > t.max_skipped:
                     raise NonFiniteError(f"{self._fp16_streak} fp16 steps in a row overflowed in {name}; "
                                          f"the loss is diverging. Lower the learning rates or use bf16")
             else:
                 self._fp16_streak = 0
-                self.stats.report("Mixed/fp16_skipped", 0.0)
-        elif skips_on_device(opt.optimizer):
-            nonfinite = ~torch.isfinite(gnorm)
-            bad = nonfinite if too_large is None else nonfinite | too_large
-            opt.optimizer.found_inf = bad.float()  # the fused kernel leaves everything as it was where this is 1
-            try:
-                opt.step()
-            finally:
-                del opt.optimizer.found_inf
-            self._nonfinite[name] = self._nonfinite.get(name, 0) + nonfinite.float()
-            if too_large is not None:
-                self._too_large[name] = self._too_large.get(name, 0) + too_large.float()
-        else:  # RMSprop: one host sync per update
-            finite, large = bool(torch.isfinite(gnorm)), too_large is not None and bool(too_large)
-            if finite and not large:
-                opt.step()
-            else:
-                counts = self._nonfinite if not finite else self._too_large
-                counts[name] = counts.get(name, 0) + 1
-                self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {gnorm.item():.4g}", last=self.state.step)
-        self.stats.report(f"GradNorm/{name}", gnorm.float())
+        for counts, n in ((self._nonfinite, u.nonfinite), (self._too_large, u.too_large)):
+            if torch.is_tensor(n) or n:
+                counts[name] = counts.get(name, 0) + n
+        if not torch.is_tensor(u.nonfinite) and (u.nonfinite or u.too_large):  # known on the host: decide now
+            self._check_nonfinite(f"loss {loss.item():.4g}, grad norm {float(u.gnorm):.4g}", last=self.state.step)
+        self.stats.report(f"GradNorm/{name}", u.gnorm.float() if torch.is_tensor(u.gnorm) else u.gnorm)
         if name in ("D", "G"):
             self.stats.report(f"LR/{name}", sched.get_last_lr()[0])
 
@@ -401,20 +335,20 @@ class Trainer:
                 with torch.no_grad():
                     fake = self.G(z, y_fake)
                 loss, stats = self.loss.d_loss(self.D, real, y_real, fake, y_fake)
-                self._optimize("D", loss, self.D, self.opt_D, self.sched_D)
+                self._optimize("D", loss, self.sched_D)
                 self._report(stats)
                 if self.loss.has_regularizer and (self.state.step * n_dis + i) % self.loss.cfg.r1_every == 0:
                     loss, stats = self.loss.d_regularizer(self.D, real, y_real)  # lazy R1: its own update
-                    self._optimize("D_reg", loss, self.D, self.opt_D, self.sched_D)
+                    self._optimize("D_reg", loss, self.sched_D)
                     self._report(stats)
             z, y_fake = self._noise(B)
-            with acc.no_sync(self.D), _frozen(self.D):
-                loss, stats = self.loss.g_loss(self.D, self.G(z, y_fake), y_fake)
-                self._optimize("G", loss, self.G, self.opt_G, self.sched_G)
+            with self.backend.g_phase() as D:  # frozen, no gradient sync
+                loss, stats = self.loss.g_loss(D, self.G(z, y_fake), y_fake)
+                self._optimize("G", loss, self.sched_G)
             self._report(stats)
         self.sched_G.step()
         self.sched_D.step()
-        self.ema.update(acc.unwrap_model(self.G))
+        self.ema.update(self.backend.unwrap(self.G))
         self.state.step += 1
         self.state.images_seen += self.cfg.optim.n_dis * B * acc.num_processes
         self.state.data = self.stream.state_dict()
@@ -460,8 +394,9 @@ class Trainer:
         nets = {"G": self.G, "D": self.D, "G_ema": self.ema.model}
         self._check_finite_weights(nets)
         check_replicas(nets, self.device)  # collective
-        path = checkpoint.save(self.accelerator, self.run, self.state.step, {"config": self.cfg.to_dict()},
-                               self.cfg.checkpoint.keep)
+        path = checkpoint.save(self.accelerator, self.run, self.state.step,
+                               {"config": self.cfg.to_dict(), "backend": self.backend.name}, self.cfg.checkpoint.keep,
+                               extra=self.backend.save if self.backend.name == "deepspeed" else None)
         if self.rank0.enabled:
             checkpoint.export_generator(self.run.export, self.ema.model,
                                         dataclasses.asdict(self.cfg.model), self.state.step)
@@ -493,8 +428,9 @@ class Trainer:
         with the optimizers and schedulers (the schedule's factor comes from the config already), so a
         value given on resume takes effect, as config.yaml says. Unchanged values give the same floats."""
         o = self.cfg.optim
-        for opt, sched, lr, betas in ((self.opt_G.optimizer, self.sched_G, o.lr_g, o.betas_g),
-                                      (self.opt_D.optimizer, self.sched_D, o.lr_d, o.betas_d)):
+        opts = self.backend.optimizers  # the plain torch optimizers (under ZeRO: their groups are the engines')
+        for opt, sched, lr, betas in ((opts["G"], self.sched_G, o.lr_g, o.betas_g),
+                                      (opts["D"], self.sched_D, o.lr_d, o.betas_d)):
             sched.base_lrs = [lr] * len(opt.param_groups)
             for group, factor in zip(opt.param_groups, sched.lr_lambdas):
                 group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), eps=o.eps, weight_decay=o.weight_decay)
@@ -509,7 +445,7 @@ class Trainer:
         if self.resume_from is not None:
             meta = checkpoint.read_meta(self.resume_from)
             checkpoint.check_resume(self.resume_from, meta, cfg, acc.num_processes)  # before any work
-            checkpoint.load(acc, self.resume_from)
+            checkpoint.load(acc, self.resume_from, extra=self.backend.load)
             if not same_on_all_ranks(self.state.step, self.device):  # collective, every rank
                 raise checkpoint.CheckpointError(
                     f"the ranks resumed from different checkpoints (this one: {self.resume_from}); do all nodes "
@@ -598,7 +534,7 @@ class Trainer:
         self.rank0.close()
         acc = self.accelerator
         acc.end_training()
-        self.G = self.D = self.opt_G = self.opt_D = self.sched_G = self.sched_D = None
+        self.G = self.D = self.backend = self.sched_G = self.sched_D = None
         acc.free_memory()  # Accelerate's own lists of prepared models and optimizers
         gc.collect()
         if dist.is_available() and dist.is_initialized():

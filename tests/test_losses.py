@@ -160,7 +160,7 @@ def test_bad_loss_options():
 
 
 def test_lr_schedules():
-    from gan.trainer import lr_factor
+    from gan.optim import lr_factor
 
     f = lr_factor(OptimConfig(lr_schedule="linear", lr_decay_start=50), 150)
     assert (f(0), f(50), f(100), f(150)) == (1.0, 1.0, 0.5, 0.0)
@@ -175,10 +175,10 @@ def test_lr_schedules():
 @pytest.mark.parametrize("name, cls", [("adam", torch.optim.Adam), ("adamw", torch.optim.AdamW),
                                        ("rmsprop", torch.optim.RMSprop)])
 def test_optimizers(name, cls):
-    from gan.trainer import build_optimizer
+    from gan.optim import build_optimizer
 
     o = OptimConfig(name=name, betas_d=[0.0, 0.9])
-    opt = build_optimizer(nn.Linear(2, 2).parameters(), o, 1e-3, o.betas_d, torch.device("cpu"))
+    opt = build_optimizer(nn.Linear(2, 2).parameters(), o, 1e-3, o.betas_d)
     assert isinstance(opt, cls)
     if name != "rmsprop":
         assert opt.param_groups[0]["betas"] == (0.0, 0.9)

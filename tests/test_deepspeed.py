@@ -1,0 +1,253 @@
+"""train.backend=deepspeed: G and D as two ZeRO-1/2 engines, on 2 CPU ranks (torchrun + gloo).
+
+Real runs of configs/debug_cpu.yaml through launch/train.py; DeepSpeed picks its CPU accelerator.
+Tolerance against DDP: in fp32, with the same seed and data, ZeRO's bucketed reduce(-scatter) sums
+the same gradients in another order than DDP's all-reduce; the first losses agreed to 1e-7 here,
+and the test allows a relative 1e-4 over the first 4 steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from conftest import REPO
+
+pytest.importorskip("deepspeed")
+
+ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
+LOSSES = ("Loss/D/main", "Loss/G/main")
+
+
+def cmd2(run_dir, shards, *overrides, resume=None) -> list[str]:
+    """launch/train.py on 2 ranks (torchrun, gloo)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run_dir)]
+    if resume:
+        cmd += ["--resume", str(resume)]
+    return cmd + [f"data.shards={shards}", *overrides]
+
+
+def train2(run_dir, shards, *overrides, resume=None):
+    r = subprocess.run(cmd2(run_dir, shards, *overrides, resume=resume), cwd=REPO, capture_output=True, text=True,
+                       timeout=600, env={**os.environ, **ENV})
+    assert r.returncode == 0, f"train failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-6000:]}"
+    return r
+
+
+def rows(run_dir) -> list[dict]:
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def ckpt(run_dir, step) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
+
+
+def engine_tensors(path: Path) -> dict:
+    """Every tensor DeepSpeed saved for G and D (weights, each rank's optimizer partition) plus the EMA G."""
+    out = {}
+
+    def walk(prefix, obj):
+        if torch.is_tensor(obj):
+            out[prefix] = obj
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f"{prefix}/{k}", v)
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                walk(f"{prefix}/{i}", v)
+
+    files = sorted((path / "deepspeed").glob("*/*.pt"))
+    assert {f.parent.name for f in files} == {"G", "D"} and len(files) == 6, files  # model + 2 ranks' optimizer, each
+    for f in files:
+        state = torch.load(f, map_location="cpu", weights_only=False)
+        keep = {k: state[k] for k in ("module", "optimizer_state_dict", "base_optimizer_state",
+                                      "single_partition_of_fp32_groups") if k in state}
+        walk(f"{f.parent.name}/{f.name}", keep)
+    for k, v in load_file(str(path.parents[1] / "export" / "G_ema.safetensors")).items():
+        out[f"export/{k}"] = v
+    return out
+
+
+@pytest.fixture(scope="module")
+def fp32_runs(tmp_path_factory, tiny_shards):
+    """The same 4-step fp32 run under DDP, ZeRO-1 and ZeRO-2 (checkpoint at step 4)."""
+    root = tmp_path_factory.mktemp("ds")
+    common = ["train.max_steps=4", "log.every=1", "checkpoint.every=100"]
+    out = {}
+    for name, extra in (("ddp", []), ("zero1", ["train.backend=deepspeed", "deepspeed.stage=1"]),
+                        ("zero2", ["train.backend=deepspeed", "deepspeed.stage=2",
+                                   "deepspeed.config=configs/deepspeed/zero2.json"])):
+        out[name] = (root / name, train2(root / name, tiny_shards, *common, *extra))
+    return out
+
+
+@pytest.mark.slow
+def test_zero_trains_and_matches_ddp(fp32_runs):
+    ddp = rows(fp32_runs["ddp"][0])
+    for name in ("zero1", "zero2"):
+        run, r = fp32_runs[name]
+        assert "replica check: G, D and G_ema identical on all 2 ranks" in r.stdout  # check_replicas raises otherwise
+        got = rows(run)
+        assert [x["step"] for x in got] == [1, 2, 3, 4]
+        for a, b in zip(ddp, got):
+            for k in LOSSES:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), (name, a["step"], k, a[k], b[k])
+        meta = json.loads((ckpt(run, 4) / "meta.json").read_text())
+        assert meta["backend"] == "deepspeed" and meta["world_size"] == 2
+        for net in ("G", "D"):  # one model file, one optimizer partition per rank
+            assert {p.name for p in (ckpt(run, 4) / "deepspeed" / net).iterdir()} == {
+                "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
+        # the export is the same plain safetensors EMA G as with DDP (same keys, shapes, dtypes)
+        e_ddp = load_file(str(fp32_runs["ddp"][0] / "export" / "G_ema.safetensors"))
+        e_ds = load_file(str(run / "export" / "G_ema.safetensors"))
+        assert {k: (v.shape, v.dtype) for k, v in e_ddp.items()} == {k: (v.shape, v.dtype) for k, v in e_ds.items()}
+
+
+def _workers(proc) -> list:
+    import psutil
+
+    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())]
+
+
+@pytest.mark.slow
+def test_zero2_preempt_and_exact_resume(tmp_path, tiny_shards):
+    """SIGUSR2 to one rank: both ranks agree, checkpoint the engines' partitioned states and exit 0
+    ("preempted"); the resumed run ends bit for bit where an uninterrupted one does (weights, both
+    ranks' optimizer partitions, EMA export)."""
+    straight, pre = tmp_path / "straight", tmp_path / "pre"
+    steps = ["train.backend=deepspeed", "deepspeed.stage=2", "train.max_steps=30", "checkpoint.every=100",
+             "train.stop_check_every=1", "log.every=1"]
+    train2(straight, tiny_shards, *steps)
+    proc = subprocess.Popen(cmd2(pre, tiny_shards, *steps), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env={**os.environ, **ENV})
+    try:
+        deadline = time.time() + 300
+        while time.time() < deadline and not (pre / "metrics.jsonl").exists():  # training is under way
+            time.sleep(0.05)
+        workers = _workers(proc)
+        assert len(workers) == 2, workers
+        workers[-1].send_signal(signal.SIGUSR2)  # one rank only: the ranks must agree among themselves
+        out, err = proc.communicate(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    assert proc.returncode == 0, err[-6000:]
+    status = json.loads((pre / "status.json").read_text())
+    assert status["state"] == "preempted" and 0 < status["step"] < 30, (status, out)
+    assert (ckpt(pre, status["step"]) / "deepspeed" / "G" / "zero_pp_rank_1_mp_rank_00_optim_states.pt").is_file()
+    r = train2(pre, tiny_shards, *steps, resume="auto")
+    assert f"at step {status['step']}" in r.stdout
+    assert json.loads((pre / "status.json").read_text())["state"] == "finished"
+    a, b = engine_tensors(ckpt(straight, 30)), engine_tensors(ckpt(pre, 30))
+    assert a.keys() == b.keys() and any(k.startswith("G/zero_pp_rank_1") for k in a)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+@pytest.mark.slow
+def test_mixed_precision_penalties_offload(tmp_path, tiny_shards):
+    """bf16 (DeepSpeed's bf16) with WGAN-GP, n_dis=2 and self-attention on ZeRO-2; fp16 (dynamic loss scaling, skipped
+    steps counted) with lazy R1, clipping and the optimizer offloaded to the CPU on ZeRO-1."""
+    bf16 = tmp_path / "bf16"
+    r = train2(bf16, tiny_shards, "train.backend=deepspeed", "train.mixed_precision=bf16", "loss.name=wgan_gp",
+               "optim.n_dis=2", "model.attn_res=16", "train.max_steps=3", "log.every=1")  # attention: a 0-dim weight
+    assert "replica check" in r.stdout
+    assert all("Loss/D/gp" in x and isinstance(x["Loss/G/main"], float) for x in rows(bf16))
+    fp16 = tmp_path / "fp16"
+    r = train2(fp16, tiny_shards, "train.backend=deepspeed", "deepspeed.stage=1", "train.mixed_precision=fp16",
+               "loss.r1_gamma=1", "loss.r1_every=2", "optim.grad_clip=1.0", "deepspeed.offload_optimizer=true",
+               "train.max_steps=4", "log.every=1", "train.on_nonfinite=stop")
+    got = rows(fp16)
+    assert any("Loss/D/r1" in x for x in got) and all("Mixed/fp16_skipped" in x for x in got)
+    # the loss scale starts at 2^16 and overflows at first: those steps are skipped and counted, not errors
+    assert got[0]["Mixed/fp16_skipped"] > 0 and got[-1]["Mixed/fp16_skipped"] < 1
+    state = torch.load(ckpt(fp16, 4) / "custom_checkpoint_1.pkl", weights_only=False)
+    assert state["fp16_skipped"] > 0 and state["skipped_nonfinite"] == 0
+
+
+# ------------------------------------------------------------------ refused, before any work
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["deepspeed.stage=3"], "deepspeed.stage.*use 1 or 2"),
+    (["optim.name=rmsprop"], "rmsprop with train.backend=deepspeed is refused"),
+    (["train.compile=true"], "train.compile.*refused"),
+    (["deepspeed.config=nowhere.json"], "deepspeed.config.*file not found: nowhere.json"),
+])
+def test_refused_combinations(overrides, match):
+    from gan.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=match):
+        load_config(REPO / "configs/debug_cpu.yaml", ["train.backend=deepspeed", *overrides])
+
+
+def test_bad_deepspeed_json(tmp_path):
+    from gan.config import ConfigError, load_config
+
+    def load(text, *extra):
+        f = tmp_path / "ds.json"
+        f.write_text(text)
+        return load_config(REPO / "configs/debug_cpu.yaml", ["train.backend=deepspeed", f"deepspeed.config={f}", *extra])
+
+    with pytest.raises(ConfigError, match="is not valid JSON"):
+        load('{"zero_optimization": {"stage": 2,}')
+    with pytest.raises(ConfigError, match="must hold a JSON object"):
+        load("[1, 2]")
+    with pytest.raises(ConfigError, match=r"sets 'optimizer' \(set optim.*'fp16' \(set train.mixed_precision=fp16"):
+        load('{"optimizer": {"type": "Adam"}, "fp16": {"enabled": true}}')
+    with pytest.raises(ConfigError, match="zero_optimization.stage=1 but deepspeed.stage=2"):
+        load('{"zero_optimization": {"stage": 1}}')
+    for shipped, stage in (("zero1.json", 1), ("zero2.json", 2)):
+        cfg = load_config(REPO / "configs/debug_cpu.yaml", ["train.backend=deepspeed", f"deepspeed.stage={stage}",
+                                                           f"deepspeed.config=configs/deepspeed/{shipped}"])
+        assert cfg.deepspeed.settings()["zero_optimization"]["stage"] == stage
+
+
+def test_deepspeed_not_installed(monkeypatch):
+    import importlib.util
+
+    from gan.config import ConfigError, load_config
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "deepspeed" else real(name, *a))
+    with pytest.raises(ConfigError, match=r"deepspeed is not installed.*gan-train\[deepspeed\].*train.backend=ddp"):
+        load_config(REPO / "configs/debug_cpu.yaml", ["train.backend=deepspeed"])
+    load_config(REPO / "configs/debug_cpu.yaml", [])  # DDP doesn't need it
+
+
+@pytest.mark.slow
+def test_resume_across_backends_is_refused(fp32_runs, tiny_shards, tmp_path):
+    """A DDP checkpoint under DeepSpeed and the reverse, and ZeRO partitions on another world size:
+    exit 2 before any work, naming the fix."""
+    from gan.checkpoint import CheckpointError
+    from gan.config import load_config
+    from gan.trainer import preflight
+
+    def check(run, backend, match, world="2"):
+        cfg = load_config(REPO / "configs/debug_cpu.yaml", [f"data.shards={tiny_shards}", f"train.backend={backend}"])
+        os.environ["WORLD_SIZE"] = world
+        try:
+            with pytest.raises(CheckpointError, match=match):
+                preflight(cfg, run, "auto")
+        finally:
+            del os.environ["WORLD_SIZE"]
+
+    # the CLI first: the in-process preflights below lock the run directories for this process
+    r = subprocess.run([sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir",
+                        str(fp32_runs["ddp"][0]), "--resume", "auto", f"data.shards={tiny_shards}",
+                        "train.backend=deepspeed"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, **ENV})
+    assert r.returncode == 2 and "written by the ddp backend" in r.stderr, r.stderr[-3000:]
+    check(fp32_runs["ddp"][0], "deepspeed", "written by the ddp backend.*Resume it with train.backend=ddp.*can't be converted")
+    check(fp32_runs["zero2"][0], "ddp", "written by the deepspeed backend.*train.backend=deepspeed.*ZeRO partitions")
+    check(fp32_runs["zero1"][0], "deepspeed", r"world size \(processes\): checkpoint 2, now 1", world="1")
