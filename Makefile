@@ -27,7 +27,7 @@ shards: setup
 	$(BIN)/python -m data_shards ensure-cifar10 --out $(SHARDS) --root $(CIFAR10_ROOT) --shared $(SHARED_CIFAR)
 
 train: shards
-	$(BIN)/python launch/train.py --config $(CONFIG) data.shards=$(SHARDS) $(ARGS)
+	$(BIN)/python launch/train.py --config $(CONFIG) --resume auto data.shards=$(SHARDS) $(ARGS)
 
 # local/gpu/: what benchmarks/gpu_check.sh needs on a GPU machine without a registry (docs/benchmarks.md)
 gpu-bundle: setup
