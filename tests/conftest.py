@@ -8,6 +8,7 @@ Both are session-scoped and read-only: copy them before changing anything.
 from __future__ import annotations
 
 import importlib.util
+import json
 import os
 import subprocess
 import sys
@@ -59,6 +60,21 @@ def train_debug(run_dir, shards, *overrides, resume=None, env=None, timeout=300,
     if check:
         assert r.returncode == 0, f"train failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r
+
+
+def ddp_data_check(shards, out, *args) -> list[dict]:
+    """tests/ddp_data_check.py on 2 gloo ranks (torchrun) over ``shards``, batch 16, 3 epochs, plus ``args``;
+    returns each rank's JSON report (what its stream yielded)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "ddp_data_check.py"), "--shards", str(shards), "--out", str(out),
+           "--batch-size", "16", "--epochs", "3", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    try:
+        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
+    except subprocess.TimeoutExpired as e:
+        pytest.fail(f"2-rank data run {' '.join(args)} hung (timeout): {e.stdout}\n{e.stderr}")
+    assert r.returncode == 0, r.stdout + r.stderr
+    return [json.loads((Path(out) / f"rank{k}.json").read_text()) for k in (0, 1)]
 
 
 def load_cli(name: str):

@@ -3,14 +3,11 @@ and a real 2-process gloo run under torchrun."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import REPO, build_tiny, tiny_images
+from conftest import REPO, build_tiny, ddp_data_check, tiny_images
 from gan.config import DataConfig
 from gan.data import ShardError, TrainStream, eval_batches, read_manifest
 from gan.data.augment import augment_batch, translate
@@ -255,16 +252,7 @@ def test_truncated_shard_named_by_stream(tmp_path):
 def test_torchrun_two_ranks_odd_shards_equal_batches(tmp_path):
     shards = build_tiny(tmp_path / "odd", 150, 3, 8, 50, "t")  # 3 shards for 2 ranks
     assert len(read_manifest(shards).shards) == 3
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_data_check.py"), "--shards", str(shards), "--out", str(tmp_path),
-           "--batch-size", "16", "--epochs", "3", "--workers", "1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    try:
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-rank loader run hung (timeout): {e.stdout}\n{e.stderr}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    res = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    res = ddp_data_check(shards, tmp_path, "--workers", "1")
     assert res[0]["batches_per_epoch"] == res[1]["batches_per_epoch"] == 150 // 32
     assert res[0]["batches"] == res[1]["batches"] == 3 * (150 // 32)
     assert res[0]["world_size"] == 2 and {r["rank"] for r in res} == {0, 1}

@@ -12,7 +12,7 @@ from collections import Counter
 import pytest
 import torch
 
-from conftest import REPO, build_tiny
+from conftest import REPO, build_tiny, ddp_data_check
 from conftest import train_debug as train
 from gan.config import ConfigError, DataConfig
 from gan.data import DeviceStream, TrainStream, read_manifest, train_stream
@@ -131,16 +131,7 @@ def test_training_resume_bit_for_bit(tmp_path, tiny_shards):
 
 def test_two_gloo_ranks_split_and_agree(tmp_path):
     shards = build_tiny(tmp_path / "odd", 150, 3, 8, 50, "t")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "ddp_data_check.py"), "--shards", str(shards), "--out", str(tmp_path),
-           "--batch-size", "16", "--epochs", "3", "--on-device"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    try:
-        r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=180, env=env)
-    except subprocess.TimeoutExpired as e:
-        pytest.fail(f"2-rank on-device run hung (timeout): {e.stdout}\n{e.stderr}")
-    assert r.returncode == 0, r.stdout + r.stderr
-    res = [json.loads((tmp_path / f"rank{k}.json").read_text()) for k in (0, 1)]
+    res = ddp_data_check(shards, tmp_path, "--on-device")
     assert res[0]["batches_per_epoch"] == res[1]["batches_per_epoch"] == 150 // 32
     assert res[0]["batches"] == res[1]["batches"] == 3 * (150 // 32)
     assert res[0]["state"] == res[1]["state"] == {"epoch": 3, "batch": 0}
