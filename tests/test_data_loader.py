@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from conftest import REPO, build_tiny, ddp_data_check, tiny_images
+from conftest import build_tiny, ddp_data_check, tiny_images
 from gan.config import DataConfig
 from gan.data import ShardError, TrainStream, eval_batches, read_manifest
 from gan.data.augment import augment_batch, translate
