@@ -67,6 +67,26 @@ def _free_ports(n: int) -> list[int]:
     return ports
 
 
+# slurm.conf lines every test cluster shares (the one-node cluster here, the two-node one in
+# tests/slurm_multinode.py): no cgroups or systemd, consumable cores, no accounting.
+CONF_POLICY = [
+    "ProctrackType=proctrack/linuxproc",
+    "TaskPlugin=task/none",
+    "SelectType=select/cons_tres",
+    "SelectTypeParameters=CR_Core",
+    "SchedulerType=sched/backfill",
+    "MpiDefault=none",
+    "SwitchType=switch/none",
+    "JobCompType=jobcomp/none",
+    "JobAcctGatherType=jobacct_gather/none",
+    "AccountingStorageType=accounting_storage/none",
+    "ReturnToService=2",
+    "MaxArraySize=1001",
+    "KillWait=10",
+    "SlurmctldDebug=info",
+    "SlurmdDebug=info",
+]
+
 class SlurmCluster:
     def __init__(self, root: Path):
         self.root = root
@@ -134,21 +154,7 @@ class SlurmCluster:
             f"SlurmdPidFile={r / 'slurmd.pid'}",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={r / 'log' / 'slurmd.log'}",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "SchedulerType=sched/backfill",
-            "MpiDefault=none",
-            "SwitchType=switch/none",
-            "JobCompType=jobcomp/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "ReturnToService=2",
-            "MaxArraySize=1001",
-            "KillWait=10",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
+            *CONF_POLICY,
             f"{node} NodeAddr=127.0.0.1 State=UNKNOWN",
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "",

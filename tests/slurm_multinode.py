@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import SlurmCluster, SlurmUnavailable, _free_ports, ensure_installed  # noqa: E402
+from slurm_cluster import CONF_POLICY, SlurmCluster, SlurmUnavailable, _free_ports, ensure_installed  # noqa: E402
 
 BRIDGE = "gmn-br"
 SUBNET = "10.213.13"  # a private /24 used only on BRIDGE
@@ -268,21 +268,7 @@ class MultiNodeCluster(SlurmCluster):
             f"SlurmdPidFile={r / 'spool'}/%n/slurmd.pid",
             f"SlurmctldLogFile={r / 'log' / 'slurmctld.log'}",
             f"SlurmdLogFile={r / 'log'}/slurmd-%n.log",
-            "ProctrackType=proctrack/linuxproc",
-            "TaskPlugin=task/none",
-            "SelectType=select/cons_tres",
-            "SelectTypeParameters=CR_Core",
-            "SchedulerType=sched/backfill",
-            "MpiDefault=none",
-            "SwitchType=switch/none",
-            "JobCompType=jobcomp/none",
-            "JobAcctGatherType=jobacct_gather/none",
-            "AccountingStorageType=accounting_storage/none",
-            "ReturnToService=2",
-            "MaxArraySize=1001",
-            "KillWait=10",
-            "SlurmctldDebug=info",
-            "SlurmdDebug=info",
+            *CONF_POLICY,
             *(f"NodeName={n} NodeAddr={a} {hw} State=UNKNOWN" for n, a in zip(self.nodes, self.addrs)),
             "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
             "",
