@@ -123,11 +123,7 @@ class DDPBackend:
     def unwrap(self, model):
         return self.accelerator.unwrap_model(model)
 
-    def save(self, path: Path) -> None:
-        """Nothing beyond Accelerate's save_state (it holds the prepared models and optimizers)."""
-
-    def load(self, path: Path) -> None:
-        """Nothing beyond Accelerate's load_state."""
+    save = load = None  # nothing beyond Accelerate's save_state/load_state (they hold the models and optimizers)
 
 
 class _Yield(contextlib.AbstractContextManager):

@@ -130,7 +130,7 @@ def end_with_launcher(sig: int = signal.SIGTERM) -> bool:
     """Linux, in a process started by a launcher (torchrun, ``accelerate launch``): have the kernel send
     ``sig`` to this process when the launcher dies (``prctl(PR_SET_PDEATHSIG)``), so a ``kill -9`` of the
     launcher can't leave its workers training as orphans. SIGTERM makes the trainer checkpoint and exit
-    (gan.trainer.StopRequest). Returns whether it is armed."""
+    (gan.stopping.StopRequest). Returns whether it is armed."""
     if not sys.platform.startswith("linux"):
         return False
     parent = os.getppid()
@@ -143,6 +143,21 @@ def end_with_launcher(sig: int = signal.SIGTERM) -> bool:
     if os.getppid() != parent:  # the launcher died before prctl took effect
         os.kill(os.getpid(), sig)
     return True
+
+
+class PeerError(RuntimeError):
+    """A collective failed because another rank stalled or died: the message says which and what next."""
+
+
+def as_peer_error(e: BaseException, rank: int, step: int, timeout: float) -> PeerError | None:
+    """A failed collective in words for every rank's log (and status.json), not as a gloo/NCCL trace;
+    None for any other error."""
+    why = peer_failure(e) if world_size() > 1 else None
+    if why is None:
+        return None
+    return PeerError(f"rank {rank} at step {step}: {why} (train.collective_timeout={timeout:g} s). The other "
+                     f"rank's log says why; then --resume auto continues from the last checkpoint. "
+                     f"[{str(e).splitlines()[0]}]")
 
 
 def peer_failure(e: BaseException) -> str | None:

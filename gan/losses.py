@@ -82,12 +82,14 @@ def gradient_penalty(D, real: torch.Tensor, fake: torch.Tensor, y: torch.Tensor,
     return ((grad.float().flatten(1).norm(2, dim=1) - 1.0) ** 2).mean()
 
 
-def r1_penalty(D, real: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """R1 (Mescheder et al. 2018): E |grad_x D(x)|^2 on real data (multiply by gamma / 2)."""
+def r1_penalty(D, real: torch.Tensor, y: torch.Tensor, with_logits: bool = False):
+    """R1 (Mescheder et al. 2018): E |grad_x D(x)|^2 on real data (multiply by gamma / 2); with
+    ``with_logits``, also D(x) (see GANLoss.d_regularizer)."""
     x = real.detach().requires_grad_(True)
     out = uncompiled(D)(x, y)
     (grad,) = torch.autograd.grad(out.float().sum(), x, create_graph=True)
-    return grad.float().square().flatten(1).sum(1).mean()
+    penalty = grad.float().square().flatten(1).sum(1).mean()
+    return (penalty, out) if with_logits else penalty
 
 
 # ---------------------------------------------------------------------------- loss objects
@@ -146,8 +148,11 @@ class GANLoss:
 
     def d_regularizer(self, D, real, y) -> tuple[torch.Tensor, dict]:
         """Lazy R1, run by the trainer every ``r1_every`` D steps and weighted by that interval."""
-        penalty = r1_penalty(D, self.d_input(real) if self.policy else real, y)
-        loss = 0.5 * self.cfg.r1_gamma * penalty * self.cfg.r1_every
+        penalty, logits = r1_penalty(D, self.d_input(real) if self.policy else real, y, with_logits=True)
+        # An input gradient does not depend on every weight (D's last bias), and DDP needs a gradient for
+        # each in every backward ("Expected to have finished reduction"): D(x) joins with weight 0, as in
+        # stylegan2-ada, so all of D's parameters take part at no cost.
+        loss = 0.5 * self.cfg.r1_gamma * penalty * self.cfg.r1_every + 0.0 * logits.float().sum()
         return loss, {"Loss/D/r1": penalty.detach()}
 
 

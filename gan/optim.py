@@ -47,3 +47,18 @@ def build_scheduler(opt: torch.optim.Optimizer, o, max_steps: int) -> LRSchedule
     """The schedule for ``opt`` (the plain torch optimizer, not a wrapper: Accelerate would step a
     prepared scheduler once per process, DeepSpeed once per engine step, i.e. n_dis times per G step)."""
     return LambdaLR(opt, lr_factor(o, max_steps))
+
+
+def apply_config(optimizers: dict, schedulers: dict, o) -> None:
+    """After a resume: the config's learning rates, betas, eps and weight decay replace those restored
+    with the optimizers and schedules (the schedule's factor comes from the config already), so a value
+    given on resume takes effect, as config.yaml says. Unchanged values give the same floats.
+    ``optimizers``: the plain torch optimizers by net (under ZeRO their groups are the engines')."""
+    for net, opt in optimizers.items():
+        sched, lr, betas = schedulers[net], getattr(o, f"lr_{net.lower()}"), getattr(o, f"betas_{net.lower()}")
+        sched.base_lrs = [lr] * len(opt.param_groups)
+        for group, factor in zip(opt.param_groups, sched.lr_lambdas):
+            group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), eps=o.eps, weight_decay=o.weight_decay)
+            if "betas" in group:
+                group["betas"] = tuple(betas)
+        sched._last_lr = [group["lr"] for group in opt.param_groups]

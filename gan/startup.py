@@ -1,5 +1,5 @@
-"""What a run says when it starts: the resolved mixed precision and where it came from, and the
-rank-0 banner (devices, world size, precision, model sizes, data, run directory, resume point).
+"""How a run starts: the Accelerator (process group, precision, trackers), the resolved mixed
+precision and where it came from, and the rank-0 banner (devices, world size, precision, model sizes, data, run directory, resume point).
 
 Precision sources, in order of precedence:
 
@@ -15,6 +15,7 @@ The resolved value is what ``config.yaml`` and the checkpoints store.
 """
 from __future__ import annotations
 
+import datetime
 import os
 from pathlib import Path
 
@@ -91,3 +92,35 @@ def banner(trainer) -> list[str]:
         f"data: {m.dataset} {m.split}, {m.total:,} images of {c}x{h}x{w}, {classes}, from {m.dir} ({loader})",
         f"trackers: {trackers}; steps {trainer.state.step} -> {cfg.train.max_steps}",
     ]
+
+
+def build_accelerator(cfg, run_dir: Path):
+    """The run's Accelerator, with the process group's timeout (``train.collective_timeout``), the
+    trackers, and the precision resolved into ``cfg.train.mixed_precision`` (what config.yaml and the
+    checkpoints keep). Returns (accelerator, where the precision came from)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
+
+    from gan.config import ConfigError
+    from gan.trackers import build_trackers, tracked_metrics, tracker_names
+
+    t = cfg.train
+    pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=t.collective_timeout))
+    pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default (600 s), and
+    # torch's own default for gloo is 30 min: pass it always
+    t.mixed_precision, source = resolve_precision_source(t.mixed_precision)
+    acc = Accelerator(
+        # DeepSpeed's engines do their own precision (gan.backends); Accelerate prepares nothing there
+        mixed_precision=t.mixed_precision if t.backend == "ddp" else "no",
+        dynamo_backend="inductor" if t.compile else "no",
+        log_with=build_trackers(tracker_names(cfg.log.with_), run_dir, cfg.log.project, tracked_metrics(cfg)) or None,
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=False), pg])
+    if acc.mixed_precision == "fp16" and acc.scaler is None:  # e.g. on CPU: fp16 without loss scaling
+        raise ConfigError(f"config key 'train.mixed_precision': fp16 needs a gradient scaler, and Accelerate "
+                          f"provides none on this {acc.device.type} device (it would train without one). "
+                          f"Use train.mixed_precision=bf16 or no here")
+    torch.backends.cudnn.deterministic = t.deterministic
+    torch.backends.cudnn.benchmark = not t.deterministic
+    if t.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    return acc, source

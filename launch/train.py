@@ -36,14 +36,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from gan.dist import end_with_launcher
-    from gan.trainer import StopRequest
+    from gan.stopping import StopRequest
 
     StopRequest.install()  # first: a preemption signal during start-up must not be lost
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun / accelerate-launch worker: end with the launcher
         end_with_launcher()
     try:
         cfg = load_config(args.config, args.overrides)
-        from gan.trainer import Trainer, check_names, preflight
+        from gan.preflight import check_names, preflight
+        from gan.trainer import Trainer
 
         if args.dry_run:
             check_names(cfg)  # every registered name (model, loss, metrics), as a real run would
@@ -55,7 +56,8 @@ def main(argv=None) -> int:
     except (ConfigError, ShardError, CheckpointError, RunDirError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    from gan.trainer import NonFiniteError, PeerError
+    from gan.dist import PeerError
+    from gan.guard import NonFiniteError
 
     try:
         outcome = trainer.fit()

@@ -127,12 +127,17 @@ def test_preempt_signal_checkpoints_and_resumes_exactly(tmp_path, tiny_shards):
 
 
 @pytest.mark.slow
-def test_two_process_gloo_ddp(tmp_path, tiny_shards):
-    """A real 2-process DDP run (torchrun + gloo): replicas stay identical and checkpoints are whole."""
+@pytest.mark.parametrize("penalties", [[], ["loss.name=wgan_gp", "loss.r1_gamma=1", "loss.r1_every=2"]],
+                         ids=["plain", "wgan_gp+lazy_r1"])
+def test_two_process_gloo_ddp(tmp_path, tiny_shards, penalties):
+    """A real 2-process DDP run (torchrun + gloo): replicas stay identical and checkpoints are whole.
+    With the penalties that take an input gradient (WGAN-GP in the D loss, lazy R1 as its own update):
+    R1's backward reaches only part of D's weights, which DDP refused before ("Expected to have
+    finished reduction"); its gradients must be all-reduced like any other, or the replicas differ."""
     run = tmp_path / "ddp"
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run),
-           f"data.shards={tiny_shards}", "train.max_steps=6", "checkpoint.every=3"]
+           f"data.shards={tiny_shards}", "train.max_steps=6", "checkpoint.every=3", *penalties]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
@@ -142,6 +147,9 @@ def test_two_process_gloo_ddp(tmp_path, tiny_shards):
     assert meta["world_size"] == 2
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[-1]["Progress/kimg"] == pytest.approx(6 * 8 * 2 / 1000)  # both ranks' images counted
+    if penalties:  # R1 ran (steps 0, 2, 4 with r1_every=2) and was finite
+        r1 = [r["Loss/D/r1"] for r in rows if "Loss/D/r1" in r]
+        assert r1 and all(isinstance(v, float) and v >= 0 for v in r1), rows
 
 
 def test_mixed_precision_runs(tmp_path, tiny_shards):
