@@ -1,7 +1,12 @@
 #!/usr/bin/env python
 """Load test of launch/serve.py on 127.0.0.1: images/s and p50/p99 latency with 1, 8 and 64 concurrent
 clients (each sends --requests-per-client requests of --n images), dynamic batching on vs off (--max-batch 0),
-same artifact, same run of this script. Prints a Markdown table (and writes --out JSON).
+same artifact, same run of this script. Prints a Markdown table (and writes --out JSON), with the CPU
+time the server process and this (client) process spent per request: on a small machine the clients
+compete with the server for the same cores.
+
+Each client has its own HTTP connection (its own httpx client): one shared httpx pool of 64 connections
+spends most of its time scanning the pool (httpcore), which made the clients the bottleneck.
 
     python benchmarks/serve_load.py --artifact artifacts/cdcgan-ts --requests-per-client 4
 """
@@ -9,7 +14,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
+import os
 import statistics
 import sys
 import time
@@ -17,10 +24,19 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 
-from serve_helpers import running_server  # noqa: E402
+from serve_helpers import server_process  # noqa: E402
 
 
-async def load(url: str, clients: int, per_client: int, n: int) -> dict:
+def cpu_s(pid: int | None = None) -> float:
+    """User + system CPU seconds of this process, or of process ``pid`` (all its threads)."""
+    if pid is None:
+        t = os.times()
+        return t.user + t.system
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def load(url: str, server_pid: int, clients: int, per_client: int, n: int) -> dict:
     import httpx
 
     lat = []
@@ -32,16 +48,17 @@ async def load(url: str, clients: int, per_client: int, n: int) -> dict:
             r.raise_for_status()
             lat.append(time.perf_counter() - t)
 
-    limits = httpx.Limits(max_connections=clients)
-    async with httpx.AsyncClient(timeout=600, limits=limits) as c:
-        await c.post(url + "/generate", json={"class": 0, "n": n, "seed": 0})  # warm-up
-        t0 = time.perf_counter()
-        await asyncio.gather(*[client(c, 1000 * i) for i in range(clients)])
-        wall = time.perf_counter() - t0
+    async with contextlib.AsyncExitStack() as stack:
+        cs = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=600)) for _ in range(clients)]
+        await asyncio.gather(*[c.post("/generate", json={"class": 0, "n": n, "seed": 0}) for c in cs])  # connect, warm up
+        t0, s0, c0 = time.perf_counter(), cpu_s(server_pid), cpu_s()
+        await asyncio.gather(*[client(c, 1000 * i) for i, c in enumerate(cs)])
+        wall, server_cpu, client_cpu = time.perf_counter() - t0, cpu_s(server_pid) - s0, cpu_s() - c0
     lat.sort()
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [lat[0]] * 99
     return {"clients": clients, "requests": len(lat), "images_per_s": len(lat) * n / wall,
-            "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000}
+            "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000, "server_cpu_ms_per_request": server_cpu / len(lat) * 1000,
+            "client_cpu_ms_per_request": client_cpu / len(lat) * 1000}
 
 
 def main(argv=None) -> int:
@@ -56,16 +73,17 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     rows = []
     for label, batch in (("batching", str(args.max_batch)), ("no batching", "0")):
-        with running_server("--artifact", args.artifact, "--max-batch", batch, "--max-wait-ms",
-                            str(args.max_wait_ms), "--max-queue", "1024") as url:
+        with server_process("--artifact", args.artifact, "--max-batch", batch, "--max-wait-ms",
+                            str(args.max_wait_ms), "--max-queue", "1024") as (url, proc):
             for c in [int(x) for x in args.clients.split(",")]:
-                r = {"mode": label, **asyncio.run(load(url, c, args.requests_per_client, args.n))}
+                r = {"mode": label, **asyncio.run(load(url, proc.pid, c, args.requests_per_client, args.n))}
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-    print("\n| mode | clients | requests | images/s | p50 ms | p99 ms |\n| --- | --- | --- | --- | --- | --- |")
+    print("\n| mode | clients | requests | images/s | p50 ms | p99 ms | server CPU ms/request | client CPU ms/request |\n"
+          "| --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | "
-              f"{r['p99_ms']:.0f} |")
+              f"{r['p99_ms']:.0f} | {r['server_cpu_ms_per_request']:.2f} | {r['client_cpu_ms_per_request']:.2f} |")
     if args.out:
         Path(args.out).write_text(json.dumps(rows, indent=2))
     return 0

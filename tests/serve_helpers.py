@@ -23,6 +23,13 @@ def free_port() -> int:
 @contextlib.contextmanager
 def running_server(*args: str, timeout: float = 180):
     """Start ``launch/serve.py ARGS --host 127.0.0.1 --port P``, wait for /health, yield the base URL; stop it."""
+    with server_process(*args, timeout=timeout) as (url, _):
+        yield url
+
+
+@contextlib.contextmanager
+def server_process(*args: str, timeout: float = 180):
+    """:func:`running_server`, yielding ``(url, subprocess.Popen)``."""
     port = free_port()
     proc = subprocess.Popen([sys.executable, "launch/serve.py", *args, "--host", "127.0.0.1", "--port", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -42,7 +49,7 @@ def running_server(*args: str, timeout: float = 180):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not answer /health within {timeout} s")
             time.sleep(0.2)
-        yield url
+        yield url, proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -203,3 +203,50 @@ def test_bake_spectral_norm_biggan_matches_eager():
         baked = bake(G)
         assert not any(hasattr(m, "parametrizations") for m in baked.modules())
         assert (baked(z, y) - ref).abs().max().item() <= 1e-5
+
+
+def test_batcher_finishes_each_request_in_its_thread_off_the_event_loop():
+    """One forward pass for concurrent requests; each request's ``finish`` (the app's PNG encoding) runs on
+    that request's own images in the batcher's thread, not on the event loop; a failing finish fails only
+    its own request."""
+    import threading
+
+    from gan.serve.batcher import Batcher
+
+    seen = []
+
+    def model(z, y):
+        seen.append(("forward", threading.get_ident(), len(z)))
+        return z * 2
+
+    def finish(tag):
+        def f(images):
+            seen.append(("finish", threading.get_ident(), tag))
+            if tag == "bad":
+                raise ValueError("cannot encode")
+            return (tag, images.tolist())
+        return f
+
+    async def main():
+        b = Batcher(model, max_batch=64, max_wait_ms=10_000, max_queue=8)
+        b.start()
+        try:
+            zs = [torch.full((n, 1), float(n)) for n in (1, 2, 3)]
+            tags = ["a", "bad", "c"]
+            ys = [torch.zeros(len(z), dtype=torch.long) for z in zs]
+            # 6 images: the batch closes when max_batch would overflow, so send a 4th that does not fit
+            tasks = [asyncio.create_task(b.submit(z, y, finish(t))) for z, y, t in zip(zs, ys, tags)]
+            tasks.append(asyncio.create_task(b.submit(torch.ones(60, 1), torch.zeros(60, dtype=torch.long))))
+            res = await asyncio.gather(*tasks, return_exceptions=True)
+            return threading.get_ident(), res, b.stats()
+        finally:
+            await b.stop()
+
+    loop_thread, res, stats = asyncio.run(main())
+    assert res[0] == ("a", [[2.0]]) and res[2] == ("c", [[6.0]] * 3)
+    assert isinstance(res[1], ValueError) and "cannot encode" in str(res[1])
+    assert torch.equal(res[3], torch.full((60, 1), 2.0))  # no finish: the images themselves
+    assert stats["batch_sizes"] == {"6": 1, "60": 1} and stats["forward_passes"] == 2
+    threads = {t for _, t, _ in seen}
+    assert loop_thread not in threads and len(threads) == 1  # forward passes and finishes: one other thread
+    assert [s[2] for s in seen if s[0] == "finish"] == ["a", "bad", "c"]

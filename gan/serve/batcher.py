@@ -1,11 +1,17 @@
 """Dynamic batching: requests wait in a bounded asyncio queue; one worker takes the first, gathers more
-until ``max_batch`` images or ``max_wait_ms`` have passed, runs ONE forward pass (in a thread, so the
-event loop keeps serving), and splits the result. A full queue raises :class:`QueueFull` (the app
-answers 503 + Retry-After). ``max_batch=0`` turns batching off: one forward pass per request."""
+until ``max_batch`` images or ``max_wait_ms`` have passed, runs ONE forward pass, and splits the result.
+A full queue raises :class:`QueueFull` (the app answers 503 + Retry-After). ``max_batch=0`` turns
+batching off: one forward pass per request.
+
+The forward pass and each request's ``finish`` (the app's PNG encoding) run together in the batcher's
+own thread, off the event loop: torch and Pillow release the GIL there, so on a machine with two
+cores the loop keeps parsing and answering HTTP while the thread computes and encodes. One thread:
+forward passes never overlap (torch has its own intra-op threads)."""
 from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
 import time
 
 import torch
@@ -23,8 +29,10 @@ class Batcher:
         self.requests = self.rejected = self.forwards = 0
         self._task: asyncio.Task | None = None
         self._carry = None  # a request that did not fit into the previous batch leads the next one
+        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
 
     def start(self) -> None:
+        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher")
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
     async def stop(self) -> None:
@@ -34,11 +42,15 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
+        if self._thread:
+            self._thread.shutdown(wait=True)
 
-    async def submit(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    async def submit(self, z: torch.Tensor, y: torch.Tensor, finish=None):
+        """This request's images, ``model(z, y)`` (N, ...), or ``finish(images)`` computed in the batcher's
+        thread right after the forward pass (an exception in it fails this request only)."""
         fut = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait((z, y, fut))
+            self.queue.put_nowait((z, y, fut, finish))
         except asyncio.QueueFull:
             self.rejected += 1
             raise QueueFull(f"{self.queue.maxsize} requests are already waiting") from None
@@ -72,6 +84,18 @@ class Batcher:
             n += len(nxt[0])
         return items
 
+    def _run(self, items: list) -> list:
+        """In the batcher's thread: one forward pass, then each request's ``finish`` on its part.
+        Returns one ``(ok, value or exception)`` per request."""
+        out = self.model(torch.cat([it[0] for it in items]), torch.cat([it[1] for it in items]))
+        results = []
+        for part, (_, _, _, finish) in zip(out.split([len(it[0]) for it in items]), items):
+            try:
+                results.append((True, finish(part) if finish else part))
+            except Exception as e:  # noqa: BLE001 (that request gets its own error)
+                results.append((False, e))
+        return results
+
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
         while True:
@@ -79,20 +103,16 @@ class Batcher:
             items = [it for it in items if not it[2].cancelled()]
             if not items:
                 continue
-            z = torch.cat([it[0] for it in items])
-            y = torch.cat([it[1] for it in items])
             try:
-                out = await loop.run_in_executor(None, self.model, z, y)
-            except Exception as e:  # noqa: BLE001 (every waiting request gets the error)
-                for it in items:
-                    if not it[2].done():
-                        it[2].set_exception(e)
-                continue
-            self.forwards += 1
-            self.batch_sizes[len(z)] += 1
-            for part, it in zip(out.split([len(it[0]) for it in items]), items):
+                results = await loop.run_in_executor(self._thread, self._run, items)
+            except Exception as e:  # noqa: BLE001 (the forward pass failed: every waiting request gets the error)
+                results = [(False, e)] * len(items)
+            else:
+                self.forwards += 1
+                self.batch_sizes[sum(len(it[0]) for it in items)] += 1
+            for (ok, value), it in zip(results, items):
                 if not it[2].done():
-                    it[2].set_result(part)
+                    (it[2].set_result if ok else it[2].set_exception)(value)
 
     def stats(self) -> dict:
         return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000, "queue_size": self.queue.qsize(),
