@@ -1,7 +1,7 @@
 #!/usr/bin/env python
-"""What export formats and int8 do on this CPU: ms per image (batch --batch, median of --repeats forward
-passes, one thread), max |difference| from the eager fp32 generator, and cls_acc / cls_fd of --num-samples
-class-balanced samples (gan.metrics' offline CIFAR-10 classifier; the same z for every variant).
+"""What export formats, bf16 and int8 (dynamic; onnxruntime's static) do on this CPU: ms per image (batch
+--batch, median of --repeats forward passes, one thread), max |difference| from the eager fp32 generator,
+and cls_acc / cls_fd of --num-samples class-balanced samples (gan.metrics' offline CIFAR-10 classifier; the same z for every variant).
 
     python benchmarks/export_quant.py --run runs/cdcgan --num-samples 2000 --out-dir /tmp/exq
 """
@@ -55,11 +55,12 @@ def main(argv=None) -> int:
             return G(zb, yb).float()
 
     variants = {"eager fp32": G, "eager bf16 (autocast)": bf16}
-    for fmt in ("torchscript", "onnx"):
-        for q in ("none", "int8"):
-            d = Path(args.out_dir) / f"{fmt}-{q}"
-            export(args.run, d, fmt, q)
-            variants[f"{fmt} {'fp32' if q == 'none' else 'int8 dynamic'}"] = Artifact(d, threads=1)
+    label = {"none": "fp32", "int8": "int8 dynamic", "int8-static": "int8 static"}
+    for fmt, q in (("torchscript", "none"), ("torchscript", "int8"), ("onnx", "none"), ("onnx", "int8"),
+                   ("onnx", "int8-static")):
+        d = Path(args.out_dir) / f"{fmt}-{q}"
+        export(args.run, d, fmt, q)
+        variants[f"{fmt} {label[q]}"] = Artifact(d, threads=1)
     ref = None
     print(f"run {args.run}: {m.name}, step {loaded.step}, {args.num_samples} samples, batch {args.batch}")
     print("| variant | ms/image | max abs diff vs eager fp32 | cls_acc | cls_fd |\n| --- | --- | --- | --- | --- |")

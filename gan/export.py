@@ -5,6 +5,11 @@
 
 Spectral-norm parametrizations are baked into plain weights first (eval mode: the stored power-
 iteration vectors, exactly what the eager eval-mode G computes).
+
+int8: ``int8`` is dynamic quantization (torch: Linear layers only; onnxruntime: MatMul/Gemm weights).
+``int8-static`` (ONNX only) is onnxruntime's static quantization of the whole graph, convolutions
+included, calibrated on the generator's own inputs (z ~ N(0, 1), every class): no data set needed.
+What each does to speed and images: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -18,11 +23,12 @@ import torch
 from gan.io import write_json_atomic
 
 FORMATS = ("torchscript", "onnx")
-QUANTIZE = ("none", "int8")
+QUANTIZE = ("none", "int8", "int8-static")
+CALIBRATION = {"batches": 16, "batch_size": 64, "seed": 1234}  # int8-static: (z, y) batches it calibrates on
 FILES = {"torchscript": "generator.pt", "onnx": "generator.onnx"}
 ARTIFACT_JSON = "artifact.json"
 # measured max |eager - artifact| is far below this (docs/benchmarks.md); fp32 reorderings only
-PARITY_TOL = {"none": 1e-4, "int8": None}
+PARITY_TOL = {"none": 1e-4, "int8": None, "int8-static": None}
 
 
 class ExportError(ValueError):
@@ -115,7 +121,15 @@ def save_torchscript(G, z, y, path: Path) -> None:
     tmp.replace(path)
 
 
-def save_onnx(G, z, y, path: Path, quantize: str) -> None:
+def calibration_inputs(z_dim: int, num_classes: int) -> list[dict]:
+    """int8-static calibration: CALIBRATION batches of z ~ N(0, 1) and classes 0, 1, ... in turn."""
+    g = torch.Generator().manual_seed(CALIBRATION["seed"])
+    n = CALIBRATION["batch_size"]
+    return [{"z": torch.randn(n, z_dim, generator=g).numpy(), "y": (torch.arange(n) % num_classes).numpy()}
+            for _ in range(CALIBRATION["batches"])]
+
+
+def save_onnx(G, z, y, path: Path, quantize: str, num_classes: int = 1) -> None:
     batch = torch.export.Dim("batch", min=1, max=4096)
     tmp = path.with_name(f".tmp-{path.name}")
     with warnings.catch_warnings():
@@ -123,11 +137,23 @@ def save_onnx(G, z, y, path: Path, quantize: str) -> None:
         prog = torch.onnx.export(G, (z, y), input_names=["z", "y"], output_names=["images"],
                                  dynamic_shapes={"z": {0: batch}, "y": {0: batch}}, dynamo=True, verbose=False)
     prog.save(str(tmp))
-    if quantize == "int8":  # onnxruntime's dynamic quantization (MatMul/Gemm weights to int8)
-        from onnxruntime.quantization import QuantType, quantize_dynamic as ort_qd
+    if quantize != "none":
+        from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic as ort_qd, quantize_static
 
         q = path.with_name(f".tmp-q-{path.name}")
-        ort_qd(str(tmp), str(q), weight_type=QuantType.QInt8)
+        if quantize == "int8":  # onnxruntime's dynamic quantization (MatMul/Gemm weights to int8)
+            ort_qd(str(tmp), str(q), weight_type=QuantType.QInt8)
+        else:  # static: every Conv/MatMul/Gemm with int8 kernels (uint8 activations, int8 weights: x86's fast path)
+            batches = iter(calibration_inputs(z.shape[1], num_classes))
+
+            class Reader:  # onnxruntime's CalibrationDataReader protocol
+                def get_next(self):
+                    return next(batches, None)
+
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                quantize_static(str(tmp), str(q), Reader(), quant_format=QuantFormat.QOperator,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
         tmp.unlink()
         tmp = q
     tmp.replace(path)
@@ -151,6 +177,10 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
         raise ExportError(f"--format {fmt!r} is not one of: {', '.join(FORMATS)}")
     if quantize not in QUANTIZE:
         raise ExportError(f"--quantize {quantize!r} is not one of: {', '.join(QUANTIZE)}")
+    if quantize == "int8-static" and fmt != "onnx":
+        raise ExportError("--quantize int8-static needs --format onnx (onnxruntime's static int8); torch's static "
+                          "int8 of transposed convolutions was wrong (x86 engine) or slower (fbgemm): "
+                          "docs/benchmarks.md")
     loaded = load_generator(run_dir, pick_weights(run_dir, checkpoint, best), "cpu")
     cfg, m = loaded.cfg, loaded.cfg.model
     base = bake(loaded.G)
@@ -159,7 +189,7 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILES[fmt]
     z, y = example_inputs(m.z_dim, m.num_classes, 4)
-    (save_torchscript if fmt == "torchscript" else lambda *a: save_onnx(*a, quantize))(G, z, y, path)
+    (save_torchscript if fmt == "torchscript" else lambda *a: save_onnx(*a, quantize, m.num_classes))(G, z, y, path)
     art = Artifact(out, expect_sha=False, meta={"format": fmt, "file": path.name})
     zc, yc = example_inputs(m.z_dim, m.num_classes, 7, seed=1)
     with torch.no_grad():
@@ -174,7 +204,8 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
             "image_shape": [m.img_channels, m.img_size, m.img_size], "output_range": [-1, 1],
             "inputs": {"z": ["float32", "N", m.z_dim], "y": ["int64", "N"]},
             "step": loaded.step, "source": str(loaded.source), "label": loaded.label, "run": str(Path(run_dir)),
-            "metrics": run_metrics(run_dir, loaded.label), "parity_max_abs_diff": diff, "parity_tolerance": tol}
+            "metrics": run_metrics(run_dir, loaded.label), "parity_max_abs_diff": diff, "parity_tolerance": tol,
+            **({"calibration": CALIBRATION} if quantize == "int8-static" else {})}
     write_json_atomic(out / ARTIFACT_JSON, meta)
     return meta
 

@@ -80,7 +80,7 @@ print(float(abs(a.numpy() - b).max()))
 
 
 def test_int8_export_runs(run_dir, tmp_path):
-    from gan.export import Artifact, export
+    from gan.export import Artifact, ExportError, export
 
     G = eager(run_dir)
     z, y = torch.randn(4, G.z_dim), torch.arange(4)
@@ -89,6 +89,43 @@ def test_int8_export_runs(run_dir, tmp_path):
         assert meta["quantize"] == "int8"
         out = Artifact(tmp_path / fmt)(z, y)
         assert torch.isfinite(out).all() and out.shape == (4, 3, 32, 32)
+    with pytest.raises(ExportError, match="int8-static needs --format onnx"):
+        export(run_dir, tmp_path / "ts-static", "torchscript", "int8-static")
+
+
+def test_int8_static_onnx_is_quantized_and_close(tmp_path):
+    """onnxruntime static int8 of a BigGAN generator (random init: outputs spread over [-1, 1], unlike a
+    5-step run's): its convolutions really run as int8 (QLinearConv, calibrated on the generator's own
+    inputs), and the images stay close to the eager fp32 G's (the trained models: docs/benchmarks.md)."""
+    import dataclasses
+
+    import onnx
+    import yaml
+
+    from gan.checkpoint import export_generator
+    from gan.config import from_dict
+    from gan.export import Artifact, export
+    from gan.models import build_models
+
+    model = {"name": "biggan", "g_channels": 8, "d_channels": 8, "z_dim": 20, "shared_dim": 16, "hier_z": True,
+             "g_spectral_norm": False, "d_spectral_norm": False, "attn_res": 0}
+    cfg = from_dict({"model": model}).model
+    torch.manual_seed(0)
+    G = build_models(cfg)[0].eval()
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump({"model": model}))
+    export_generator(run / "export", G, dataclasses.asdict(cfg), step=1)
+    meta = export(run, tmp_path / "s", "onnx", "int8-static")
+    assert meta["quantize"] == "int8-static" and meta["calibration"]["batches"] > 0
+    ops = {n.op_type for n in onnx.load(str(tmp_path / "s" / meta["file"])).graph.node}
+    assert {"QuantizeLinear", "QLinearConv"} <= ops and "Conv" not in ops, ops
+    z, y = torch.randn(37, 20), torch.arange(37) % 10
+    with torch.no_grad():
+        ref = G(z, y)
+        diff = (Artifact(tmp_path / "s")(z, y) - ref).abs()
+    assert ref.std().item() > 0.1  # something to be close to
+    assert diff.max().item() < 0.5 and diff.mean().item() < 0.05, (diff.max().item(), diff.mean().item())
 
 
 def test_export_cli_errors(run_dir, tmp_path):
