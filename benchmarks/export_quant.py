@@ -1,7 +1,10 @@
 #!/usr/bin/env python
-"""What export formats, bf16 and int8 (dynamic; onnxruntime's static) do on this CPU: ms per image (batch
---batch, median of --repeats forward passes, one thread), max |difference| from the eager fp32 generator,
-and cls_acc / cls_fd of --num-samples class-balanced samples (gan.metrics' offline CIFAR-10 classifier; the same z for every variant).
+"""What export formats, bf16 and int8 do to a run's generator on this CPU: ms per image (batch --batch,
+median of --repeats forward passes, one thread), max and mean |difference| from the eager fp32 generator,
+and cls_acc / cls_fd of --num-samples class-balanced samples (gan.metrics' offline CIFAR-10 classifier;
+the same z for every variant). bf16: eager autocast and the TorchScript export (--quantize bf16). int8:
+dynamic (torch, onnxruntime) and static (onnxruntime's, --quantize int8-static; and torch.ao's FX on
+each quantized engine).
 
     python benchmarks/export_quant.py --run runs/cdcgan --num-samples 2000 --out-dir /tmp/exq
 """
@@ -26,6 +29,34 @@ def timed(fn, z, y, repeats):
         fn(z, y)
         ts.append(time.perf_counter() - t)
     return statistics.median(ts) / len(z) * 1000
+
+
+def fx_static_int8(G, engine: str, z_dim: int, num_classes: int):
+    """torch.ao's static int8 (FX graph mode, the engine's default qconfig), calibrated on the same
+    (z, y) batches as the ONNX int8-static export; a callable that runs it on ``engine``."""
+    import copy
+    import warnings
+
+    from torch.ao.quantization import get_default_qconfig_mapping
+    from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
+
+    from gan.export import calibration_inputs
+
+    batches = calibration_inputs(z_dim, num_classes)
+    torch.backends.quantized.engine = engine
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        prepared = prepare_fx(copy.deepcopy(G), get_default_qconfig_mapping(engine),
+                              (torch.from_numpy(batches[0]["z"]), torch.from_numpy(batches[0]["y"])))
+        with torch.no_grad():
+            for b in batches:
+                prepared(torch.from_numpy(b["z"]), torch.from_numpy(b["y"]))
+        q = convert_fx(prepared)
+
+    def run(z, y):
+        torch.backends.quantized.engine = engine
+        return q(z, y)
+    return run
 
 
 def main(argv=None) -> int:
@@ -55,23 +86,33 @@ def main(argv=None) -> int:
             return G(zb, yb).float()
 
     variants = {"eager fp32": G, "eager bf16 (autocast)": bf16}
-    label = {"none": "fp32", "int8": "int8 dynamic", "int8-static": "int8 static"}
-    for fmt, q in (("torchscript", "none"), ("torchscript", "int8"), ("onnx", "none"), ("onnx", "int8"),
-                   ("onnx", "int8-static")):
+    for engine in ("x86", "fbgemm", "qnnpack"):
+        try:
+            variants[f"eager int8 static (torch FX, {engine})"] = fx_static_int8(G, engine, m.z_dim, m.num_classes)
+        except Exception as e:  # noqa: BLE001 (report why, e.g. a forward torch.fx cannot trace)
+            variants[f"eager int8 static (torch FX, {engine})"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
+    label = {"none": "fp32", "int8": "int8 dynamic", "int8-static": "int8 static", "bf16": "bf16 (autocast, traced)"}
+    for fmt, q in (("torchscript", "none"), ("torchscript", "int8"), ("torchscript", "bf16"), ("onnx", "none"),
+                   ("onnx", "int8"), ("onnx", "int8-static")):
         d = Path(args.out_dir) / f"{fmt}-{q}"
         export(args.run, d, fmt, q)
         variants[f"{fmt} {label[q]}"] = Artifact(d, threads=1)
     ref = None
     print(f"run {args.run}: {m.name}, step {loaded.step}, {args.num_samples} samples, batch {args.batch}")
-    print("| variant | ms/image | max abs diff vs eager fp32 | cls_acc | cls_fd |\n| --- | --- | --- | --- | --- |")
+    print("| variant | ms/image | max abs diff vs eager fp32 | mean abs diff | cls_acc | cls_fd |\n"
+          "| --- | --- | --- | --- | --- | --- |")
     for name, fn in variants.items():
+        if isinstance(fn, str):  # could not be built: say why
+            print(f"| {name} | failed: {fn} | | | | |", flush=True)
+            continue
         with torch.no_grad():
             ms = timed(fn, z[:args.batch], y[:args.batch], args.repeats)
             out = torch.cat([fn(zb, yb).float() for zb, yb in zip(z.split(args.batch), y.split(args.batch))])
         ref = out if ref is None else ref
         vals, _ = cls_metrics(to_uint8(out), y, ["cls_acc", "cls_fd"], class_names(cfg), cfg.data.shards, None,
                               "cpu", max_real=args.max_real)
-        print(f"| {name} | {ms:.2f} | {(out - ref).abs().max().item():.2e} | {vals['cls_acc']:.4f} | "
+        diff = (out - ref).abs()
+        print(f"| {name} | {ms:.2f} | {diff.max().item():.2e} | {diff.mean().item():.2e} | {vals['cls_acc']:.4f} | "
               f"{vals['cls_fd']:.3f} |", flush=True)
     return 0
 

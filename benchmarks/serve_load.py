@@ -67,7 +67,8 @@ async def load(url: str, server_pid: int, clients: int, per_client: int, n: int)
 
     async with contextlib.AsyncExitStack() as stack:
         cs = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=600)) for _ in range(clients)]
-        await asyncio.gather(*[c.post("/generate", json={"class": 0, "n": n, "seed": 0}) for c in cs])  # connect, warm up
+        # connect and warm up
+        await asyncio.gather(*[c.post("/generate", json={"class": 0, "n": n, "seed": 0}) for c in cs])
         t0, s0, c0 = time.perf_counter(), cpu_s(server_pid), cpu_s()[0]
         await asyncio.gather(*[client(c, 1000 * i) for i, c in enumerate(cs)])
         wall, s1, c1 = time.perf_counter() - t0, cpu_s(server_pid), cpu_s()[0]

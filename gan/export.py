@@ -9,6 +9,8 @@ iteration vectors, exactly what the eager eval-mode G computes).
 int8: ``int8`` is dynamic quantization (torch: Linear layers only; onnxruntime: MatMul/Gemm weights).
 ``int8-static`` (ONNX only) is onnxruntime's static quantization of the whole graph, convolutions
 included, calibrated on the generator's own inputs (z ~ N(0, 1), every class): no data set needed.
+``bf16`` (TorchScript only) is the generator traced under CPU autocast to bfloat16 (inputs and output
+stay float32); fast where the CPU has bf16 instructions (AVX512-BF16 / AMX), slow where it emulates them.
 What each does to speed and images: docs/benchmarks.md.
 """
 from __future__ import annotations
@@ -23,12 +25,12 @@ import torch
 from gan.io import write_json_atomic
 
 FORMATS = ("torchscript", "onnx")
-QUANTIZE = ("none", "int8", "int8-static")
+QUANTIZE = ("none", "int8", "int8-static", "bf16")
 CALIBRATION = {"batches": 16, "batch_size": 64, "seed": 1234}  # int8-static: (z, y) batches it calibrates on
 FILES = {"torchscript": "generator.pt", "onnx": "generator.onnx"}
 ARTIFACT_JSON = "artifact.json"
 # measured max |eager - artifact| is far below this (docs/benchmarks.md); fp32 reorderings only
-PARITY_TOL = {"none": 1e-4, "int8": None, "int8-static": None}
+PARITY_TOL = {"none": 1e-4, "int8": None, "int8-static": None, "bf16": None}
 
 
 class ExportError(ValueError):
@@ -107,6 +109,18 @@ def quantize_dynamic(G: torch.nn.Module) -> torch.nn.Module:
         return torch.ao.quantization.quantize_dynamic(G, {torch.nn.Linear}, dtype=torch.qint8)
 
 
+class Bf16Autocast(torch.nn.Module):
+    """``G`` run under CPU autocast to bfloat16; float32 in and out (traced: the casts are in the graph)."""
+
+    def __init__(self, G: torch.nn.Module):
+        super().__init__()
+        self.G = G
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return self.G(z, y).float()
+
+
 def example_inputs(z_dim: int, num_classes: int, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     return torch.randn(n, z_dim, generator=g), torch.arange(n) % num_classes
@@ -181,10 +195,17 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
         raise ExportError("--quantize int8-static needs --format onnx (onnxruntime's static int8); torch's static "
                           "int8 of transposed convolutions was wrong (x86 engine) or slower (fbgemm): "
                           "docs/benchmarks.md")
+    if quantize == "bf16" and fmt != "torchscript":
+        raise ExportError("--quantize bf16 needs --format torchscript (traced under CPU autocast); onnxruntime's "
+                          "CPU provider has no bf16 convolutions")
     loaded = load_generator(run_dir, pick_weights(run_dir, checkpoint, best), "cpu")
     cfg, m = loaded.cfg, loaded.cfg.model
     base = bake(loaded.G)
-    G = quantize_dynamic(base) if quantize == "int8" and fmt == "torchscript" else base
+    G = base  # ONNX int8 variants are quantized by onnxruntime after the fp32 export
+    if fmt == "torchscript" and quantize == "int8":
+        G = quantize_dynamic(base)
+    elif quantize == "bf16":
+        G = Bf16Autocast(base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILES[fmt]

@@ -32,7 +32,8 @@ def main(argv=None) -> int:
     src.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a G_ema.safetensors file")
     src.add_argument("--best", action="store_true", help="RUN/best (the best evaluation during training)")
     p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
-    p.add_argument("--quantize", default="none", choices=("none", "int8", "int8-static"))
+    p.add_argument("--quantize", default="none", choices=("none", "int8", "int8-static", "bf16"),
+                   help="int8: dynamic; int8-static: ONNX only; bf16: TorchScript only (docs/benchmarks.md)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 

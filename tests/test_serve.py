@@ -93,18 +93,16 @@ def test_int8_export_runs(run_dir, tmp_path):
         export(run_dir, tmp_path / "ts-static", "torchscript", "int8-static")
 
 
-def test_int8_static_onnx_is_quantized_and_close(tmp_path):
-    """onnxruntime static int8 of a BigGAN generator (random init: outputs spread over [-1, 1], unlike a
-    5-step run's): its convolutions really run as int8 (QLinearConv, calibrated on the generator's own
-    inputs), and the images stay close to the eager fp32 G's (the trained models: docs/benchmarks.md)."""
+@pytest.fixture(scope="module")
+def biggan_run(tmp_path_factory):
+    """A run directory holding a random-init BigGAN generator (no training: its outputs spread over [-1, 1],
+    unlike a 5-step run's, so closeness means something) and that G itself."""
     import dataclasses
 
-    import onnx
     import yaml
 
     from gan.checkpoint import export_generator
     from gan.config import from_dict
-    from gan.export import Artifact, export
     from gan.models import build_models
 
     model = {"name": "biggan", "g_channels": 8, "d_channels": 8, "z_dim": 20, "shared_dim": 16, "hier_z": True,
@@ -112,20 +110,54 @@ def test_int8_static_onnx_is_quantized_and_close(tmp_path):
     cfg = from_dict({"model": model}).model
     torch.manual_seed(0)
     G = build_models(cfg)[0].eval()
-    run = tmp_path / "run"
+    run = tmp_path_factory.mktemp("biggan") / "run"
     run.mkdir()
     (run / "config.yaml").write_text(yaml.safe_dump({"model": model}))
     export_generator(run / "export", G, dataclasses.asdict(cfg), step=1)
+    return run, G
+
+
+def _diff_to_eager(G, artifact_dir):
+    from gan.export import Artifact
+
+    z, y = torch.randn(37, G.z_dim), torch.arange(37) % 10
+    with torch.no_grad():
+        ref = G(z, y)
+        out = Artifact(artifact_dir)(z, y)
+    assert ref.std().item() > 0.1 and out.dtype == torch.float32  # something to be close to; float32 out
+    diff = (out - ref).abs()
+    return diff.max().item(), diff.mean().item()
+
+
+def test_int8_static_onnx_is_quantized_and_close(biggan_run, tmp_path):
+    """onnxruntime static int8: the convolutions really run as int8 (QLinearConv, calibrated on the
+    generator's own inputs), and the images stay close to the eager fp32 G's (trained models:
+    docs/benchmarks.md)."""
+    import onnx
+
+    from gan.export import export
+
+    run, G = biggan_run
     meta = export(run, tmp_path / "s", "onnx", "int8-static")
     assert meta["quantize"] == "int8-static" and meta["calibration"]["batches"] > 0
     ops = {n.op_type for n in onnx.load(str(tmp_path / "s" / meta["file"])).graph.node}
     assert {"QuantizeLinear", "QLinearConv"} <= ops and "Conv" not in ops, ops
-    z, y = torch.randn(37, 20), torch.arange(37) % 10
-    with torch.no_grad():
-        ref = G(z, y)
-        diff = (Artifact(tmp_path / "s")(z, y) - ref).abs()
-    assert ref.std().item() > 0.1  # something to be close to
-    assert diff.max().item() < 0.5 and diff.mean().item() < 0.05, (diff.max().item(), diff.mean().item())
+    mx, mean = _diff_to_eager(G, tmp_path / "s")
+    assert mx < 0.5 and mean < 0.05, (mx, mean)
+
+
+def test_bf16_torchscript_runs_in_bf16_and_stays_close(biggan_run, tmp_path):
+    """--quantize bf16: the traced graph keeps the autocast casts (the images differ from fp32 by bf16
+    rounding, not by 0) and stay close; ONNX bf16 is refused with the reason."""
+    from gan.export import ExportError, export
+
+    run, G = biggan_run
+    meta = export(run, tmp_path / "b", "torchscript", "bf16")
+    assert meta["quantize"] == "bf16"
+    mx, mean = _diff_to_eager(G, tmp_path / "b")
+    assert 1e-4 < mx < 0.25 and mean < 0.02, (mx, mean)
+    with pytest.raises(ExportError, match="bf16 needs --format torchscript"):
+        export(run, tmp_path / "o", "onnx", "bf16")
 
 
 def test_export_cli_errors(run_dir, tmp_path):
