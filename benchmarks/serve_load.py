@@ -90,12 +90,22 @@ def main(argv=None) -> int:
     p.add_argument("--n", type=int, default=1, help="images per request")
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--max-wait-ms", type=float, default=5)
+    p.add_argument("--pin", action="store_true",
+                   help="server on the last core, clients on the others (so they do not compete for cores)")
     p.add_argument("--out")
     args = p.parse_args(argv)
+    server_cpus = None
+    if args.pin:
+        cores = sorted(os.sched_getaffinity(0))
+        if len(cores) < 2:
+            p.error("--pin needs at least 2 cores")
+        server_cpus = {cores[-1]}
+        os.sched_setaffinity(0, set(cores[:-1]))
+        print(f"server on core {cores[-1]}, clients on cores {cores[:-1]}", flush=True)
     rows = []
     for label, batch in (("batching", str(args.max_batch)), ("no batching", "0")):
         with server_process("--artifact", args.artifact, "--max-batch", batch, "--max-wait-ms",
-                            str(args.max_wait_ms), "--max-queue", "1024") as (url, proc):
+                            str(args.max_wait_ms), "--max-queue", "1024", cpus=server_cpus) as (url, proc):
             for c in [int(x) for x in args.clients.split(",")]:
                 r = {"mode": label, **asyncio.run(load(url, proc.pid, c, args.requests_per_client, args.n))}
                 print(json.dumps(r), flush=True)

@@ -28,10 +28,11 @@ def running_server(*args: str, timeout: float = 180):
 
 
 @contextlib.contextmanager
-def server_process(*args: str, timeout: float = 180):
-    """:func:`running_server`, yielding ``(url, subprocess.Popen)``."""
+def server_process(*args: str, timeout: float = 180, cpus: set[int] | None = None):
+    """:func:`running_server`, yielding ``(url, subprocess.Popen)``; ``cpus``: run it on those cores only."""
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "launch/serve.py", *args, "--host", "127.0.0.1", "--port", str(port)],
+    pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
+    proc = subprocess.Popen([*pin, sys.executable, "launch/serve.py", *args, "--host", "127.0.0.1", "--port", str(port)],
                             cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
     url = f"http://127.0.0.1:{port}"

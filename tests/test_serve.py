@@ -174,6 +174,20 @@ def png_size(data: bytes) -> tuple[int, int]:
     return Image.open(io.BytesIO(data)).size
 
 
+def test_png_bytes_round_trips_pixels():
+    import numpy as np
+    from PIL import Image
+
+    from gan.serve.app import png_bytes
+    from gan.viz import to_uint8
+
+    for c in (1, 3):
+        img = torch.rand(c, 10, 7) * 2 - 1
+        dec = torch.from_numpy(np.array(Image.open(io.BytesIO(png_bytes(img)))))
+        dec = dec[None] if c == 1 else dec.permute(2, 0, 1)
+        assert torch.equal(dec, to_uint8(img))
+
+
 async def _post_many(url, bodies, accept="image/png"):
     async with httpx.AsyncClient(timeout=300) as c:
         return await asyncio.gather(*[c.post(url + "/generate", json=b, headers={"Accept": accept}) for b in bodies])
