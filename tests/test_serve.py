@@ -166,6 +166,9 @@ def test_export_cli_errors(run_dir, tmp_path):
     assert r.returncode == 2 and "run directory not found" in r.stderr
     r = subprocess.run(cli + ["--run", str(run_dir), "--best"], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and "best/G_ema.safetensors" in r.stderr
+    r = subprocess.run(cli + ["--run", str(run_dir), "--quantize", "bf16"], cwd=REPO, capture_output=True, text=True,
+                       timeout=120)
+    assert r.returncode == 2 and "bf16 needs --format torchscript" in r.stderr and not (tmp_path / "x").exists()
 
 
 def png_size(data: bytes) -> tuple[int, int]:
