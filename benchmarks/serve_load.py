@@ -6,10 +6,14 @@ time spent per request by the server's event loop (its main thread: HTTP, FastAP
 other threads (the batcher's forward passes and PNG encoding) and by this process (the clients): on a
 small machine the clients compete with the server for the same cores.
 
+Then, in this process, what a request costs besides HTTP: the forward pass per image at batch 1 and at
+--max-batch, and the PNG encoding of one image. --pin puts the server on one core and the clients on
+the others.
+
 Each client has its own HTTP connection (its own httpx client): one shared httpx pool of 64 connections
 spends most of its time scanning the pool (httpcore), which made the clients the bottleneck.
 
-    python benchmarks/serve_load.py --artifact artifacts/cdcgan-ts --requests-per-client 4
+    python benchmarks/serve_load.py --artifact artifacts/cdcgan-ts --requests-per-client 16 [--pin]
 """
 from __future__ import annotations
 
@@ -82,6 +86,38 @@ async def load(url: str, server_pid: int, clients: int, per_client: int, n: int)
             "client_cpu_ms_per_request": (c1 - c0) * per_request}
 
 
+def stage_costs(artifact: str, max_batch: int, repeats: int = 20) -> dict:
+    """In this process, one thread: what a request costs the batcher thread besides HTTP. ms of the
+    forward pass per image at batch 1 and at --max-batch, and ms to encode one image as the PNG reply."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from gan.export import Artifact
+    from gan.serve.app import png_bytes
+    from gan.viz import make_grid_uint8, to_uint8
+
+    torch.set_num_threads(1)
+    art = Artifact(artifact, threads=1)
+    z_dim = art.meta["z_dim"]
+
+    def median_ms(fn):
+        fn()
+        ts = []
+        for _ in range(repeats):
+            t = time.perf_counter()
+            fn()
+            ts.append(time.perf_counter() - t)
+        return statistics.median(ts) * 1000
+
+    out = {}
+    for b in (1, max(max_batch, 1)):
+        z, y = torch.randn(b, z_dim), torch.zeros(b, dtype=torch.long)
+        out[f"forward_ms_per_image_batch_{b}"] = median_ms(lambda: art(z, y)) / b
+    img = to_uint8(art(torch.randn(1, z_dim), torch.zeros(1, dtype=torch.long)))
+    out["png_ms_per_image"] = median_ms(lambda: png_bytes(make_grid_uint8(img, nrow=1)))
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--artifact", required=True)
@@ -116,8 +152,10 @@ def main(argv=None) -> int:
         print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | "
               f"{r['p99_ms']:.0f} | {r['server_loop_cpu_ms_per_request']:.2f} | "
               f"{r['server_threads_cpu_ms_per_request']:.2f} | {r['client_cpu_ms_per_request']:.2f} |")
+    costs = stage_costs(args.artifact, args.max_batch)
+    print("\nin-process, one thread: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))
     if args.out:
-        Path(args.out).write_text(json.dumps(rows, indent=2))
+        Path(args.out).write_text(json.dumps({"rows": rows, "stage_costs": costs}, indent=2))
     return 0
 
 
