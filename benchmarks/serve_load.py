@@ -73,9 +73,11 @@ async def load(url: str, server_pid: int, clients: int, per_client: int, n: int)
         cs = [await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=600)) for _ in range(clients)]
         # connect and warm up
         await asyncio.gather(*[c.post("/generate", json={"class": 0, "n": n, "seed": 0}) for c in cs])
+        m0 = (await cs[0].get("/metrics")).json()
         t0, s0, c0 = time.perf_counter(), cpu_s(server_pid), cpu_s()[0]
         await asyncio.gather(*[client(c, 1000 * i) for i, c in enumerate(cs)])
         wall, s1, c1 = time.perf_counter() - t0, cpu_s(server_pid), cpu_s()[0]
+        m1 = (await cs[0].get("/metrics")).json()
     lat.sort()
     q = statistics.quantiles(lat, n=100, method="inclusive") if len(lat) > 1 else [lat[0]] * 99
     per_request = 1000 / len(lat)
@@ -83,7 +85,8 @@ async def load(url: str, server_pid: int, clients: int, per_client: int, n: int)
             "p50_ms": q[49] * 1000, "p99_ms": q[98] * 1000,
             "server_loop_cpu_ms_per_request": (s1[0] - s0[0]) * per_request,
             "server_threads_cpu_ms_per_request": (s1[1] - s0[1]) * per_request,
-            "client_cpu_ms_per_request": (c1 - c0) * per_request}
+            "client_cpu_ms_per_request": (c1 - c0) * per_request,
+            "images_per_forward": len(lat) * n / max(1, m1["forward_passes"] - m0["forward_passes"])}
 
 
 def stage_costs(artifact: str, max_batch: int, repeats: int = 20) -> dict:
@@ -146,11 +149,11 @@ def main(argv=None) -> int:
                 r = {"mode": label, **asyncio.run(load(url, proc.pid, c, args.requests_per_client, args.n))}
                 print(json.dumps(r), flush=True)
                 rows.append(r)
-    print("\n| mode | clients | requests | images/s | p50 ms | p99 ms | CPU ms/request: server event loop | "
-          "server other threads | clients |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
+    print("\n| mode | clients | requests | images/s | p50 ms | p99 ms | images per forward | CPU ms/request: server "
+          "event loop | server other threads | clients |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in rows:
         print(f"| {r['mode']} | {r['clients']} | {r['requests']} | {r['images_per_s']:.1f} | {r['p50_ms']:.0f} | "
-              f"{r['p99_ms']:.0f} | {r['server_loop_cpu_ms_per_request']:.2f} | "
+              f"{r['p99_ms']:.0f} | {r['images_per_forward']:.1f} | {r['server_loop_cpu_ms_per_request']:.2f} | "
               f"{r['server_threads_cpu_ms_per_request']:.2f} | {r['client_cpu_ms_per_request']:.2f} |")
     costs = stage_costs(args.artifact, args.max_batch)
     print("\nin-process, one thread: " + ", ".join(f"{k} {v:.3f}" for k, v in costs.items()))

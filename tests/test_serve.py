@@ -333,6 +333,39 @@ def test_batcher_finishes_each_request_in_its_thread_off_the_event_loop():
     assert isinstance(res[1], ValueError) and "cannot encode" in str(res[1])
     assert torch.equal(res[3], torch.full((60, 1), 2.0))  # no finish: the images themselves
     assert stats["batch_sizes"] == {"6": 1, "60": 1} and stats["forward_passes"] == 2
-    threads = {t for _, t, _ in seen}
-    assert loop_thread not in threads and len(threads) == 1  # forward passes and finishes: one other thread
+    forward_threads = {t for kind, t, _ in seen if kind == "forward"}
+    finish_threads = {t for kind, t, _ in seen if kind == "finish"}
+    assert len(forward_threads) == len(finish_threads) == 1 and loop_thread not in forward_threads | finish_threads
     assert [s[2] for s in seen if s[0] == "finish"] == ["a", "bad", "c"]
+
+
+def test_batcher_encodes_one_batch_while_the_next_runs_forward():
+    """Pipelining: the finish (encoding) of batch 1 waits until batch 2's forward pass has started; that
+    only completes if encoding and forward passes run in different threads (no timing is asserted: the
+    wait is a condition, with a generous limit for the failing case)."""
+    import threading
+
+    from gan.serve.batcher import Batcher
+
+    second_forward = threading.Event()
+
+    def model(z, y):
+        if z[0, 0] == 2:
+            second_forward.set()
+        return z
+
+    def wait_for_second(images):
+        return second_forward.wait(60)
+
+    async def main():
+        b = Batcher(model, max_batch=1, max_wait_ms=1, max_queue=8)
+        b.start()
+        try:
+            first = asyncio.create_task(b.submit(torch.ones(1, 1), torch.zeros(1, dtype=torch.long), wait_for_second))
+            second = asyncio.create_task(b.submit(torch.full((1, 1), 2.0), torch.zeros(1, dtype=torch.long)))
+            return await first, await second
+        finally:
+            await b.stop()
+
+    overlapped, second = asyncio.run(main())
+    assert overlapped is True and second.item() == 2.0

@@ -3,10 +3,10 @@ until ``max_batch`` images or ``max_wait_ms`` have passed, runs ONE forward pass
 A full queue raises :class:`QueueFull` (the app answers 503 + Retry-After). ``max_batch=0`` turns
 batching off: one forward pass per request.
 
-The forward pass and each request's ``finish`` (the app's PNG encoding) run together in the batcher's
-own thread, off the event loop: torch and Pillow release the GIL there, so on a machine with two
-cores the loop keeps parsing and answering HTTP while the thread computes and encodes. One thread:
-forward passes never overlap (torch has its own intra-op threads)."""
+Nothing heavy runs on the event loop, which only parses and answers HTTP. The forward passes run one
+at a time in the batcher's forward thread (torch has its own intra-op threads); each request's
+``finish`` (the app's PNG encoding) runs in a second, encoder thread, so encoding one batch overlaps
+the next batch's forward pass. torch and libpng release the GIL while they work."""
 from __future__ import annotations
 
 import asyncio
@@ -29,10 +29,12 @@ class Batcher:
         self.requests = self.rejected = self.forwards = 0
         self._task: asyncio.Task | None = None
         self._carry = None  # a request that did not fit into the previous batch leads the next one
-        self._thread: concurrent.futures.ThreadPoolExecutor | None = None
+        self._forward = self._encode = None  # the two threads (single-worker executors)
+        self._finishing: set[asyncio.Task] = set()  # batches being encoded
 
     def start(self) -> None:
-        self._thread = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher")
+        self._forward = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher-forward")
+        self._encode = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="batcher-encode")
         self._task = asyncio.get_running_loop().create_task(self._worker())
 
     async def stop(self) -> None:
@@ -42,12 +44,15 @@ class Batcher:
                 await self._task
             except asyncio.CancelledError:
                 pass
-        if self._thread:
-            self._thread.shutdown(wait=True)
+        for task in list(self._finishing):
+            task.cancel()
+        for pool in (self._forward, self._encode):
+            if pool:
+                pool.shutdown(wait=True)
 
     async def submit(self, z: torch.Tensor, y: torch.Tensor, finish=None):
         """This request's images, ``model(z, y)`` (N, ...), or ``finish(images)`` computed in the batcher's
-        thread right after the forward pass (an exception in it fails this request only)."""
+        encoder thread after the forward pass (an exception in it fails this request only)."""
         fut = asyncio.get_running_loop().create_future()
         try:
             self.queue.put_nowait((z, y, fut, finish))
@@ -85,16 +90,30 @@ class Batcher:
         return items
 
     def _run(self, items: list) -> list:
-        """In the batcher's thread: one forward pass, then each request's ``finish`` on its part.
-        Returns one ``(ok, value or exception)`` per request."""
+        """Forward thread: one forward pass for all ``items``; each request's part of the output."""
         out = self.model(torch.cat([it[0] for it in items]), torch.cat([it[1] for it in items]))
+        return list(out.split([len(it[0]) for it in items]))
+
+    @staticmethod
+    def _finish_all(parts: list, items: list) -> list:
+        """Encoder thread: each request's ``finish`` on its part; one ``(ok, value or exception)`` each."""
         results = []
-        for part, (_, _, _, finish) in zip(out.split([len(it[0]) for it in items]), items):
+        for part, (_, _, _, finish) in zip(parts, items):
             try:
                 results.append((True, finish(part) if finish else part))
             except Exception as e:  # noqa: BLE001 (that request gets its own error)
                 results.append((False, e))
         return results
+
+    @staticmethod
+    def _answer(items: list, results: list) -> None:
+        for (ok, value), it in zip(results, items):
+            if not it[2].done():
+                (it[2].set_result if ok else it[2].set_exception)(value)
+
+    async def _finish(self, parts: list, items: list) -> None:
+        results = await asyncio.get_running_loop().run_in_executor(self._encode, self._finish_all, parts, items)
+        self._answer(items, results)
 
     async def _worker(self) -> None:
         loop = asyncio.get_running_loop()
@@ -104,15 +123,15 @@ class Batcher:
             if not items:
                 continue
             try:
-                results = await loop.run_in_executor(self._thread, self._run, items)
+                parts = await loop.run_in_executor(self._forward, self._run, items)
             except Exception as e:  # noqa: BLE001 (the forward pass failed: every waiting request gets the error)
-                results = [(False, e)] * len(items)
-            else:
-                self.forwards += 1
-                self.batch_sizes[sum(len(it[0]) for it in items)] += 1
-            for (ok, value), it in zip(results, items):
-                if not it[2].done():
-                    (it[2].set_result if ok else it[2].set_exception)(value)
+                self._answer(items, [(False, e)] * len(items))
+                continue
+            self.forwards += 1
+            self.batch_sizes[sum(len(it[0]) for it in items)] += 1
+            task = loop.create_task(self._finish(parts, items))  # encode while the next batch runs forward
+            self._finishing.add(task)
+            task.add_done_callback(self._finishing.discard)
 
     def stats(self) -> dict:
         return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000, "queue_size": self.queue.qsize(),
