@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     app = create_app(model, args.max_batch, args.max_wait_ms, args.max_queue, args.max_n)
     print(f"serving {model.info['model']} ({model.info['format']}) from {model.info['source']} on "
           f"http://{args.host}:{args.port}/", flush=True)
+    if app.state.batcher.note and args.max_batch:
+        print(f"note: {app.state.batcher.note}", flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0
 

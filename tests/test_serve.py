@@ -234,6 +234,26 @@ def test_endpoints_batching_and_bad_input(artifacts):
         assert httpx.get(url + "/health").status_code == 200
 
 
+def test_dynamic_int8_is_served_one_forward_pass_per_request(run_dir, tmp_path):
+    """Dynamic int8 quantizes activations with a scale taken from the whole batch, so an image would depend
+    on the requests it shares a forward pass with: such an artifact is served one forward pass per request
+    (said in /info), and the same seed gives the same images amid concurrent requests."""
+    from gan.export import export
+
+    export(run_dir, tmp_path / "int8", "torchscript", "int8")
+    with running_server("--artifact", str(tmp_path / "int8"), "--max-batch", "64", "--max-wait-ms", "200") as url:
+        batching = httpx.get(url + "/info").json()["batching"]
+        assert batching["max_batch"] == 0 and "dynamic int8" in batching["note"], batching
+        body = {"class": 2, "n": 3, "seed": 7}
+        alone = httpx.post(url + "/generate", json=body, headers={"Accept": "application/json"}, timeout=120).json()
+        bodies = [{"class": k % 10, "n": 1 + k % 2, "seed": 100 + k} for k in range(15)] + [body]
+        rs = asyncio.run(_post_many(url, bodies, "application/json"))
+        assert [r.status_code for r in rs] == [200] * 16
+        assert rs[-1].json()["images"] == alone["images"]
+        sizes = {int(k) for k in httpx.get(url + "/metrics").json()["batch_sizes"]}
+        assert sizes <= {1, 2, 3}, sizes  # never two requests in one forward pass
+
+
 @pytest.mark.slow
 def test_full_queue_answers_503_and_recovers(artifacts):
     with running_server("--artifact", str(artifacts["onnx"][0]), "--max-batch", "0", "--max-queue", "2") as url:

@@ -29,6 +29,17 @@ def png_bytes(img: torch.Tensor) -> bytes:
     return encode_png(to_uint8(img)).numpy().tobytes()
 
 
+def batch_dependence(info: dict) -> str | None:
+    """Why this model's images would depend on the other requests in their forward pass, or None. Dynamic
+    int8 quantizes activations with a scale computed from the whole batch (measured in docs/benchmarks.md:
+    up to 0.21 max difference between the same (z, y) alone and batched)."""
+    if info.get("quantize") == "int8":
+        return ("cross-request batching off: a dynamic int8 artifact quantizes activations per batch, so an "
+                "image would depend on the requests it is batched with; export with --quantize int8-static "
+                "(ONNX) or bf16 (TorchScript) to batch")
+    return None
+
+
 def create_app(model, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 256, max_n: int = 64,
                retry_after_s: int = 1) -> FastAPI:
     names = model.class_names
@@ -43,8 +54,11 @@ def create_app(model, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: 
         seed: int | None = Field(None, ge=0, le=MAX_SEED, description=allowed["seed"])
         truncation: float | None = Field(None, ge=0, le=MAX_TRUNCATION, description=allowed["truncation"])
 
+    note = batch_dependence(model.info)
+    if note:  # same seed -> same images must hold however requests arrive: one forward pass per request
+        max_batch = 0
     # uint8 once per forward pass, in the batcher's thread (as is each request's PNG encoding: see generate)
-    batcher = Batcher(lambda z, y: to_uint8(model(z, y)), max_batch, max_wait_ms, max_queue)
+    batcher = Batcher(lambda z, y: to_uint8(model(z, y)), max_batch, max_wait_ms, max_queue, note=note)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -22,8 +22,10 @@ class QueueFull(RuntimeError):
 
 
 class Batcher:
-    def __init__(self, model, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 256):
+    def __init__(self, model, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: int = 256,
+                 note: str | None = None):
         self.model, self.max_batch, self.max_wait = model, max_batch, max_wait_ms / 1000
+        self.note = note  # why batching is off for this model, if it is (gan.serve.app.batch_dependence)
         self.queue: asyncio.Queue = asyncio.Queue(maxsize=max_queue)
         self.batch_sizes: collections.Counter = collections.Counter()  # images per forward pass -> count
         self.requests = self.rejected = self.forwards = 0
@@ -137,4 +139,5 @@ class Batcher:
         return {"max_batch": self.max_batch, "max_wait_ms": self.max_wait * 1000, "queue_size": self.queue.qsize(),
                 "queue_limit": self.queue.maxsize, "requests": self.requests, "rejected": self.rejected,
                 "forward_passes": self.forwards,
-                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())},
+                **({"note": self.note} if self.note else {})}
