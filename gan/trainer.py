@@ -80,13 +80,16 @@ class Trainer:
         self._batches = None  # created on first use, after any resume has positioned the stream
         self.stats = Stats(self.device)
         self.guard = Guard(t, self.state, self.stats, self.rank0, self.device)
-        nets = lambda: {"G": self.G, "D": self.D, "G_ema": self.ema.model}  # noqa: E731
-        self.logger = Logger(cfg, self.state, self.stats, self.guard, self.rank0, nets)
+        self.logger = Logger(cfg, self.state, self.stats, self.guard, self.rank0, self.nets)
         self.sampler = Sampler(cfg, self.ema, self.rank0, list(self.stream.manifest.classes), self.device)
         self.evaluator = Evaluator(cfg, acc, self.state, self.ema, self.rank0, self.run_dir)
         self.checkpointer = Checkpointer(cfg, acc, self.run, self.state, self.backend, self.ema, self.schedulers,
-                                         self.stream, self.guard, self.rank0, nets)
+                                         self.stream, self.guard, self.rank0, self.nets)
         self.stopper = StopPolicy(cfg, self.state, self.device, acc.num_processes, self.rank0)
+
+    def nets(self) -> dict[str, torch.nn.Module]:
+        """The replicated networks, as the guard and the checkpointer check them."""
+        return {"G": self.G, "D": self.D, "G_ema": self.ema.model}
 
     # ------------------------------------------------------------------ one step
     def _next_real(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -107,7 +110,7 @@ class Trainer:
         loss, stats = loss_and_stats
         net = phase[0]
         u = self.backend.update(net, loss, self.cfg.train.max_grad_norm)
-        self.guard.record(phase, loss, u, {"G": self.G, "D": self.D, "G_ema": self.ema.model})
+        self.guard.record(phase, loss, u, self.nets())
         for k, v in {**stats, f"GradNorm/{phase}": u.gnorm, f"LR/{net}": self.schedulers[net].get_last_lr()[0]}.items():
             self.stats.report(k, v.float() if torch.is_tensor(v) else v)
 
