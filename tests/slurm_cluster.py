@@ -75,6 +75,10 @@ CONF_POLICY = [
     "SelectType=select/cons_tres",
     "SelectTypeParameters=CR_Core",
     "SchedulerType=sched/backfill",
+    # A requeued job may start REQUEUE_DELAY_S after its requeue, and then the main scheduling loop
+    # starts it: every 60 s by default (nothing changes when a BeginTime passes, so neither an event nor
+    # the backfill loop, which runs only after changes, starts it earlier). Every 2 s: within 2 s.
+    "SchedulerParameters=sched_interval=2",
     "MpiDefault=none",
     "SwitchType=switch/none",
     "JobCompType=jobcomp/none",
