@@ -75,6 +75,10 @@ CONF_POLICY = [
     "SelectType=select/cons_tres",
     "SelectTypeParameters=CR_Core",
     "SchedulerType=sched/backfill",
+    # A requeued job may start REQUEUE_DELAY_S after its requeue, and then the main scheduling loop
+    # starts it: every 60 s by default (nothing changes when a BeginTime passes, so neither an event nor
+    # the backfill loop, which runs only after changes, starts it earlier). Every 2 s: within 2 s.
+    "SchedulerParameters=sched_interval=2",
     "MpiDefault=none",
     "SwitchType=switch/none",
     "JobCompType=jobcomp/none",
@@ -86,6 +90,17 @@ CONF_POLICY = [
     "SlurmctldDebug=info",
     "SlurmdDebug=info",
 ]
+
+def auth_lines(munge_socket: Path) -> list[str]:
+    """slurm.conf's munge authentication for every test cluster (one node here, two in
+    tests/slurm_multinode.py). cred_expire is also Slurm's requeue delay: a requeued job may start
+    only once the credentials of its previous run have expired (120 s by default). Forcing it earlier
+    (scontrol update StartTime=now) can launch it while a slurmd still holds the revoked credential:
+    the launch fails and Slurm holds the job ("launch failed requeued held"), for ever.
+    REQUEUE_DELAY_S (30 s) keeps the tests short."""
+    return ["AuthType=auth/munge", "CredType=cred/munge",
+            f"AuthInfo=socket={munge_socket},cred_expire={REQUEUE_DELAY_S}"]
+
 
 class SlurmCluster:
     def __init__(self, root: Path):
@@ -139,13 +154,7 @@ class SlurmCluster:
             f"SlurmctldHost={self.node}(127.0.0.1)",
             f"SlurmctldPort={ctl_port}",
             f"SlurmdPort={d_port}",
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            # cred_expire is also Slurm's requeue delay: a requeued job may start only once the credentials
-            # of its previous run have expired (120 s by default). Forcing it earlier (scontrol update
-            # StartTime=now) can launch it while slurmd still holds the revoked credential: the launch fails
-            # and Slurm holds the job ("launch failed requeued held"), for ever. 30 s keeps the tests short.
-            f"AuthInfo=socket={self.munge_socket},cred_expire={REQUEUE_DELAY_S}",
+            *auth_lines(self.munge_socket),
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={r / 'state'}",

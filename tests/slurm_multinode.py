@@ -38,7 +38,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from slurm_cluster import CONF_POLICY, SlurmCluster, SlurmUnavailable, _free_ports, ensure_installed  # noqa: E402
+from slurm_cluster import CONF_POLICY, SlurmCluster, SlurmUnavailable, _free_ports, auth_lines, ensure_installed  # noqa: E402
 
 BRIDGE = "gmn-br"
 SUBNET = "10.213.13"  # a private /24 used only on BRIDGE
@@ -257,9 +257,7 @@ class MultiNodeCluster(SlurmCluster):
             f"SlurmctldHost={host}({self.host_addr})",
             f"SlurmctldPort={ctl_port}",
             "SlurmdPort=6818",  # every node has its own address
-            "AuthType=auth/munge",
-            "CredType=cred/munge",
-            f"AuthInfo=socket={self.munge_socket}",
+            *auth_lines(self.munge_socket),  # with cred_expire: the requeue delay, REQUEUE_DELAY_S
             "SlurmUser=root",
             "SlurmdUser=root",
             f"StateSaveLocation={r / 'state'}",
