@@ -110,7 +110,7 @@ def check_replicas(modules: dict[str, torch.nn.Module], device: torch.device) ->
     dist.all_reduce(hi, dist.ReduceOp.MAX)
     bad = [name for name, a, b in zip(modules, lo.tolist(), hi.tolist()) if a != b]
     if bad:
-        raise RuntimeError(f"DDP replicas diverged: {', '.join(bad)} differ between ranks")
+        raise RuntimeError(f"replicas diverged: {', '.join(bad)} differ between ranks")
 
 
 def broadcast_buffers(modules: list[torch.nn.Module]) -> None:
