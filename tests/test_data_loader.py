@@ -9,7 +9,7 @@ import torch
 
 from conftest import build_tiny, ddp_data_check, tiny_images
 from gan.config import DataConfig
-from gan.data import ShardError, TrainStream, eval_batches, read_manifest
+from gan.data import ShardError, TrainStream, eval_batches, read_manifest, train_stream
 from gan.data.augment import augment_batch, translate
 
 
@@ -155,8 +155,12 @@ def test_workers_deterministic_and_close(tiny_shards):
         next(it)
 
 
-def test_load_state_dict_validation(tiny_shards):
-    s = TrainStream(cfg(tiny_shards), batch_size=40, seed=0)
+@pytest.mark.parametrize("on_device", [False, True], ids=["shards", "on_device"])
+def test_load_state_dict_validation(tiny_shards, on_device):
+    """Both training streams (gan.data.train_stream: TrainStream, DeviceStream) refuse a malformed position
+    and move one past the end of an epoch to the next epoch, with a warning."""
+    s = train_stream(cfg(tiny_shards, on_device=on_device), batch_size=40, seed=0)
+    assert type(s).__name__ == ("DeviceStream" if on_device else "TrainStream")
     for bad in ({}, {"epoch": "x", "batch": 0}, {"epoch": -1, "batch": 0}, None):
         with pytest.raises(ValueError):
             s.load_state_dict(bad)

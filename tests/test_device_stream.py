@@ -91,16 +91,6 @@ def test_resume_is_exact(tiny_shards, world, rank):
     assert not same(straight[:k], take(DeviceStream(c, batch_size=20, seed=4, rank=rank, world_size=world), k))
 
 
-def test_state_validation_matches_train_stream(tiny_shards):
-    s = DeviceStream(cfg(tiny_shards), batch_size=40)
-    for bad in ({}, {"epoch": "x", "batch": 0}, {"epoch": -1, "batch": 0}, None):
-        with pytest.raises(ValueError):
-            s.load_state_dict(bad)
-    with pytest.warns(UserWarning, match="past the end"):
-        s.load_state_dict({"epoch": 2, "batch": 6})
-    assert s.state_dict() == {"epoch": 3, "batch": 0}
-
-
 def test_too_big_for_the_device_is_refused_before_reading(tiny_shards, tmp_path):
     m = read_manifest(tiny_shards)
     assert dataset_bytes(m) == 240 * (3 * 32 * 32 + 8)
