@@ -1,8 +1,8 @@
 """The optimizer step as a backend: one object per strategy, chosen at build time by
 ``train.backend``. A backend wraps G and D, owns zero_grad/backward/unscale/clip/step, tells the
 trainer what happened to each update (:class:`Update`), and saves/loads whatever its engines keep
-outside Accelerate's ``save_state``. The non-finite *policy* (skip or stop, counts, messages) stays
-with the trainer, in one place, for every backend.
+outside Accelerate's ``save_state``. The non-finite *policy* (skip or stop, counts, messages) is
+:mod:`gan.guard`'s, in one place, for every backend.
 
 - :class:`DDPBackend`: Accelerate's DDP, AMP (fp16 GradScaler / bf16 autocast), fused Adam whose
   non-finite updates are skipped on the device without a host sync.
@@ -286,9 +286,4 @@ def build_backend(cfg: Config, accelerator, precision: str):
     return DDPBackend(cfg, accelerator)
 
 
-def backend_of(meta: dict) -> str:
-    """The backend a checkpoint was written by (checkpoints from before train.backend: ddp)."""
-    return meta.get("backend") or meta.get("config", {}).get("train", {}).get("backend") or "ddp"
-
-
-__all__ = ["Update", "DDPBackend", "DeepSpeedBackend", "build_backend", "deepspeed_config", "frozen", "backend_of"]
+__all__ = ["Update", "DDPBackend", "DeepSpeedBackend", "build_backend", "deepspeed_config", "frozen"]

@@ -26,7 +26,7 @@ from gan.rundir import (CUSTOM, META, MODELS, OPTIMIZERS, CheckpointError, RunDi
 
 # Settings a resume can't change: the data stream position, the per-rank RNG states and the optimizer
 # state are only meaningful under the values they were written with. Everything else in the config
-# takes effect from the resumed step on (see Trainer._apply_config).
+# takes effect from the resumed step on (see gan.optim.apply_config).
 FIXED_ON_RESUME = ("train.batch_size", "train.seed", "data.num_workers", "optim.name", "train.mixed_precision")
 
 
@@ -134,11 +134,16 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
+def backend_of(meta: dict) -> str:
+    """The backend a checkpoint was written by (checkpoints from before train.backend: ddp)."""
+    return meta.get("backend") or meta.get("config", {}).get("train", {}).get("backend") or "ddp"
+
+
 def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
     """Raise CheckpointError if ``cfg`` can't continue the checkpoint at ``path`` exactly (another
     architecture, world size or one of FIXED_ON_RESUME). Returns the changed keys that take effect
     from the resumed step on, as "key: old -> new" lines."""
-    written_by = meta.get("backend") or meta.get("config", {}).get("train", {}).get("backend") or "ddp"
+    written_by = backend_of(meta)
     if written_by != cfg.train.backend:
         layout = "ZeRO partitions, one file per rank" if written_by == "deepspeed" else "whole, in Accelerate's files"
         raise CheckpointError(
