@@ -5,7 +5,8 @@ import re
 import tarfile
 from pathlib import Path
 
-from gan.data.codec import SampleDecodeError, decode_images, decode_label, sha256_file
+from gan.data.codec import SampleDecodeError, decode_images, decode_label
+from gan.io import sha256_file
 from gan.data.manifest import Manifest, read_manifest
 
 _MEMBER = re.compile(r"(\d+)\.([a-z0-9]+)")

@@ -15,14 +15,13 @@ What each does to speed and images: docs/benchmarks.md.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import warnings
 from pathlib import Path
 
 import torch
 
-from gan.io import write_json_atomic
+from gan.io import sha256_file, write_json_atomic
 
 FORMATS = ("torchscript", "onnx")
 QUANTIZE = ("none", "int8", "int8-static", "bf16")
@@ -173,14 +172,6 @@ def save_onnx(G, z, y, path: Path, quantize: str, num_classes: int = 1) -> None:
     tmp.replace(path)
 
 
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "none",
            checkpoint: str | None = None, best: bool = False) -> dict:
     """Write ``out_dir/generator.{pt,onnx}`` + ``artifact.json``; check the artifact against the eager
@@ -219,7 +210,7 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
     tol = PARITY_TOL[quantize]
     if tol is not None and not diff <= tol:
         raise ExportError(f"the {fmt} artifact differs from the eager generator by {diff:.3g} (> {tol}); not written")
-    meta = {"format_version": 1, "format": fmt, "file": path.name, "sha256": sha256(path), "quantize": quantize,
+    meta = {"format_version": 1, "format": fmt, "file": path.name, "sha256": sha256_file(path), "quantize": quantize,
             "model": m.name, "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__},
             "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(cfg),
             "image_shape": [m.img_channels, m.img_size, m.img_size], "output_range": [-1, 1],
@@ -253,7 +244,7 @@ class Artifact:
         self.path = d / str(meta.get("file", ""))
         if not self.path.is_file():
             raise ExportError(f"{d}: the model file {self.path.name!r} named in {ARTIFACT_JSON} is missing; export again")
-        if expect_sha and meta.get("sha256") != sha256(self.path):
+        if expect_sha and meta.get("sha256") != sha256_file(self.path):
             raise ExportError(f"{self.path} does not match the sha256 in {ARTIFACT_JSON} (damaged or replaced); "
                               f"export again")
         self.meta, self.format, self.device = meta, fmt, torch.device(device)

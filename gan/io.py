@@ -1,12 +1,23 @@
 """Crash-safe file writes: a temp file in the same directory, fsync, ``os.replace``, fsync of the
-directory. A reader sees either the old file or the complete new one, never a partial write."""
+directory. A reader sees either the old file or the complete new one, never a partial write. And the
+one file checksum every on-disk format records (shards, checkpoints, artifacts, weights files)."""
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import uuid
 from pathlib import Path
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes (hex), read in chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
 
 
 def fsync_dir(d: str | Path) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import datetime as _dt
 import errno
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -30,7 +29,7 @@ import shutil
 import socket
 from pathlib import Path
 
-from gan.io import fsync_dir, write_json_atomic, write_text_atomic
+from gan.io import fsync_dir, sha256_file, write_json_atomic, write_text_atomic
 
 META = "meta.json"
 # The checkpoint parts by name -> the file Accelerate's save_state writes for each. Models and
@@ -42,7 +41,6 @@ CUSTOM = ("ema", "train_state", "sched_G", "sched_D")
 SCALER_FILE = "scaler.pt"
 _NAME = re.compile(r"^step-(\d{8})$")
 _HIDDEN = re.compile(r"^\.(tmp|trash|old)-(step-\d{8})$")
-_HASH_CHUNK = 1 << 20
 
 
 def part_file(name: str) -> str:
@@ -95,14 +93,6 @@ def _now() -> str:
 # ---------------------------------------------------------------------------- checkpoint files
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_HASH_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def seal(ckpt: Path, meta: dict) -> None:
     """Fsync every file in ``ckpt``, then write ``meta.json`` listing each one's size and sha256.
     ``meta.json`` is written last: a directory without it is not a checkpoint."""
@@ -112,7 +102,7 @@ def seal(ckpt: Path, meta: dict) -> None:
             continue
         with open(p, "rb") as f:
             os.fsync(f.fileno())
-        files[p.relative_to(ckpt).as_posix()] = {"size": p.stat().st_size, "sha256": _sha256(p)}
+        files[p.relative_to(ckpt).as_posix()] = {"size": p.stat().st_size, "sha256": sha256_file(p)}
     for d in sorted({p.parent for p in ckpt.rglob("*") if p.is_file()}, reverse=True):
         fsync_dir(d)
     write_json_atomic(ckpt / META, {**meta, "files": files})
@@ -162,7 +152,7 @@ def verify(path: str | Path) -> dict:
         if size != rec.get("size"):
             raise CheckpointError(f"{f} is damaged: {size} bytes, {rec.get('size')} when written; resume from "
                                   f"another checkpoint")
-        if _sha256(f) != rec.get("sha256"):
+        if sha256_file(f) != rec.get("sha256"):
             raise CheckpointError(f"{f} is damaged: its sha256 differs from the one recorded when it was written; "
                                   f"resume from another checkpoint")
     return meta

@@ -8,7 +8,6 @@ call per image (see docs/benchmarks.md for the trade-off).
 """
 from __future__ import annotations
 
-import hashlib
 import io
 
 import numpy as np
@@ -90,13 +89,3 @@ def to_unit_range(x: torch.Tensor) -> torch.Tensor:
     """uint8 [0, 255] -> float32 [-1, 1]."""
     return x.to(torch.float32).mul_(2.0 / 255.0).sub_(1.0)
 
-
-def sha256_file(path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while True:
-            b = f.read(chunk)
-            if not b:
-                break
-            h.update(b)
-    return h.hexdigest()

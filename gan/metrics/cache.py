@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from gan.data import read_manifest
+from gan.io import sha256_file
 
 DEFAULT_CACHE = Path(os.environ.get("GAN_METRICS_CACHE", Path.home() / ".cache" / "gan-metrics"))
 
@@ -31,11 +32,7 @@ def file_sha256(path: str | Path, _memo: dict = {}) -> str:  # noqa: B006 - a de
     st = path.stat()
     key = (str(path), st.st_size, st.st_mtime_ns)
     if key not in _memo:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _memo[key] = h.hexdigest()
+        _memo[key] = sha256_file(path)
     return _memo[key]
 
 
