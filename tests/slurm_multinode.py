@@ -224,7 +224,7 @@ class MultiNodeCluster(SlurmCluster):
 
     def in_node(self, i: int, cmd: list[str]) -> list[str]:
         """``cmd`` as run on node ``i``: its network namespace, hostname and /etc/hosts."""
-        script = f'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"'
+        script = 'mount --bind "$1" /etc/hosts && hostname "$2" && shift 2 && exec "$@"'
         # nsenter, not `ip netns exec`: that one remounts /sys, hiding /sys/fs/cgroup from slurmd.
         return ["nsenter", f"--net=/run/netns/{netns_name(i)}", "unshare", "--uts", "--mount", "--propagation", "private",
                 "sh", "-c", script, "in-node", str(self.hosts_file), self.nodes[i], *cmd]
