@@ -20,7 +20,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from gan.dist import any_rank
 from gan.io import write_file_atomic, write_json_atomic
-from gan.rundir import (CUSTOM, META, MODELS, OPTIMIZERS, CheckpointError, RunDir, RunDirError,
+from gan.rundir import (CUSTOM, EMA_WEIGHTS, META, MODELS, OPTIMIZERS, CheckpointError, RunDir, RunDirError,
                         part_file, step_of, read_meta,  # noqa: F401
                         seal, verify)
 
@@ -181,7 +181,7 @@ def export_generator(out_dir: str | Path, g_ema, model_cfg: dict, step: int) -> 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in g_ema.state_dict().items()}
-    write_file_atomic(out / "G_ema.safetensors", safetensors_bytes(state, metadata={"step": str(step)}))
+    write_file_atomic(out / EMA_WEIGHTS, safetensors_bytes(state, metadata={"step": str(step)}))
     write_json_atomic(out / "model.json", {"model": model_cfg, "step": step})
 
 

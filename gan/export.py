@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 
 from gan.io import sha256_file, write_json_atomic
+from gan.rundir import RunDir
 
 FORMATS = ("torchscript", "onnx")
 QUANTIZE = ("none", "int8", "int8-static", "bf16")
@@ -36,32 +37,23 @@ class ExportError(ValueError):
     """An export or artifact that cannot be used: the message names the path and the fix."""
 
 
-def run_paths(run_dir: str | Path) -> dict[str, Path]:
-    """What export and serving read from a run directory (gan/rundir.py owns the layout)."""
-    from gan.rundir import RunDir
-
-    run = RunDir(run_dir)
-    return {"config": run.config, "export": run.export / "G_ema.safetensors",
-            "best": run.best / "G_ema.safetensors", "metrics": run.metrics_json, "best_json": run.best_json}
-
-
 def pick_weights(run_dir: str | Path, checkpoint: str | None = None, best: bool = False) -> Path | None:
     """--checkpoint PATH, else RUN/best (--best), else RUN/export (the newest export); None = let
     gan.metrics.load_generator choose (newest checkpoint)."""
-    paths = run_paths(run_dir)
-    if not paths["config"].is_file():
+    run = RunDir(run_dir)
+    if not run.config.is_file():
         raise ExportError(f"run directory not found: {run_dir} (no config.yaml). Pass the --run-dir of a "
                           f"launch/train.py run")
     if checkpoint:
         return Path(checkpoint)
-    key = "best" if best else "export"
-    if not paths[key].is_file():
+    weights = run.best_weights if best else run.export_weights
+    if not weights.is_file():
         if best:
             raise ExportError(f"{run_dir} has no best/G_ema.safetensors (written when metrics.every > 0 during "
                               f"training); drop --best or evaluate during training")
         raise ExportError(f"{run_dir} has no export/G_ema.safetensors yet (written with every checkpoint): "
                           f"train it first, or pass --checkpoint PATH")
-    return paths[key]
+    return weights
 
 
 def class_names(cfg) -> list[str]:
@@ -77,12 +69,12 @@ def class_names(cfg) -> list[str]:
 
 
 def run_metrics(run_dir: str | Path, label: str) -> dict:
-    paths = run_paths(run_dir)
+    run = RunDir(run_dir)
     try:
-        if label == "best" and paths["best_json"].is_file():
-            return dict(json.loads(paths["best_json"].read_text()).get("metrics", {}))
-        if paths["metrics"].is_file():
-            return dict(json.loads(paths["metrics"].read_text()).get("evaluations", {}).get(label, {}).get("metrics", {}))
+        if label == "best" and run.best_json.is_file():
+            return dict(json.loads(run.best_json.read_text()).get("metrics", {}))
+        if run.metrics_json.is_file():
+            return dict(json.loads(run.metrics_json.read_text()).get("evaluations", {}).get(label, {}).get("metrics", {}))
     except (OSError, json.JSONDecodeError):
         pass
     return {}

@@ -39,6 +39,7 @@ MODELS = ("G", "D")
 OPTIMIZERS = ("opt_G", "opt_D")
 CUSTOM = ("ema", "train_state", "sched_G", "sched_D")
 SCALER_FILE = "scaler.pt"
+EMA_WEIGHTS = "G_ema.safetensors"  # in RUN/export/ and RUN/best/, beside model.json
 _NAME = re.compile(r"^step-(\d{8})$")
 _HIDDEN = re.compile(r"^\.(tmp|trash|old)-(step-\d{8})$")
 
@@ -213,6 +214,14 @@ class RunDir:
     @property
     def best(self) -> Path:
         return self.root / "best"
+
+    @property
+    def export_weights(self) -> Path:
+        return self.export / EMA_WEIGHTS
+
+    @property
+    def best_weights(self) -> Path:
+        return self.best / EMA_WEIGHTS
 
     @property
     def best_json(self) -> Path:

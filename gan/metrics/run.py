@@ -59,9 +59,8 @@ def resolve_source(run_dir: Path, checkpoint: str | Path | None) -> Path:
         print(f"warning: skipped a damaged checkpoint: {line}", file=sys.stderr)
     if latest is not None:
         return latest
-    export = run.export / "G_ema.safetensors"
-    if export.is_file():
-        return export
+    if run.export_weights.is_file():
+        return run.export_weights
     raise MetricError(f"{run_dir} has no complete checkpoint (checkpoints/step-*/ with meta.json) and no "
                       f"export/G_ema.safetensors: train it first (launch/train.py --run-dir {run_dir}) or pass "
                       f"--checkpoint PATH")

@@ -74,6 +74,6 @@ def save_best(run_dir: str | Path, g_ema: torch.nn.Module, model_cfg, step: int,
 
     run = RunDir(run_dir)
     export_generator(run.best, g_ema, dataclasses.asdict(model_cfg), step)
-    weights = (run.best / "G_ema.safetensors").relative_to(run.root)
+    weights = run.best_weights.relative_to(run.root)
     write_json_atomic(run.best_json, {**best, "metrics": values, "weights": str(weights)})
     return run.best
