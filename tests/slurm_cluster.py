@@ -127,22 +127,10 @@ class SlurmCluster:
         return cluster
 
     def _start(self, timeout: float) -> None:
-        r, key_dir, run_dir = self.root, self.root / "munge-key", self.root / "munge-run"
+        r = self.root
         for d in ("state", "spool", "log"):
             (r / d).mkdir()
-        key_dir.mkdir(mode=0o700)
-        run_dir.mkdir(mode=0o755)
-        key = key_dir / "munge.key"
-        if shutil.which("mungekey"):
-            subprocess.run(["mungekey", "--create", f"--keyfile={key}"], check=True, capture_output=True)
-        else:  # munge < 0.5.14: any >= 32 random bytes make a key
-            key.write_bytes(os.urandom(1024))
-        key.chmod(0o600)
-        self.munge_socket = run_dir / "munge.socket"
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={self.munge_socket}", f"--pid-file={run_dir / 'munged.pid'}",
-                               f"--log-file={r / 'log' / 'munged.log'}", f"--seed-file={run_dir / 'munged.seed'}"])
-        self._wait(lambda: self.munge_socket.exists(), timeout, "munged to create its socket")
+        self._start_munge(timeout)
 
         node = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         node = re.sub(r"\s+UpTime=\S+", "", node).strip()
@@ -173,6 +161,21 @@ class SlurmCluster:
                    "slurmctld to answer")
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
         self._wait(lambda: self.node_state().startswith("idle"), timeout, "the node to become idle")
+
+    def _start_munge(self, timeout: float) -> None:
+        """munged with a fresh key, its socket under this cluster's directory (``self.munge_socket``)."""
+        key_dir, run_dir = self.root / "munge-key", self.root / "munge-run"
+        key_dir.mkdir(mode=0o700)
+        run_dir.mkdir(mode=0o755)
+        key = key_dir / "munge.key"
+        key.write_bytes(os.urandom(1024))  # any >= 32 random bytes make a key (what mungekey --create writes)
+        key.chmod(0o600)
+        self.munge_socket = run_dir / "munge.socket"
+        self._spawn("munged", ["munged", "--foreground", "--force", f"--key-file={key}",
+                               f"--socket={self.munge_socket}", f"--pid-file={run_dir / 'munged.pid'}",
+                               f"--log-file={self.root / 'log' / 'munged.log'}",
+                               f"--seed-file={run_dir / 'munged.seed'}"])
+        self._wait(lambda: self.munge_socket.exists(), timeout, "munged to create its socket")
 
     def _spawn(self, name: str, cmd: list[str]) -> None:
         out = open(self.root / "log" / f"{name}.console", "w")

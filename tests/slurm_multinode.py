@@ -231,19 +231,10 @@ class MultiNodeCluster(SlurmCluster):
 
     # ------------------------------------------------------------------ daemons
     def _start(self, timeout: float) -> None:
-        r, key_dir, run_dir = self.root, self.root / "munge-key", self.root / "munge-run"
+        r = self.root
         for d in ("state", "log", *(f"spool/{n}" for n in self.nodes)):
             (r / d).mkdir(parents=True)
-        key_dir.mkdir(mode=0o700)
-        run_dir.mkdir(mode=0o755)
-        key = key_dir / "munge.key"
-        key.write_bytes(os.urandom(1024))
-        key.chmod(0o600)
-        self.munge_socket = run_dir / "munge.socket"
-        self._spawn("munged", ["munged", "--foreground", "--force", f"--key-file={key}",
-                               f"--socket={self.munge_socket}", f"--pid-file={run_dir / 'munged.pid'}",
-                               f"--log-file={r / 'log' / 'munged.log'}", f"--seed-file={run_dir / 'munged.seed'}"])
-        self._wait(lambda: self.munge_socket.exists(), timeout, "munged to create its socket")
+        self._start_munge(timeout)
 
         probe = subprocess.run(["slurmd", "-C"], capture_output=True, text=True, check=True).stdout.splitlines()[0]
         hw = re.sub(r"^NodeName=\S+\s*|\s+UpTime=\S+", "", probe).strip()
