@@ -69,7 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--out-dir", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(1)
-    from gan.export import Artifact, bake, class_names, export, pick_weights
+    from gan.data import class_names
+    from gan.export import Artifact, bake, export, pick_weights
     from gan.metrics import load_generator
     from gan.metrics.offline import cls_metrics
     from gan.viz import to_uint8
@@ -109,7 +110,7 @@ def main(argv=None) -> int:
             ms = timed(fn, z[:args.batch], y[:args.batch], args.repeats)
             out = torch.cat([fn(zb, yb).float() for zb, yb in zip(z.split(args.batch), y.split(args.batch))])
         ref = out if ref is None else ref
-        vals, _ = cls_metrics(to_uint8(out), y, ["cls_acc", "cls_fd"], class_names(cfg), cfg.data.shards, None,
+        vals, _ = cls_metrics(to_uint8(out), y, ["cls_acc", "cls_fd"], class_names(cfg.data.shards, cfg.model.num_classes), cfg.data.shards, None,
                               "cpu", max_real=args.max_real)
         diff = (out - ref).abs()
         print(f"| {name} | {ms:.2f} | {diff.max().item():.2e} | {diff.mean().item():.2e} | {vals['cls_acc']:.4f} | "

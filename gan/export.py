@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from gan.data import class_names
 from gan.io import sha256_file, write_json_atomic
 from gan.rundir import RunDir
 
@@ -54,18 +55,6 @@ def pick_weights(run_dir: str | Path, checkpoint: str | None = None, best: bool 
         raise ExportError(f"{run_dir} has no export/G_ema.safetensors yet (written with every checkpoint): "
                           f"train it first, or pass --checkpoint PATH")
     return weights
-
-
-def class_names(cfg) -> list[str]:
-    from gan.data import ShardError, read_manifest
-
-    try:
-        names = list(read_manifest(cfg.data.shards).classes)
-        if len(names) == cfg.model.num_classes:
-            return names
-    except ShardError:
-        pass
-    return [str(k) for k in range(cfg.model.num_classes)]
 
 
 def run_metrics(run_dir: str | Path, label: str) -> dict:
@@ -204,7 +193,7 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
         raise ExportError(f"the {fmt} artifact differs from the eager generator by {diff:.3g} (> {tol}); not written")
     meta = {"format_version": 1, "format": fmt, "file": path.name, "sha256": sha256_file(path), "quantize": quantize,
             "model": m.name, "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__},
-            "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(cfg),
+            "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(cfg.data.shards, m.num_classes),
             "image_shape": [m.img_channels, m.img_size, m.img_size], "output_range": [-1, 1],
             "inputs": {"z": ["float32", "N", m.z_dim], "y": ["int64", "N"]},
             "step": loaded.step, "source": str(loaded.source), "label": loaded.label, "run": str(Path(run_dir)),

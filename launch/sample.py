@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from gan.checkpoint import CheckpointError  # noqa: E402
 from gan.config import ConfigError  # noqa: E402
-from gan.data import ShardError  # noqa: E402
+from gan.data import ShardError, class_names  # noqa: E402
 from gan.rundir import RunDir  # noqa: E402
 
 MODES = ("grid", "interp", "classvar", "realfake", "curves", "export")
@@ -57,17 +57,6 @@ def _tb_image(run: Path, tag: str, img, step: int) -> None:
         w.add_image(tag, img, step)
     finally:
         w.close()
-
-
-def class_names(shards: str, num_classes: int) -> list[str]:
-    """The class names of the run's shards (their manifest), or the class indices if those are gone."""
-    from gan.data import read_manifest
-
-    try:
-        names = list(read_manifest(shards).classes)
-    except ShardError:
-        names = []
-    return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
 
 
 def main(argv=None) -> int:

@@ -7,8 +7,8 @@ workers, resampling and resume fit together. Shards are written by ``python -m d
 """
 from gan.data.device import DeviceStream, train_stream
 from gan.data.eval import eval_batches
-from gan.data.manifest import Manifest, ShardError, ShardInfo, read_manifest
+from gan.data.manifest import Manifest, ShardError, ShardInfo, class_names, read_manifest
 from gan.data.stream import TrainStream
 
-__all__ = ["DeviceStream", "Manifest", "ShardError", "ShardInfo", "TrainStream", "eval_batches", "read_manifest",
+__all__ = ["DeviceStream", "Manifest", "class_names", "ShardError", "ShardInfo", "TrainStream", "eval_batches", "read_manifest",
            "train_stream"]

@@ -124,6 +124,16 @@ class Manifest:
                 "total": self.total}
 
 
+def class_names(directory: str | Path, num_classes: int) -> list[str]:
+    """The class names of the shards in ``directory`` (their manifest), or the class indices as names
+    when the shards are gone or hold another number of classes (an artifact or picture still gets names)."""
+    try:
+        names = list(read_manifest(directory).classes)
+    except ShardError:
+        names = []
+    return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
+
+
 def tar_header_ok(header: bytes) -> bool:
     """The checksum of a 512-byte tar header: the byte sum with the 8-byte checksum field read as spaces."""
     try:

@@ -65,7 +65,8 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = False) -> Se
     """The run's newest export (RUN/export) or its best (RUN/best), eager."""
     from gan.checkpoint import CheckpointError
     from gan.config import ConfigError
-    from gan.export import bake, class_names, pick_weights, run_metrics
+    from gan.data import class_names
+    from gan.export import bake, pick_weights, run_metrics
     from gan.metrics import MetricError, load_generator
 
     try:
@@ -74,7 +75,7 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = False) -> Se
         raise ModelError(str(e)) from None
     m = loaded.cfg.model
     G = bake(loaded.G).to(device)
-    info = {"model": m.name, "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(loaded.cfg),
+    info = {"model": m.name, "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(loaded.cfg.data.shards, m.num_classes),
             "image_shape": [m.img_channels, m.img_size, m.img_size], "step": loaded.step,
             "metrics": run_metrics(run_dir, loaded.label), "format": "eager", "quantize": "none",
             "run": str(run_dir), "label": loaded.label, "source": str(loaded.source), "device": device}
