@@ -4,6 +4,7 @@ with one augmentation for both halves, exact resume with workers, two ranks, and
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import tarfile
 from collections import Counter
@@ -194,7 +195,7 @@ def test_info_verify_preview_and_a_damaged_pair(tmp_path, capsys):
     with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tf:  # drop one target image
         for m, data in members:
             if m.name != members[2][0].name:
-                tf.addfile(m, __import__("io").BytesIO(data))
+                tf.addfile(m, io.BytesIO(data))
     assert members[2][0].name.endswith(".target.raw")
     rc, cap = run(capsys, "verify", out)
     assert rc == 1 and "expected ['cls', 'input.raw', 'target.raw']" in cap.err
@@ -281,6 +282,17 @@ def test_two_ranks_each_get_their_own_intact_pairs(tmp_path):
             assert mine != theirs
             if mode == ("--on-device",):  # the device stream splits every epoch's permutation by rank
                 assert not mine & theirs and len(mine) == per_epoch
+
+
+def test_eval_reads_every_held_out_pair_once_across_ranks_and_workers(tmp_path):
+    shards = inverted_pairs(tmp_path / "inv", n=45, shard_size=10)
+    seen = Counter()
+    for rank in (0, 1):
+        for a, b, y in eval_batches(shards, batch_size=4, rank=rank, world_size=2, num_workers=2):
+            assert torch.equal(u8(a).int() + u8(b).int(), torch.full_like(a, 255, dtype=torch.int32))  # no augmentation
+            seen.update(x.numpy().tobytes() for x in u8(a))
+    x = np.random.default_rng(1).integers(0, 256, (45, 3, 8, 8), dtype=np.uint8)  # inverted_pairs' inputs
+    assert seen == Counter(img.tobytes() for img in x)
 
 
 # ---------------------------------------------------------------------------------------------- bad input

@@ -72,13 +72,12 @@ def decode_batch(samples: list[dict], m: Manifest) -> tuple[tuple[torch.Tensor, 
             bad, why = s, str(e)
             break
     images = []
-    for ext, shape in zip(exts, m.image_shapes):
-        if bad is not None:
-            break
+    for ext, shape in zip(exts, m.image_shapes) if bad is None else ():
         try:
             images.append(decode_images([s[ext] for s in samples], m.encoding, shape))
         except SampleDecodeError as e:
             bad, why = samples[e.index], f".{ext}: {e.reason}" if m.paired else e.reason
+            break
     if bad is not None:
         raise ShardError(f"{bad.get('__url__')} sample {bad.get('__key__')}: {why}. Check the shards with "
                          f"`python -m data_shards verify {m.dir}` and rebuild them.")
