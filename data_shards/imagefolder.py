@@ -60,7 +60,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(out)
 
 
-def _layout(root: Path) -> tuple[tuple[str, ...], list[Path], list[int], bool]:
+def folder_layout(root: Path) -> tuple[tuple[str, ...], list[Path], list[int], bool]:
     """(class names, files, labels, flat)."""
     if not root.exists():
         raise InputError(f"image folder root {root} does not exist: point --root at a directory laid out as "
@@ -196,7 +196,7 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
                    resize_filter=resize_filter)
     check_options(max_images=max_images, **options)
     root = Path(root)
-    classes, files, labels, flat = _layout(root)
+    classes, files, labels, flat = folder_layout(root)
     keep = pick_subset(len(files), max_images)
     files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name

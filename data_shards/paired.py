@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from data_shards.imagefolder import _layout, check_options, imagefolder, images_source, pick_subset, read_headers
+from data_shards.imagefolder import (check_options, folder_layout, imagefolder, images_source, pick_subset,
+                                     read_headers)
 from data_shards.sources import InputError, Source
 
 DIRECTIONS = ("AtoB", "BtoA")
@@ -85,9 +86,10 @@ def _shown(items: list[str]) -> str:
 
 def _pairs(a: Source, b: Source, direction: str, meta: dict) -> Source:
     """One Source of (input, target) from the A and B sources (same samples, same order)."""
-    if a.shape[1:] != b.shape[1:]:  # the header checks make this unreachable; never write mismatched pairs
-        raise InputError(f"A images are {a.shape[2]}x{a.shape[1]} but B images {b.shape[2]}x{b.shape[1]}: the two "
-                         f"images of a pair must have the same size")
+    # The header checks make this unreachable; it stays so that no change could write mismatched pairs.
+    if a.shape[1:] != b.shape[1:] or not np.array_equal(a.labels, b.labels):
+        raise InputError(f"A images are {a.shape[2]}x{a.shape[1]} but B images {b.shape[2]}x{b.shape[1]}, or "
+                         f"--small skip left out different files: the two images of a pair must have the same size")
     inp, tgt = (a, b) if direction == "AtoB" else (b, a)
     return Source(a.name, a.classes, tgt.shape, a.labels, load=lambda i: (inp.load(i), tgt.load(i)),
                   describe=lambda i: f"the pair {a.describe(i)} | {b.describe(i)}", input_shape=inp.shape,
@@ -95,7 +97,7 @@ def _pairs(a: Source, b: Source, direction: str, meta: dict) -> Source:
 
 
 def aligned(root: Path, direction: str, max_images: int, log, **options) -> Source:
-    classes, files, labels, flat = _layout(root)
+    classes, files, labels, flat = folder_layout(root)
     keep = pick_subset(len(files), max_images)
     files, labels = [files[i] for i in keep], [labels[i] for i in keep]
     headers = read_headers(files, log)
@@ -126,8 +128,8 @@ def _by_name(root: Path, files: list[Path]) -> dict[str, Path]:
 
 
 def two_folders(root: Path, root_b: Path, direction: str, max_images: int, log, **options) -> Source:
-    classes, files_a, labels, flat = _layout(root)
-    _, files_b, _, _ = _layout(root_b)
+    classes, files_a, labels, flat = folder_layout(root)
+    _, files_b, _, _ = folder_layout(root_b)
     names_a, names_b = _by_name(root, files_a), _by_name(root_b, files_b)
     only_a, only_b = sorted(names_a.keys() - names_b.keys()), sorted(names_b.keys() - names_a.keys())
     if only_a or only_b:
