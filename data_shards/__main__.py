@@ -9,6 +9,7 @@ import sys
 import time
 
 from data_shards.imagefolder import FILTERS, MODES, SMALL_POLICIES, TRANSFORMS
+from data_shards.paired import DERIVATIONS, DIRECTIONS
 from data_shards.sources import SOURCES, InputError, open_source
 from gan.data.manifest import ENCODINGS, ShardError
 
@@ -26,11 +27,15 @@ def cmd_build(a) -> int:
     t0 = time.perf_counter()
     src = open_source(a.source, a.root, a.split, a.download, max_images=a.max_images, resolution=a.resolution,
                       transform=a.transform, height=a.height, small=a.small, mode=a.mode,
-                      resize_filter=a.resize_filter, log=_log)
+                      resize_filter=a.resize_filter, root_b=a.root_b, derive=a.derive, direction=a.direction,
+                      log=_log)
     name = a.name or src.name
     how = f", {a.transform} to {a.resolution}" if a.resolution else ""
+    shape = "x".join(map(str, src.shape))
+    if src.input_shape is not None:
+        shape = f"{'x'.join(map(str, src.input_shape))} -> {shape} pairs ({src.meta['pairs']}, {a.direction})"
     _log(f"building {name} {a.split}: {len(src)} samples, {len(src.classes)} class(es), "
-         f"{'x'.join(map(str, src.shape))}{how}, {a.encoding}, {a.shard_size} per shard -> {a.out}")
+         f"{shape}{how}, {a.encoding}, {a.shard_size} per shard -> {a.out}")
     m = build_shards(src, a.out, a.split, name, a.encoding, a.shard_size, log=_log)
     print(f"wrote {len(m.shards)} shards + manifest.json to {m.dir} ({m.total} samples, "
           f"{time.perf_counter() - t0:.1f} s)")
@@ -71,7 +76,8 @@ def cmd_preview(a) -> int:
     m = read_manifest(a.dir)
     xs, ys = [], []
     counts = torch.zeros(m.num_classes, dtype=torch.long)
-    for x, y in eval_batches(a.dir, batch_size=256):
+    for *images, y in eval_batches(a.dir, batch_size=256):
+        x = torch.cat([im.expand(-1, 3, -1, -1) for im in images], dim=3) if m.paired else images[0]  # A|B
         xs.append(x)
         ys.append(y)
         counts += torch.bincount(y, minlength=m.num_classes)
@@ -82,7 +88,8 @@ def cmd_preview(a) -> int:
         save_png(grid, a.out)
     except OSError as e:
         raise InputError(f"cannot write {a.out} ({e.strerror or e}): choose a writable --out") from None
-    print(f"wrote {a.out}: {m.num_classes} classes ({', '.join(m.classes)}) x {a.per_class} images from {m.dir}")
+    what = "input|target pairs" if m.paired else "images"
+    print(f"wrote {a.out}: {m.num_classes} classes ({', '.join(m.classes)}) x {a.per_class} {what} from {m.dir}")
     return 0
 
 
@@ -120,6 +127,13 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--mode", default="auto", choices=MODES,
                    help="auto: gray shards if every image is gray, RGB if every one is colour, else an error")
     f.add_argument("--resize-filter", default="lanczos", choices=FILTERS)
+    q = b.add_argument_group("paired options: (input, target) pairs for image-to-image translation "
+                             "(see data_shards/paired.py; the imagefolder options apply to both images)")
+    q.add_argument("--root-b", default="", help="pair the images of --root (A) with those of this folder (B) by "
+                   "file name (default: --root holds pix2pix's aligned A|B files)")
+    q.add_argument("--derive", default="", choices=("",) + DERIVATIONS,
+                   help="make A from each image of --root (B): a real paired task from any image folder")
+    q.add_argument("--direction", default="AtoB", choices=DIRECTIONS, help="AtoB: A is the input, B the target")
     b.set_defaults(func=cmd_build)
 
     n = sub.add_parser("info", help="print a shard directory's manifest as a table")

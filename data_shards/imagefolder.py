@@ -60,7 +60,7 @@ def _image_files(folder: Path) -> list[Path]:
     return sorted(out)
 
 
-def _layout(root: Path) -> tuple[tuple[str, ...], list[Path], list[int], bool]:
+def folder_layout(root: Path) -> tuple[tuple[str, ...], list[Path], list[int], bool]:
     """(class names, files, labels, flat)."""
     if not root.exists():
         raise InputError(f"image folder root {root} does not exist: point --root at a directory laid out as "
@@ -151,12 +151,9 @@ def imagefolder_defaults() -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-crop", height: int = 0,
-                small: str = "refuse", mode: str = "auto", max_images: int = 0, resize_filter: str = "lanczos",
-                log=None) -> Source:
-    """Check the folder (layout, every image header, modes, sizes) and return its Source."""
-    from PIL import Image, ImageOps
-
+def check_options(resolution: int = 0, transform: str = "center-crop", height: int = 0, small: str = "refuse",
+                  mode: str = "auto", max_images: int = 0, resize_filter: str = "lanczos") -> None:
+    """Refuse bad option values (named as the command-line flags) before anything is read."""
     if transform not in TRANSFORMS:
         raise InputError(f"--transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
     if small not in SMALL_POLICIES:
@@ -179,19 +176,52 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
             raise InputError(f"--height {height} must be in [1, --resolution {resolution}]")
     if resolution and resolution < 4:
         raise InputError(f"--resolution {resolution} is too small: use at least 4 (e.g. 32, 64, 128)")
-    out_h = height if transform == "center-crop-wide" else resolution
 
+
+def read_headers(files: list[Path], log=None) -> list[tuple[tuple[int, int], str]]:
+    """(width, height) as displayed and PIL mode of every file, from the headers only (InputError names a bad file)."""
+    out = []
+    for i, p in enumerate(files):
+        out.append(_header(p))
+        if log and (i + 1) % 10000 == 0:
+            log(f"  checked {i + 1}/{len(files)} image headers")
+    return out
+
+
+def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-crop", height: int = 0,
+                small: str = "refuse", mode: str = "auto", max_images: int = 0, resize_filter: str = "lanczos",
+                log=None) -> Source:
+    """Check the folder (layout, every image header, modes, sizes) and return its Source."""
+    options = dict(resolution=resolution, transform=transform, height=height, small=small, mode=mode,
+                   resize_filter=resize_filter)
+    check_options(max_images=max_images, **options)
     root = Path(root)
-    classes, files, labels, flat = _layout(root)
+    classes, files, labels, flat = folder_layout(root)
     keep = pick_subset(len(files), max_images)
     files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
+    meta = {"source": "imagefolder", "root": str(root.resolve()), "layout": "flat" if flat else "class folders"}
+    src = images_source(name, classes, files, labels, read_headers(files, log), meta, log=log, **options)
+    if max_images:
+        src.meta["max_images"] = max_images
+    return src
 
-    # The header pass: every problem that can be seen without decoding, before anything is written.
+
+def images_source(name: str, classes: tuple[str, ...], files: list[Path], labels: list[int],
+                  headers: list[tuple[tuple[int, int], str]], meta: dict, resolution: int = 0,
+                  transform: str = "center-crop", height: int = 0, small: str = "refuse", mode: str = "auto",
+                  resize_filter: str = "lanczos", half: str = "", log=None) -> Source:
+    """The Source of image ``files`` (options already checked by :func:`check_options`, ``headers`` from
+    :func:`read_headers`): modes and sizes are checked here, before anything is written. ``half``
+    ("left" or "right") takes that half of each file (an A|B image, whose header size must be its half)."""
+    from PIL import Image, ImageOps
+
+    out_h = height if transform == "center-crop-wide" else resolution
+    # Every problem that can be seen without decoding, before anything is written.
     sizes: dict[tuple[int, int], Path] = {}
     first_gray = first_color = None
     small_files: list[tuple[Path, tuple[int, int]]] = []
-    for i, p in enumerate(files):
-        size, m = _header(p)
+    for p, (size, m) in zip(files, headers):
         if m in _GRAY_MODES:
             first_gray = first_gray or p
         else:
@@ -203,11 +233,10 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
             sizes.setdefault(size, p)
             if len(sizes) > 1:
                 (s0, p0), (s1, p1) = list(sizes.items())[:2]
-                raise InputError(f"images differ in size: {p0} is {s0[0]}x{s0[1]} but {p1} is {s1[0]}x{s1[1]}. "
-                                 f"Pass --resolution N (e.g. 64) to crop and resize every image to NxN "
-                                 f"(--transform {'|'.join(TRANSFORMS)}, default center-crop)")
-        if log and (i + 1) % 10000 == 0:
-            log(f"  checked {i + 1}/{len(files)} image headers")
+                what = f"the {half} halves of " if half else ""
+                raise InputError(f"images differ in size: {what}{p0} is {s0[0]}x{s0[1]} but {what}{p1} is "
+                                 f"{s1[0]}x{s1[1]}. Pass --resolution N (e.g. 64) to crop and resize every image to "
+                                 f"NxN (--transform {'|'.join(TRANSFORMS)}, default center-crop)")
     if mode == "auto" and first_gray and first_color:
         raise InputError(f"the folder mixes grayscale and colour images ({first_gray} is grayscale, {first_color} "
                          f"is colour): pass --mode rgb to convert every image to RGB, or --mode gray for "
@@ -249,7 +278,11 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
     def load(i: int) -> np.ndarray:
         try:
             with Image.open(files[i]) as im:
-                im = to_mode(ImageOps.exif_transpose(im), pil_mode)
+                im = ImageOps.exif_transpose(im)
+                if half:
+                    w = im.width // 2
+                    im = im.crop((0, 0, w, im.height) if half == "left" else (w, 0, 2 * w, im.height))
+                im = to_mode(im, pil_mode)
                 if resolution:
                     box = crop_box(im.width, im.height, transform, resolution, out_h)
                     if box != (0, 0, resolution, out_h) or im.size != (resolution, out_h):
@@ -264,15 +297,11 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
                              f"file") from None
         return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
-    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
-    meta = {"source": "imagefolder", "root": str(root.resolve()), "layout": "flat" if flat else "class folders",
-            "mode": pil_mode}
+    meta = {**meta, "mode": pil_mode}
     if resolution:
         meta.update(resolution=resolution, transform=transform, resize_filter=resize_filter, small=small,
                     small_images=len(small_files), skipped=skipped)
         if transform == "center-crop-wide":
             meta["height"] = out_h
-    if max_images:
-        meta["max_images"] = max_images
     return Source(name, classes, shape, np.asarray(labels, dtype=np.int64), load=load,
                   describe=lambda i: str(files[i]), meta=meta)

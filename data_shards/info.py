@@ -20,13 +20,17 @@ def _classes(m: Manifest) -> str:
 
 def info_rows(m: Manifest) -> list[tuple[str, str]]:
     c, h, w = m.image_shape
+    pixels = sum(c * h * w for c, h, w in m.image_shapes)
     on_disk = sum((m.dir / s.name).stat().st_size for s in m.shards if (m.dir / s.name).is_file())
     counts = sorted({s.count for s in m.shards})
     per = f"{counts[0]:,}" if len(counts) == 1 else f"{counts[0]:,}-{counts[-1]:,}"
     rows = [("directory", str(m.dir)), ("dataset", m.dataset), ("split", m.split),
-            ("images", f"{m.total:,}"), ("image shape", f"{c}x{h}x{w} (C x H x W)"),
+            *([("pairs", f"{m.total:,} (input, target): image-to-image translation"),
+               ("input shape", "x".join(map(str, m.input_shape)) + " (C x H x W)"),
+               ("target shape", f"{c}x{h}x{w} (C x H x W)")] if m.paired else
+              [("images", f"{m.total:,}"), ("image shape", f"{c}x{h}x{w} (C x H x W)")]),
             ("classes", _classes(m)), ("encoding", m.encoding),
-            ("size as uint8", _mb(m.total * c * h * w) + " (what data.on_device=true keeps on the device)"),
+            ("size as uint8", _mb(m.total * pixels) + " (what data.on_device=true keeps on the device)"),
             ("shards", f"{len(m.shards)} x {per} images, {m.shards[0].name} .. {m.shards[-1].name}, "
                        f"{_mb(on_disk)} on disk")]
     for k, v in m.build.items():

@@ -3,6 +3,7 @@
 - ``cifar10``: torchvision's CIFAR-10 python format (``ROOT/cifar-10-batches-py/data_batch_1..5``,
   ``test_batch``, ``batches.meta``); ``download=True`` uses torchvision's downloader.
 - ``imagefolder``: ``ROOT/<class>/<image>`` or a flat folder, any sizes and modes (data_shards/imagefolder.py).
+- ``paired``: (input, target) pairs from A|B files, two folders or a derivation (data_shards/paired.py).
 - ``fashion-mnist`` / ``mnist``: idx files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``) in ROOT or
   in torchvision's ``ROOT/FashionMNIST/raw`` / ``ROOT/MNIST/raw``.
 """
@@ -22,7 +23,7 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot")
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
-SOURCES = ("cifar10", "imagefolder", "fashion-mnist", "mnist")
+SOURCES = ("cifar10", "imagefolder", "fashion-mnist", "mnist", "paired")
 
 
 class InputError(Exception):
@@ -38,6 +39,7 @@ class Source:
     load: Callable[[int], np.ndarray]  # index -> uint8 (C, H, W); raises InputError naming the file
     describe: Callable[[int], str]  # index -> where the sample comes from (for messages)
     meta: dict = field(default_factory=dict)  # how it was read (written to the manifest's "build")
+    input_shape: tuple[int, int, int] | None = None  # pairs: load gives (input, target), ``shape`` the target's
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -195,15 +197,26 @@ def subset(src: Source, max_images: int) -> Source:
     if len(keep) == len(src):
         return src
     return Source(src.name, src.classes, src.shape, src.labels[keep], load=lambda i: src.load(keep[i]),
-                  describe=lambda i: src.describe(keep[i]), meta={**src.meta, "max_images": max_images})
+                  describe=lambda i: src.describe(keep[i]), meta={**src.meta, "max_images": max_images},
+                  input_shape=src.input_shape)
 
 
 def open_source(source: str, root: str | Path, split: str, download: bool = False, max_images: int = 0,
-                **folder_options) -> Source:
+                root_b: str = "", derive: str = "", direction: str = "AtoB", **folder_options) -> Source:
     """``folder_options`` (resolution, transform, height, small, mode, resize_filter, log) are
-    :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``."""
+    :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``. ``root_b``,
+    ``derive`` and ``direction`` are :func:`data_shards.paired.paired`'s."""
     if max_images < 0:
         raise InputError(f"--max-images must be >= 0 (0 = all), got {max_images}")
+    if source != "paired" and (root_b or derive or direction != "AtoB"):
+        raise InputError("--root-b, --derive and --direction only work with --source paired")
+    if source == "paired":
+        from data_shards.paired import paired
+
+        if download:
+            raise InputError("--download works only with --source cifar10, fashion-mnist or mnist")
+        return paired(root, root_b=root_b, derive=derive, direction=direction, max_images=max_images,
+                      **folder_options)
     if source == "imagefolder":
         from data_shards.imagefolder import imagefolder
 
@@ -216,7 +229,7 @@ def open_source(source: str, root: str | Path, split: str, download: bool = Fals
     given = [k for k, v in folder_options.items() if k != "log" and v != defaults[k]]
     if given:
         flags = ", ".join("--" + k.replace("_", "-") for k in given)
-        raise InputError(f"{flags} only work with --source imagefolder ({source} has one fixed image size)")
+        raise InputError(f"{flags} only work with --source imagefolder or paired ({source} has one fixed image size)")
     if source == "cifar10":
         src = cifar10(root, split, download)
     elif source in ("fashion-mnist", "mnist"):

@@ -5,22 +5,25 @@ import re
 import tarfile
 from pathlib import Path
 
-from gan.data.codec import SampleDecodeError, decode_images, decode_label
+from gan.data.codec import SampleDecodeError, decode_images, decode_label, image_members
 from gan.io import sha256_file
 from gan.data.manifest import Manifest, read_manifest
 
-_MEMBER = re.compile(r"(\d+)\.([a-z0-9]+)")
+_MEMBER = re.compile(r"(\d+)\.([a-z0-9.]+)")
 MAX_PER_SHARD = 10  # problems listed per shard before "... and N more"
 
 
 def _check_sample(m: Manifest, key: str, files: dict[str, bytes]) -> str | None:
-    if set(files) != {"cls", m.encoding}:
-        return f"has members {sorted(files)}, expected ['cls', '{m.encoding}']"
+    exts = image_members(m.encoding, m.paired)
+    if set(files) != {"cls", *exts}:
+        return f"has members {sorted(files)}, expected {sorted(['cls', *exts])}"
+    ext = None
     try:
         decode_label(files["cls"], m.num_classes)
-        decode_images([files[m.encoding]], m.encoding, m.image_shape)
+        for ext, shape in zip(exts, m.image_shapes):
+            decode_images([files[ext]], m.encoding, shape)
     except SampleDecodeError as e:
-        return f"undecodable: {e.reason}"
+        return f"undecodable: {f'.{ext}: ' if m.paired else ''}{e.reason}"
     except ValueError as e:  # the label
         return f"undecodable: {e}"
     return None
@@ -98,6 +101,5 @@ def verify_dir(directory: str | Path) -> tuple[Manifest, list[str]]:
 
 
 def summary(m: Manifest) -> str:
-    c, h, w = m.image_shape
-    return (f"OK {m.dir}: {len(m.shards)} shards, {m.total} samples ({m.dataset} {m.split}, {c}x{h}x{w}, "
-            f"{m.num_classes} classes, {m.encoding}); checksums match, every sample decodes")
+    return (f"OK {m.dir}: {len(m.shards)} shards, {m.total} samples ({m.describe()}, {m.encoding}); "
+            f"checksums match, every {'pair' if m.paired else 'sample'} decodes")

@@ -25,9 +25,10 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data_shards.sources import InputError, Source
-from gan.data.codec import encode_image, sample_key
+from gan.data.codec import encode_image, image_members, sample_key
 from gan.io import fsync_dir as _fsync_dir
 from gan.io import write_file_atomic
 from gan.data.manifest import ENCODINGS, MANIFEST, Manifest, ShardInfo, parse_manifest
@@ -95,20 +96,26 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
     order = list(range(len(src)))
     random.Random(ORDER_SEED).shuffle(order)
     n_shards = (len(order) + shard_size - 1) // shard_size
+    paired = src.input_shape is not None
+    shapes = (src.input_shape, src.shape) if paired else (src.shape,)
     temps: list[Path] = []
     infos: list[ShardInfo] = []
+    bar = tqdm(total=len(order), desc=f"build {dataset} {split}", unit="img", disable=log is None,
+               dynamic_ncols=True)  # on stderr; log=None (tests, library calls) shows none
     try:
         for s in range(n_shards):
             members = []
             chunk = order[s * shard_size:(s + 1) * shard_size]
             for i in chunk:
-                img = src.load(i)
-                if img.shape != src.shape or img.dtype != np.uint8:
-                    raise InputError(f"{src.describe(i)}: image is {img.shape} {img.dtype}, expected {src.shape} "
-                                     f"uint8 like the others; make all images the same size and format")
+                images = src.load(i) if paired else (src.load(i),)
                 key = sample_key(i)
                 members.append((f"{key}.cls", str(int(src.labels[i])).encode("ascii")))
-                members.append((f"{key}.{encoding}", encode_image(img, encoding)))
+                for ext, img, shape in zip(image_members(encoding, paired), images, shapes):
+                    if img.shape != shape or img.dtype != np.uint8:
+                        raise InputError(f"{src.describe(i)}: image is {img.shape} {img.dtype}, expected {shape} "
+                                         f"uint8 like the others; make all images the same size and format")
+                    members.append((f"{key}.{ext}", encode_image(img, encoding)))
+                bar.update()
             data = tar_bytes(members)
             tmp = out / f".tmp-{shard_name(split, s)}.{os.getpid()}"
             temps.append(tmp)
@@ -117,14 +124,15 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
                 f.flush()
                 os.fsync(f.fileno())
             infos.append(ShardInfo(shard_name(split, s), len(chunk), hashlib.sha256(data).hexdigest()))
-            if log and (s + 1 == n_shards or (s + 1) % 10 == 0):
-                log(f"  wrote {s + 1}/{n_shards} shards ({(s * shard_size) + len(chunk)} samples)")
+            bar.set_postfix_str(f"{s + 1}/{n_shards} shards", refresh=False)
+        bar.close()
         counts = np.bincount(src.labels, minlength=len(src.classes)).tolist()
         manifest = Manifest(dir=out, dataset=dataset, split=split, classes=src.classes, image_shape=src.shape,
                             encoding=encoding, shards=tuple(infos), total=len(order),
-                            build={**src.meta, "class_counts": counts})
+                            build={**src.meta, "class_counts": counts}, input_shape=src.input_shape)
         _commit(out, split, temps, manifest)
     except BaseException:
+        bar.close()
         for t in temps:
             try:
                 t.unlink()

@@ -1,6 +1,7 @@
 """Run under ``torchrun --nproc_per_node N``: each rank streams E epochs from a TrainStream and joins
 an all-reduce after every batch, as DDP would. Unequal batch counts would hang (the test's timeout
-fails it); at the end the ranks compare counts and write rank{r}.json for the test to check."""
+fails it); at the end the ranks compare counts and write rank{r}.json for the test to check: a
+fingerprint per batch and, per sample, a hash of each of its images as uint8 (one, or a pair's two)."""
 from __future__ import annotations
 
 import argparse
@@ -31,12 +32,14 @@ def main() -> None:
     cfg = DataConfig(shards=a.shards, num_workers=a.workers, shuffle_buffer=16, on_device=a.on_device)
     stream = train_stream(cfg, batch_size=a.batch_size, seed=0, rank=rank, world_size=world)
     total = a.epochs * stream.batches_per_epoch
-    fingerprints, n = [], 0
-    for x, y in stream:
+    fingerprints, samples, n = [], [], 0
+    for *images, y in stream:  # (x, y), or (a, b, y) from paired shards
         step = torch.ones(1)
         dist.all_reduce(step)  # every rank must get here for every batch
         assert int(step.item()) == world
-        fingerprints.append(hashlib.sha256(x.numpy().tobytes()).hexdigest()[:16])
+        fingerprints.append(hashlib.sha256(b"".join(x.numpy().tobytes() for x in images)).hexdigest()[:16])
+        u8 = [((x + 1) * 127.5).round().to(torch.uint8) for x in images]
+        samples.extend([hashlib.sha256(x[i].numpy().tobytes()).hexdigest()[:16] for x in u8] for i in range(len(y)))
         n += 1
         if n == total:
             break
@@ -45,7 +48,7 @@ def main() -> None:
     assert len(set(map(str, counts))) == 1, f"ranks disagree: {counts}"
     Path(a.out, f"rank{rank}.json").write_text(json.dumps(
         {"rank": rank, "world_size": world, "batches": n, "batches_per_epoch": stream.batches_per_epoch,
-         "state": stream.state_dict(), "fingerprints": fingerprints, "env_rank": os.environ.get("RANK"),
+         "state": stream.state_dict(), "fingerprints": fingerprints, "samples": samples, "env_rank": os.environ.get("RANK"),
          "indices": [stream.epoch_indices(e).tolist() for e in range(a.epochs)] if a.on_device else None}))
     dist.barrier()
     dist.destroy_process_group()

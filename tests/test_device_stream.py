@@ -50,7 +50,7 @@ def test_factory_shapes_and_epoch_length(tiny_shards):
 
 
 def test_loads_every_sample_once(tiny_shards):
-    images, labels = load_images(read_manifest(tiny_shards))
+    (images,), labels = load_images(read_manifest(tiny_shards))
     assert Counter((int(y), x.numpy().tobytes()) for x, y in zip(images, labels)) == loaded_pairs(tiny_shards)
 
 

@@ -77,3 +77,16 @@ def augment_batch(x: torch.Tensor, g: torch.Generator, hflip: bool = True, color
         xf = color_jitter(x.to(torch.float32).div_(255.0), color_jitter_strength, g)
         x = xf.mul_(255.0).round_().clamp_(0, 255).to(torch.uint8)
     return x
+
+
+def augment_together(images: tuple[torch.Tensor, ...], g: torch.Generator, **options) -> tuple[torch.Tensor, ...]:
+    """:func:`augment_batch` with ``options`` on each tensor of ``images`` (one batch, or a pair's input and
+    target batches: the same B, H and W; channels may differ), each from the same generator state: the
+    draws depend on B, H and W only, so every tensor gets the same flips, shifts and jitter factors. ``g`` ends
+    where one :func:`augment_batch` call leaves it."""
+    start = g.get_state()
+    out = []
+    for x in images:
+        g.set_state(start)
+        out.append(augment_batch(x, g, **options))
+    return tuple(out)

@@ -3,7 +3,9 @@
 A sample is two tar members sharing a key (the sample's index in the source, 8 digits, no dot):
 ``KEY.cls`` (the label as ASCII digits) and either ``KEY.raw`` (C*H*W uint8 bytes, channel-major,
 i.e. exactly ``tensor.numpy().tobytes()`` of a (C, H, W) uint8 tensor) or ``KEY.png`` (8-bit grayscale
-or RGB PNG). Raw is decoded for a whole batch with one ``join`` + ``frombuffer``; PNG needs one decode
+or RGB PNG). A paired sample (manifest format 2) holds two images instead of one: ``KEY.input.raw`` and
+``KEY.target.raw`` (or ``.input.png``/``.target.png``), each as above, with the label in ``KEY.cls``
+(:func:`image_members`). Raw is decoded for a whole batch with one ``join`` + ``frombuffer``; PNG needs one decode
 call per image (see docs/benchmarks.md for the trade-off).
 """
 from __future__ import annotations
@@ -26,6 +28,11 @@ class SampleDecodeError(ValueError):
 
 def sample_key(index: int) -> str:
     return f"{index:0{KEY_DIGITS}d}"
+
+
+def image_members(encoding: str, paired: bool) -> tuple[str, ...]:
+    """The member extensions of a sample's images: ``(encoding,)``, or ``(input.E, target.E)`` for a pair."""
+    return (f"input.{encoding}", f"target.{encoding}") if paired else (encoding,)
 
 
 def derive_seed(*parts: int) -> int:

@@ -26,7 +26,7 @@ import os
 
 import torch
 
-from gan.data.augment import augment_batch
+from gan.data.augment import augment_together
 from gan.data.codec import derive_seed, to_unit_range
 from gan.data.manifest import Manifest, ShardError, read_manifest
 from gan.data.stream import _TAG_AUG, decode_batch, parse_position
@@ -59,8 +59,7 @@ def free_memory(device: torch.device) -> int:
 
 
 def dataset_bytes(m: Manifest) -> int:
-    c, h, w = m.image_shape
-    return m.total * (c * h * w + 8)  # uint8 pixels + an int64 label
+    return m.total * (sum(c * h * w for c, h, w in m.image_shapes) + 8)  # uint8 pixels + an int64 label
 
 
 def check_fits(m: Manifest, device, budget: float, free: int | None = None) -> int:
@@ -70,9 +69,9 @@ def check_fits(m: Manifest, device, budget: float, free: int | None = None) -> i
     need = dataset_bytes(m)
     free = free_memory(torch.device(device)) if free is None else free
     if need > budget * free:
-        c, h, w = m.image_shape
+        shapes = " + ".join("x".join(map(str, s)) for s in m.image_shapes)
         raise ConfigError(
-            f"config key 'data.on_device': the data set in {m.dir} ({m.total:,} images of {c}x{h}x{w}, "
+            f"config key 'data.on_device': the data set in {m.dir} ({m.total:,} samples of {shapes}, "
             f"{need / 2**20:,.1f} MiB as uint8) does not fit in data.on_device_budget={budget:g} of the "
             f"{free / 2**20:,.1f} MiB free on {device}. Set data.on_device=false (the worker loader streams from "
             f"disk), build smaller shards (--max-images, a lower --resolution), or raise data.on_device_budget "
@@ -80,9 +79,10 @@ def check_fits(m: Manifest, device, budget: float, free: int | None = None) -> i
     return need
 
 
-def load_images(m: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
-    """Every sample of the shard set in manifest order: uint8 (N, C, H, W) and int64 (N,), on the CPU."""
-    images = torch.empty((m.total, *m.image_shape), dtype=torch.uint8)
+def load_images(m: Manifest) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+    """Every sample of the shard set in manifest order, on the CPU: one uint8 (N, C, H, W) tensor per image
+    of a sample (the image, or a pair's input and target) and the int64 (N,) labels."""
+    images = tuple(torch.empty((m.total, *shape), dtype=torch.uint8) for shape in m.image_shapes)
     labels = torch.empty(m.total, dtype=torch.int64)
     n, chunk = 0, []
 
@@ -91,8 +91,9 @@ def load_images(m: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
         if n + len(chunk) > m.total:
             raise ShardError(f"shards in {m.dir} hold more samples than the manifest's total {m.total}: check them "
                              f"with `python -m data_shards verify {m.dir}` and rebuild")
-        x, y = decode_batch(chunk, m)
-        images[n:n + len(y)] = x
+        xs, y = decode_batch(chunk, m)
+        for into, x in zip(images, xs):
+            into[n:n + len(y)] = x
         labels[n:n + len(y)] = torch.tensor(y, dtype=torch.int64)
         n += len(y)
         chunk.clear()
@@ -112,7 +113,8 @@ def load_images(m: Manifest) -> tuple[torch.Tensor, torch.Tensor]:
 class DeviceStream:
     """Endless training batches for one rank from a device-resident copy of the data set (see the
     module docstring): ``for x, y in stream`` gives x float32 (B, C, H, W) in [-1, 1] and y int64 (B,),
-    both on ``device``. Same constructor arguments as TrainStream plus ``device`` (no workers)."""
+    both on ``device`` (paired shards: ``for a, b, y``, both halves augmented alike, as TrainStream's).
+    Same constructor arguments as TrainStream plus ``device`` (no workers)."""
 
     def __init__(self, cfg, batch_size: int, seed: int = 0, rank: int = 0, world_size: int = 1,
                  device: torch.device | str = "cpu"):
@@ -128,7 +130,9 @@ class DeviceStream:
         self.batch_size, self.seed, self.rank, self.world_size = batch_size, seed, rank, world_size
         self.batches_per_epoch = max(1, self.manifest.total // (world_size * batch_size))
         images, labels = load_images(self.manifest)
-        self.images, self.labels = images.to(self.device), labels.to(self.device)
+        *inputs, images = (x.to(self.device) for x in images)
+        self.inputs = inputs[0] if inputs else None  # paired shards: the inputs; self.images: the targets
+        self.images, self.labels = images, labels.to(self.device)
         self._epoch, self._batch = 0, 0
 
     def state_dict(self) -> dict:
@@ -153,13 +157,14 @@ class DeviceStream:
                 order_epoch, order = epoch, self.epoch_indices(epoch)
             idx = order[j * b:(j + 1) * b]
             g = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, epoch, j, _TAG_AUG))
-            x = augment_batch(self.images.index_select(0, idx), g, hflip=cfg.hflip,
-                              color_jitter_strength=cfg.color_jitter, translate_fraction=cfg.translate)
+            every = (self.images,) if self.inputs is None else (self.inputs, self.images)
+            xs = augment_together(tuple(x.index_select(0, idx) for x in every), g, hflip=cfg.hflip,
+                                  color_jitter_strength=cfg.color_jitter, translate_fraction=cfg.translate)
             y = self.labels.index_select(0, idx)
             self._batch += 1  # the position of the next batch, as TrainStream keeps it
             if self._batch == self.batches_per_epoch:
                 self._epoch, self._batch = epoch + 1, 0
-            yield to_unit_range(x), y
+            yield (*(to_unit_range(x) for x in xs), y)
 
     def close(self) -> None:
         """Nothing to stop (no workers); the data stay on the device until the stream is dropped."""

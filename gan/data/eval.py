@@ -36,14 +36,14 @@ class _EvalChunks(IterableDataset):
             wds.batched(self.chunk, collation_fn=None, partial=True),
         )
         for samples in pipeline:
-            x, labels = decode_batch(samples, self.m)
-            yield x, torch.tensor(labels, dtype=torch.int64)
+            images, labels = decode_batch(samples, self.m)
+            yield (*images, torch.tensor(labels, dtype=torch.int64))
 
 
 def eval_batches(shards_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
                  num_workers: int = 0):
     """Yield ``(x, y)`` over the shard set once: x float32 (B, C, H, W) in [-1, 1] (scaling only, no
-    augmentation), y int64 (B,). Rank ``r`` gets the samples whose index is ``r`` modulo ``world_size``,
+    augmentation), y int64 (B,); paired shards give ``(a, b, y)``, the inputs and targets. Rank ``r`` gets the samples whose index is ``r`` modulo ``world_size``,
     so every sample is read exactly once across ranks (rank counts differ by at most one sample).
     All batches hold ``batch_size`` samples except possibly the last. Do not pass through
     ``accelerator.prepare`` (the split by rank is already done here).
@@ -60,14 +60,15 @@ def eval_batches(shards_dir: str | Path, batch_size: int, rank: int = 0, world_s
 
 
 def _rebatch(chunks, batch_size: int):
-    xs, ys, have = [], [], 0
-    for x, y in chunks:
-        xs.append(x)
-        ys.append(y)
-        have += len(y)
+    """Chunks of tensors (images..., labels) -> the same tensors in batches of ``batch_size`` (the last may be short)."""
+    parts, have = None, 0
+    for chunk in chunks:
+        parts = [[t] for t in chunk] if parts is None else [p + [t] for p, t in zip(parts, chunk)]
+        have += len(chunk[-1])
         while have >= batch_size:
-            x_all, y_all = torch.cat(xs), torch.cat(ys)
-            yield to_unit_range(x_all[:batch_size]), y_all[:batch_size]
-            xs, ys, have = [x_all[batch_size:]], [y_all[batch_size:]], have - batch_size
+            whole = [torch.cat(p) for p in parts]
+            yield (*(to_unit_range(t[:batch_size]) for t in whole[:-1]), whole[-1][:batch_size])
+            parts, have = [[t[batch_size:]] for t in whole], have - batch_size
     if have:
-        yield to_unit_range(torch.cat(xs)), torch.cat(ys)
+        whole = [torch.cat(p) for p in parts]
+        yield (*(to_unit_range(t) for t in whole[:-1]), whole[-1])

@@ -6,6 +6,11 @@ Format (docs/CONTRACTS.md)::
      "image_shape": [C, H, W], "encoding": "raw" | "png",
      "build": {...},  # optional: source, transform, per-class counts (python -m data_shards info DIR)
      "shards": [{"name": "train-000000.tar", "count": 1000, "sha256": "..."}, ...], "total": 50000}
+
+Paired shards (image-to-image translation: an input image, a target image and a label per sample) are
+format 2 and add ``"paired": true, "input_shape": [C, H, W]``; ``image_shape`` is the target's (what a
+model outputs), and both halves have the same H and W. Unpaired sets are still written as format 1,
+so code that predates pairs reads them and refuses paired sets by their format number.
 """
 from __future__ import annotations
 
@@ -14,12 +19,16 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-FORMAT = 1
+FORMAT = 1  # single images
+PAIRED_FORMAT = 2  # (input, target) pairs: adds "paired" and "input_shape"
 MANIFEST = "manifest.json"
 ENCODINGS = ("raw", "png")
 SHARD_RE = r"[A-Za-z0-9_]+-\d{6}\.tar"
 TAR_BLOCK = 512
 
+PAIRED_HINT = ("python -m data_shards build --source paired --root SRC --out DIR, where SRC holds pix2pix's "
+               "aligned A|B images (--direction AtoB|BtoA), or add --root-b B to pair two folders by file name, "
+               "or --derive sketch|edges|gray to make pairs from any image folder")
 BUILD_HINT = ("build shards with `python -m data_shards build --source cifar10|imagefolder|fashion-mnist|mnist "
               "--root SRC --split train --out {dir}` (or `make shards` for CIFAR-10)")
 
@@ -48,10 +57,28 @@ class Manifest:
     shards: tuple[ShardInfo, ...]
     total: int
     build: dict = field(default_factory=dict, compare=False)  # optional: how it was built (source, transform, counts)
+    input_shape: tuple[int, int, int] | None = None  # paired shards: the input's (C, H, W); None: single images
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
+
+    @property
+    def paired(self) -> bool:
+        return self.input_shape is not None
+
+    @property
+    def image_shapes(self) -> tuple[tuple[int, int, int], ...]:
+        """The shape of each image of a sample, in the order of :func:`gan.data.codec.image_members`:
+        (image,) or (input, target)."""
+        return (self.image_shape,) if self.input_shape is None else (self.input_shape, self.image_shape)
+
+    def describe(self) -> str:
+        """``cifar10 train, 3x32x32, 10 classes`` (paired: ``1x32x32 -> 3x32x32 pairs``)."""
+        shape = "x".join(map(str, self.image_shape))
+        if self.paired:
+            shape = f"{'x'.join(map(str, self.input_shape))} -> {shape} pairs"
+        return f"{self.dataset} {self.split}, {shape}, {self.num_classes} classes"
 
     @property
     def paths(self) -> list[str]:
@@ -87,9 +114,9 @@ class Manifest:
         at least the bytes its sample count needs, a valid first tar header (a zero-filled shard has
         none) and the end-of-archive marker (a truncated shard has none). Raises :class:`ShardError`
         naming the shard and ``python -m data_shards verify`` (which hashes and decodes everything)."""
-        c, h, w = self.image_shape
         blocks = lambda n: -(-n // TAR_BLOCK) * TAR_BLOCK  # noqa: E731
-        per_sample = 2 * TAR_BLOCK + (blocks(c * h * w) + TAR_BLOCK if self.encoding == "raw" else 2 * TAR_BLOCK)
+        per_sample = 2 * TAR_BLOCK + sum(blocks(c * h * w) + TAR_BLOCK if self.encoding == "raw" else 2 * TAR_BLOCK
+                                         for c, h, w in self.image_shapes)
         problems = []
         for s in self.shards:
             path = self.dir / s.name
@@ -117,8 +144,10 @@ class Manifest:
         return self
 
     def to_json(self) -> dict:
-        return {"format": FORMAT, "dataset": self.dataset, "split": self.split, "classes": list(self.classes),
-                "image_shape": list(self.image_shape), "encoding": self.encoding,
+        pairs = {"paired": True, "input_shape": list(self.input_shape)} if self.paired else {}
+        return {"format": PAIRED_FORMAT if self.paired else FORMAT, "dataset": self.dataset, "split": self.split,
+                "classes": list(self.classes), "image_shape": list(self.image_shape), **pairs,
+                "encoding": self.encoding,
                 **({"build": self.build} if self.build else {}),
                 "shards": [{"name": s.name, "count": s.count, "sha256": s.sha256} for s in self.shards],
                 "total": self.total}
@@ -132,6 +161,24 @@ def class_names(directory: str | Path, num_classes: int) -> list[str]:
     except ShardError:
         names = []
     return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
+
+
+def require_paired(m: Manifest, who: str = "pix2pix") -> Manifest:
+    """Raise :class:`ShardError` unless ``m`` holds (input, target) pairs; the message names the build command."""
+    if not m.paired:
+        raise ShardError(f"{who} trains on (input, target) pairs, but the shards in {m.dir} ({m.describe()}) "
+                         f"hold single images. Build paired shards: {PAIRED_HINT}; then point data.shards at DIR")
+    return m
+
+
+def require_single(m: Manifest, who: str) -> Manifest:
+    """Raise :class:`ShardError` if ``m`` holds pairs (a model of single images cannot use them)."""
+    if m.paired:
+        raise ShardError(f"{who} trains on single images, but the shards in {m.dir} ({m.describe()}) hold "
+                         f"(input, target) pairs for image-to-image translation. Point data.shards at shards "
+                         f"built with --source cifar10|imagefolder|fashion-mnist|mnist, or train a paired "
+                         f"family (family: pix2pix)")
+    return m
 
 
 def tar_header_ok(header: bytes) -> bool:
@@ -157,14 +204,20 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
                if k not in raw]
     if missing:
         raise _bad(path, f"missing key(s) {', '.join(missing)}")
-    if raw["format"] != FORMAT:
-        raise _bad(path, f"format {raw['format']!r}, this code reads format {FORMAT}")
+    if raw["format"] not in (FORMAT, PAIRED_FORMAT):
+        raise _bad(path, f"format {raw['format']!r}, this code reads formats {FORMAT} and {PAIRED_FORMAT}")
     if raw["encoding"] not in ENCODINGS:
         raise _bad(path, f"encoding {raw['encoding']!r} is not one of {', '.join(ENCODINGS)}")
-    shape = raw["image_shape"]
-    if (not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)
-            or shape[0] not in (1, 3)):
-        raise _bad(path, f"image_shape {shape!r} is not [C, H, W] with C in (1, 3)")
+    shape = _shape(path, "image_shape", raw["image_shape"])
+    input_shape = None
+    if raw["format"] == PAIRED_FORMAT:
+        if raw.get("paired") is not True or "input_shape" not in raw:
+            raise _bad(path, f"format {PAIRED_FORMAT} needs \"paired\": true and \"input_shape\"")
+        input_shape = _shape(path, "input_shape", raw["input_shape"])
+        if input_shape[1:] != shape[1:]:
+            raise _bad(path, f"input_shape {list(input_shape)} and image_shape {list(shape)} differ in H x W")
+    elif "paired" in raw or "input_shape" in raw:
+        raise _bad(path, f"\"paired\" and \"input_shape\" need format {PAIRED_FORMAT}")
     classes = raw["classes"]
     if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
         raise _bad(path, "classes must be a non-empty list of names")
@@ -182,8 +235,15 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
     if not isinstance(build, dict):
         raise _bad(path, f"build {build!r} is not a JSON object")
     return Manifest(dir=directory, dataset=str(raw["dataset"]), split=str(raw["split"]), classes=tuple(classes),
-                    image_shape=tuple(shape), encoding=raw["encoding"], shards=tuple(shards), total=raw["total"],
-                    build=build)
+                    image_shape=shape, encoding=raw["encoding"], shards=tuple(shards), total=raw["total"],
+                    build=build, input_shape=input_shape)
+
+
+def _shape(path: Path, key: str, shape) -> tuple[int, int, int]:
+    if (not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)
+            or shape[0] not in (1, 3)):
+        raise _bad(path, f"{key} {shape!r} is not [C, H, W] with C in (1, 3)")
+    return tuple(shape)
 
 
 def read_manifest(directory: str | Path) -> Manifest:

@@ -32,8 +32,9 @@ import torch
 import webdataset as wds
 from torch.utils.data import IterableDataset, get_worker_info
 
-from gan.data.augment import augment_batch
-from gan.data.codec import SampleDecodeError, decode_images, decode_label, derive_seed, to_unit_range
+from gan.data.augment import augment_together
+from gan.data.codec import (SampleDecodeError, decode_images, decode_label, derive_seed, image_members,
+                            to_unit_range)
 from gan.data.manifest import Manifest, ShardError, read_manifest
 from gan.data.tario import tar_samples
 
@@ -54,28 +55,33 @@ def _identity(x):
     return x
 
 
-def decode_batch(samples: list[dict], m: Manifest):
-    """List of raw webdataset samples -> (uint8 images (B,C,H,W), list of B int labels). Errors name the sample."""
-    ext = m.encoding
+def decode_batch(samples: list[dict], m: Manifest) -> tuple[tuple[torch.Tensor, ...], list[int]]:
+    """List of raw webdataset samples -> (images, list of B int labels): ``images`` holds one uint8
+    (B, C, H, W) tensor per image of a sample (:func:`~gan.data.codec.image_members`: the image, or
+    the input and the target of a pair). Errors name the sample."""
+    exts = image_members(m.encoding, m.paired)
     bad, why = None, None
     for s in samples:
-        if ext not in s or "cls" not in s:
-            bad, why = s, f"missing its .{ext} or .cls member (has {sorted(k for k in s if not k.startswith('__'))})"
+        if any(ext not in s for ext in exts) or "cls" not in s:
+            want = ", ".join(f".{e}" for e in (*exts, "cls"))
+            bad, why = s, f"missing one of its {want} members (has {sorted(k for k in s if not k.startswith('__'))})"
             break
         try:
             decode_label(s["cls"], m.num_classes)
         except ValueError as e:
             bad, why = s, str(e)
             break
-    if bad is None:
+    images = []
+    for ext, shape in zip(exts, m.image_shapes) if bad is None else ():
         try:
-            x = decode_images([s[ext] for s in samples], ext, m.image_shape)
+            images.append(decode_images([s[ext] for s in samples], m.encoding, shape))
         except SampleDecodeError as e:
-            bad, why = samples[e.index], e.reason
+            bad, why = samples[e.index], f".{ext}: {e.reason}" if m.paired else e.reason
+            break
     if bad is not None:
         raise ShardError(f"{bad.get('__url__')} sample {bad.get('__key__')}: {why}. Check the shards with "
                          f"`python -m data_shards verify {m.dir}` and rebuild them.")
-    return x, [int(s["cls"]) for s in samples]
+    return tuple(images), [int(s["cls"]) for s in samples]
 
 
 def parse_position(state: dict, batches_per_epoch: int) -> tuple[int, int]:
@@ -102,8 +108,9 @@ def chunk_batches(batch_size: int, batches_per_epoch: int, workers: int) -> int:
 
 
 class _EpochChunks(IterableDataset):
-    """One ``iter()`` = this worker's part of one epoch, as messages ``(epoch, j0, x, labels)``: ``x`` is
-    uint8 (n*B, C, H, W) holding the augmented batches ``j0 .. j0+n-1``, ``labels`` a list of n*B ints.
+    """One ``iter()`` = this worker's part of one epoch, as messages ``(epoch, j0, images, labels)``:
+    ``images`` holds one uint8 (n*B, C, H, W) tensor per image of a sample (one, or a pair's input and
+    target) with the augmented batches ``j0 .. j0+n-1``, ``labels`` a list of n*B ints.
 
     The epoch's batches are cut into chunks of ``k`` consecutive batches; worker ``w`` of ``W`` makes
     chunks ``w, w+W, ...`` from its own sample stream, and the in-order DataLoader hands the messages
@@ -149,26 +156,29 @@ class _EpochChunks(IterableDataset):
             return
         batches = iter(self._pipeline(epoch, worker, sum(len(c) for c in chunks)))
         for chunk in chunks:
-            xs, labels, j0 = [], [], None
+            parts, labels, j0 = [], [], None
             for j in chunk:
                 samples = next(batches)
                 if j < skip:
                     continue
-                x, y = decode_batch(samples, self.m)
+                images, y = decode_batch(samples, self.m)
                 g = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, epoch, j, _TAG_AUG))
-                xs.append(augment_batch(x, g, hflip=self.cfg.hflip, color_jitter_strength=self.cfg.color_jitter,
-                                        translate_fraction=self.cfg.translate))
+                parts.append(augment_together(images, g, hflip=self.cfg.hflip,
+                                              color_jitter_strength=self.cfg.color_jitter,
+                                              translate_fraction=self.cfg.translate))
                 labels.extend(y)
                 j0 = j if j0 is None else j0
             if j0 is None:
                 yield epoch, chunk.start, None, []
             else:
-                yield epoch, j0, xs[0] if len(xs) == 1 else torch.cat(xs), labels
+                yield epoch, j0, tuple(p[0] if len(p) == 1 else torch.cat(p) for p in zip(*parts)), labels
 
 
 class TrainStream:
     """Endless training batches for one rank: ``for x, y in stream`` (x float32 (B,C,H,W) in [-1, 1]
     with train augmentation from ``cfg``: ``hflip``, ``color_jitter``, ``translate``; y int64 (B,)).
+    Paired shards (``stream.manifest.paired``) give ``for a, b, y in stream``: the input and target
+    batches, each augmented with the same draws (the same flip, shift and jitter for both halves).
 
     Args:
         cfg: a ``DataConfig`` (``shards``, ``dataset``, ``num_workers``, ``shuffle_buffer``, augmentation).
@@ -238,8 +248,8 @@ class TrainStream:
         b = self.batch_size
         while True:
             got = 0
-            for epoch, j0, x, labels in loader:  # one epoch (the first one may start mid-way)
-                if x is None:
+            for epoch, j0, images, labels in loader:  # one epoch (the first one may start mid-way)
+                if images is None:
                     continue  # a chunk fast-forwarded after load_state_dict
                 if (epoch, j0) != (self._epoch, self._batch):  # the round-robin contract was broken
                     raise RuntimeError(f"data stream out of order: got batch {j0} of epoch {epoch}, "
@@ -250,6 +260,6 @@ class TrainStream:
                     if self._batch == self.batches_per_epoch:
                         self._epoch, self._batch = self._epoch + 1, 0
                     got += 1
-                    yield to_unit_range(x[i * b:(i + 1) * b]), y[i * b:(i + 1) * b]
+                    yield (*(to_unit_range(x[i * b:(i + 1) * b]) for x in images), y[i * b:(i + 1) * b])
             if got == 0:
                 raise RuntimeError("data stream produced no batches in an epoch")
