@@ -1,5 +1,7 @@
 """Command line: ``python -m data_shards {build,verify,info,preview,ensure-cifar10} ...`` (``-h`` for each).
 
+``build --source webdataset`` converts standard webdataset shards (ShardWriter, img2dataset) into ours.
+
 Exit codes: 0 fine, 1 verification found problems, 2 bad input (message names the path and the fix).
 """
 from __future__ import annotations
@@ -10,6 +12,7 @@ import time
 
 from data_shards.imagefolder import FILTERS, MODES, SMALL_POLICIES, TRANSFORMS
 from data_shards.sources import SOURCES, InputError, open_source
+from data_shards.webdataset_in import LABEL_AUTO
 from gan.data.manifest import ENCODINGS, ShardError
 
 DEFAULT_ENCODING = "raw"  # see docs/benchmarks.md ("Data loader") for raw vs png
@@ -26,12 +29,14 @@ def cmd_build(a) -> int:
     t0 = time.perf_counter()
     src = open_source(a.source, a.root, a.split, a.download, max_images=a.max_images, resolution=a.resolution,
                       transform=a.transform, height=a.height, small=a.small, mode=a.mode,
-                      resize_filter=a.resize_filter, log=_log)
+                      resize_filter=a.resize_filter, log=_log,
+                      webdataset_options=dict(label_key=a.label_key, classes_file=a.classes, skip_bad=a.skip_bad,
+                                              progress=True))
     name = a.name or src.name
     how = f", {a.transform} to {a.resolution}" if a.resolution else ""
     _log(f"building {name} {a.split}: {len(src)} samples, {len(src.classes)} class(es), "
          f"{'x'.join(map(str, src.shape))}{how}, {a.encoding}, {a.shard_size} per shard -> {a.out}")
-    m = build_shards(src, a.out, a.split, name, a.encoding, a.shard_size, log=_log)
+    m = build_shards(src, a.out, a.split, name, a.encoding, a.shard_size, log=_log, progress=True)
     print(f"wrote {len(m.shards)} shards + manifest.json to {m.dir} ({m.total} samples, "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0
@@ -99,7 +104,9 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="write a dataset split as shards + manifest.json")
     b.add_argument("--source", required=True, choices=SOURCES)
-    b.add_argument("--root", required=True, help="where the source data lives")
+    b.add_argument("--root", required=True,
+                   help="where the source data lives (webdataset: a directory of .tar shards, one .tar, or a brace "
+                        "pattern such as 'DIR/shard-{000000..000009}.tar')")
     b.add_argument("--split", default="train", choices=("train", "test"))
     b.add_argument("--out", required=True, help="output directory (one split per directory)")
     b.add_argument("--download", action="store_true", help="fetch with torchvision (cifar10, *mnist; needs internet)")
@@ -120,6 +127,14 @@ def parser() -> argparse.ArgumentParser:
     f.add_argument("--mode", default="auto", choices=MODES,
                    help="auto: gray shards if every image is gray, RGB if every one is colour, else an error")
     f.add_argument("--resize-filter", default="lanczos", choices=FILTERS)
+    w = b.add_argument_group("webdataset options (see data_shards/webdataset_in.py)")
+    w.add_argument("--label-key", default=LABEL_AUTO,
+                   help="auto (the cls member if any, else one class), none, an extension holding an integer "
+                        "(cls), or json.FIELD (a field of the json member, e.g. json.label)")
+    w.add_argument("--classes", default="", metavar="FILE",
+                   help="class names, one per line (line k names label k); default: the label numbers")
+    w.add_argument("--skip-bad", action="store_true",
+                   help="leave damaged samples out (and report how many) instead of stopping at the first")
     b.set_defaults(func=cmd_build)
 
     n = sub.add_parser("info", help="print a shard directory's manifest as a table")

@@ -21,7 +21,8 @@ says what to convert to. Transparency (RGBA, LA, palette with a transparent colo
 black; 16-bit grayscale is scaled to 8 bits; EXIF orientation (phone photos) is applied.
 
 Everything that can be checked from the image headers (unreadable files, modes, sizes, an empty
-folder) is checked before any shard is written.
+folder) is checked before any shard is written. :func:`images_source` does this for any list of images
+(files here; tar members for data_shards/webdataset_in.py).
 """
 from __future__ import annotations
 
@@ -111,19 +112,19 @@ def _too_small(size: tuple[int, int], transform: str, n: int, height: int) -> bo
     return right - left < n or bottom - top < height
 
 
-def _header(path: Path) -> tuple[tuple[int, int], str]:
+def _header(item, opener, fix: str) -> tuple[tuple[int, int], str]:
     """(width, height) as displayed (EXIF orientation applied) and PIL mode, from the header only."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(opener(item)) as im:
             (w, h), mode = im.size, im.mode
             try:
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             except Exception:  # a damaged EXIF block: the pixels may still be fine
                 orientation = 1
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read image {path} ({type(e).__name__}: {e}): fix or remove the file") from None
+        raise InputError(f"cannot read image {item} ({type(e).__name__}: {e}): {fix}") from None
     return ((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)), mode
 
 
@@ -155,8 +156,23 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
                 small: str = "refuse", mode: str = "auto", max_images: int = 0, resize_filter: str = "lanczos",
                 log=None) -> Source:
     """Check the folder (layout, every image header, modes, sizes) and return its Source."""
-    from PIL import Image, ImageOps
+    options = dict(resolution=resolution, transform=transform, height=height, small=small, mode=mode,
+                   resize_filter=resize_filter)
+    check_options(max_images=max_images, **options)
+    root = Path(root)
+    classes, files, labels, flat = _layout(root)
+    keep = pick_subset(len(files), max_images)
+    files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
+    meta = {"source": "imagefolder", "root": str(root.resolve()), "layout": "flat" if flat else "class folders"}
+    if max_images:
+        meta["max_images"] = max_images
+    return images_source(name, classes, files, labels, meta, log=log, **options)
 
+
+def check_options(resolution: int = 0, transform: str = "center-crop", height: int = 0, small: str = "refuse",
+                  mode: str = "auto", resize_filter: str = "lanczos", max_images: int = 0) -> None:
+    """Raise InputError for a bad combination of the size/mode options (before any work)."""
     if transform not in TRANSFORMS:
         raise InputError(f"--transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
     if small not in SMALL_POLICIES:
@@ -179,19 +195,26 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
             raise InputError(f"--height {height} must be in [1, --resolution {resolution}]")
     if resolution and resolution < 4:
         raise InputError(f"--resolution {resolution} is too small: use at least 4 (e.g. 32, 64, 128)")
-    out_h = height if transform == "center-crop-wide" else resolution
 
-    root = Path(root)
-    classes, files, labels, flat = _layout(root)
-    keep = pick_subset(len(files), max_images)
-    files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+
+def images_source(name: str, classes, files: list, labels: list[int], meta: dict, resolution: int = 0,
+                  transform: str = "center-crop", height: int = 0, small: str = "refuse", mode: str = "auto",
+                  resize_filter: str = "lanczos", log=None, opener=lambda item: item,
+                  fix: str = "fix or remove the file") -> Source:
+    """Images of any sizes and modes -> a Source of equal-size uint8 images (options checked by
+    :func:`check_options`). ``files`` are paths, or anything ``opener`` turns into what PIL's
+    ``Image.open`` takes (a tar member -> a file object); ``str(item)`` names it in messages, which end
+    with ``fix``. Every header is read here, before anything is written."""
+    from PIL import Image, ImageOps
+
+    out_h = height if transform == "center-crop-wide" else resolution
 
     # The header pass: every problem that can be seen without decoding, before anything is written.
     sizes: dict[tuple[int, int], Path] = {}
     first_gray = first_color = None
     small_files: list[tuple[Path, tuple[int, int]]] = []
     for i, p in enumerate(files):
-        size, m = _header(p)
+        size, m = _header(p, opener, fix)
         if m in _GRAY_MODES:
             first_gray = first_gray or p
         else:
@@ -209,7 +232,7 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
         if log and (i + 1) % 10000 == 0:
             log(f"  checked {i + 1}/{len(files)} image headers")
     if mode == "auto" and first_gray and first_color:
-        raise InputError(f"the folder mixes grayscale and colour images ({first_gray} is grayscale, {first_color} "
+        raise InputError(f"the images mix grayscale and colour ({first_gray} is grayscale, {first_color} "
                          f"is colour): pass --mode rgb to convert every image to RGB, or --mode gray for "
                          f"grayscale shards")
     channels = 1 if mode == "gray" or (mode == "auto" and first_color is None) else 3
@@ -248,7 +271,7 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
 
     def load(i: int) -> np.ndarray:
         try:
-            with Image.open(files[i]) as im:
+            with Image.open(opener(files[i])) as im:
                 im = to_mode(ImageOps.exif_transpose(im), pil_mode)
                 if resolution:
                     box = crop_box(im.width, im.height, transform, resolution, out_h)
@@ -260,19 +283,14 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
                         im = canvas
                 a = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InputError(f"cannot decode image {files[i]} ({type(e).__name__}: {e}): fix or remove the "
-                             f"file") from None
+            raise InputError(f"cannot decode image {files[i]} ({type(e).__name__}: {e}): {fix}") from None
         return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
-    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
-    meta = {"source": "imagefolder", "root": str(root.resolve()), "layout": "flat" if flat else "class folders",
-            "mode": pil_mode}
+    meta = {**meta, "mode": pil_mode}
     if resolution:
         meta.update(resolution=resolution, transform=transform, resize_filter=resize_filter, small=small,
                     small_images=len(small_files), skipped=skipped)
         if transform == "center-crop-wide":
             meta["height"] = out_h
-    if max_images:
-        meta["max_images"] = max_images
-    return Source(name, classes, shape, np.asarray(labels, dtype=np.int64), load=load,
+    return Source(name, tuple(classes), shape, np.asarray(labels, dtype=np.int64), load=load,
                   describe=lambda i: str(files[i]), meta=meta)

@@ -3,6 +3,7 @@
 - ``cifar10``: torchvision's CIFAR-10 python format (``ROOT/cifar-10-batches-py/data_batch_1..5``,
   ``test_batch``, ``batches.meta``); ``download=True`` uses torchvision's downloader.
 - ``imagefolder``: ``ROOT/<class>/<image>`` or a flat folder, any sizes and modes (data_shards/imagefolder.py).
+- ``webdataset``: standard webdataset ``.tar`` shards (ShardWriter, img2dataset; data_shards/webdataset_in.py).
 - ``fashion-mnist`` / ``mnist``: idx files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``) in ROOT or
   in torchvision's ``ROOT/FashionMNIST/raw`` / ``ROOT/MNIST/raw``.
 """
@@ -22,7 +23,7 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot")
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
-SOURCES = ("cifar10", "imagefolder", "fashion-mnist", "mnist")
+SOURCES = ("cifar10", "imagefolder", "fashion-mnist", "mnist", "webdataset")
 
 
 class InputError(Exception):
@@ -199,11 +200,25 @@ def subset(src: Source, max_images: int) -> Source:
 
 
 def open_source(source: str, root: str | Path, split: str, download: bool = False, max_images: int = 0,
-                **folder_options) -> Source:
+                webdataset_options: dict | None = None, **folder_options) -> Source:
     """``folder_options`` (resolution, transform, height, small, mode, resize_filter, log) are
-    :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``."""
+    :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``.
+    ``webdataset_options`` (label_key, classes_file, skip_bad, progress) only go with ``webdataset``."""
     if max_images < 0:
         raise InputError(f"--max-images must be >= 0 (0 = all), got {max_images}")
+    if source == "webdataset" or webdataset_options:
+        from data_shards.webdataset_in import webdataset_defaults, webdataset_source
+
+        defaults = webdataset_defaults()
+        given = [k for k, v in (webdataset_options or {}).items() if k != "progress" and v != defaults[k]]
+        if given and source != "webdataset":
+            flags = ", ".join("--" + k.replace("_file", "").replace("_", "-") for k in given)
+            raise InputError(f"{flags} only work with --source webdataset")
+    if source == "webdataset":
+
+        if download:
+            raise InputError("--download does not work with --source webdataset: point --root at local .tar shards")
+        return webdataset_source(str(root), max_images=max_images, **(webdataset_options or {}), **folder_options)
     if source == "imagefolder":
         from data_shards.imagefolder import imagefolder
 

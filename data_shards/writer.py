@@ -81,8 +81,11 @@ def prepare_output(out: str | Path) -> Path:
 
 
 def build_shards(src: Source, out: str | Path, split: str, dataset: str, encoding: str = "raw",
-                 shard_size: int = 1000, log=print) -> Manifest:
-    """Write ``src`` as ``out/<split>-NNNNNN.tar`` + ``out/manifest.json``; return the manifest."""
+                 shard_size: int = 1000, log=print, progress: bool = False) -> Manifest:
+    """Write ``src`` as ``out/<split>-NNNNNN.tar`` + ``out/manifest.json``; return the manifest.
+    ``progress``: a tqdm bar (stderr) instead of a log line every 10 shards."""
+    from tqdm import tqdm
+
     if encoding not in ENCODINGS:
         raise InputError(f"unknown encoding '{encoding}': use one of {', '.join(ENCODINGS)}")
     if shard_size < 1:
@@ -97,6 +100,7 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
     n_shards = (len(order) + shard_size - 1) // shard_size
     temps: list[Path] = []
     infos: list[ShardInfo] = []
+    bar = tqdm(total=len(order), desc="write shards", unit="img", disable=not progress, dynamic_ncols=True)
     try:
         for s in range(n_shards):
             members = []
@@ -109,6 +113,7 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
                 key = sample_key(i)
                 members.append((f"{key}.cls", str(int(src.labels[i])).encode("ascii")))
                 members.append((f"{key}.{encoding}", encode_image(img, encoding)))
+                bar.update()
             data = tar_bytes(members)
             tmp = out / f".tmp-{shard_name(split, s)}.{os.getpid()}"
             temps.append(tmp)
@@ -117,14 +122,16 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
                 f.flush()
                 os.fsync(f.fileno())
             infos.append(ShardInfo(shard_name(split, s), len(chunk), hashlib.sha256(data).hexdigest()))
-            if log and (s + 1 == n_shards or (s + 1) % 10 == 0):
+            if log and not progress and (s + 1 == n_shards or (s + 1) % 10 == 0):
                 log(f"  wrote {s + 1}/{n_shards} shards ({(s * shard_size) + len(chunk)} samples)")
         counts = np.bincount(src.labels, minlength=len(src.classes)).tolist()
         manifest = Manifest(dir=out, dataset=dataset, split=split, classes=src.classes, image_shape=src.shape,
                             encoding=encoding, shards=tuple(infos), total=len(order),
                             build={**src.meta, "class_counts": counts})
+        bar.close()
         _commit(out, split, temps, manifest)
     except BaseException:
+        bar.close()
         for t in temps:
             try:
                 t.unlink()
