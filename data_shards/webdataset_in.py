@@ -94,6 +94,10 @@ class Sample:
     def __str__(self) -> str:
         return f"{self.shard}:{self.key}"
 
+    @property
+    def image(self) -> Member:
+        return next(self.members[e] for e in IMAGE_EXTS if e in self.members)
+
     def spoil(self, why: str) -> None:
         self.bad = self.bad or why
 
@@ -167,91 +171,81 @@ def _decodes(data: bytes) -> str:
 def scan_shard(path: Path, label_ext: str, check_images: bool, bar=None) -> tuple[list[Sample], str]:
     """The samples of one shard, each marked ``bad`` where the tar is damaged around it, and a
     shard-level problem ('' if none). Reads every header and the label members; with ``check_images``
-    also decodes every image. Never stops silently where ``tarfile`` would (it treats a corrupt header
-    after the first as the end of the archive): bytes between members and after the last one must be
-    zero."""
-    shard = str(path)
-    size = path.stat().st_size
+    also decodes every image. Never stops silently where ``tarfile`` would (it takes a corrupt header
+    after the first for the end of the archive): bytes between members and after the last one must be
+    zero, so damage is found and reading goes on past it (``ignore_zeros`` resynchronises)."""
+    shard, size = str(path), path.stat().st_size
     samples: list[Sample] = []
     cur: Sample | None = None
+    expected, prev, pending, cut = 0, None, "", ""  # end of the last member, its name, damage before the next
+    done = 0  # bytes counted on the progress bar
     with open(path, "rb") as f:
-        magic = f.read(6)
-        for sig, kind, tool in _COMPRESSED:
-            if magic.startswith(sig):
-                raise InputError(f"{shard} is {kind}-compressed: this converter reads plain .tar shards (the "
-                                 f"writer reads members by offset). Decompress first (`{tool} {shard}`) and point "
-                                 f"--root at the .tar files")
-        f.seek(0)
+        _refuse_compressed(f, shard)
         try:
-            tf = tarfile.open(fileobj=f, mode="r:", ignore_zeros=True)
+            members = iter(tarfile.open(fileobj=f, mode="r:", ignore_zeros=True))
         except (tarfile.TarError, EOFError, OSError) as e:
             return [], f"{shard}: not a tar archive ({e})"
-        expected, prev, pending, done = 0, None, "", 0
-        members = iter(tf)
-        while True:
+        while not cut:
             try:
-                ti = next(members)
-            except StopIteration:
-                break
+                ti = next(members, None)
             except (tarfile.TarError, EOFError, OSError) as e:
-                why = f"{shard}: damaged tar after member {prev} ({e})"
-                if cur is not None:
-                    cur.spoil(why)
-                return samples, "" if samples else why
+                cut = f"{shard}: damaged tar after member {prev} ({e})"
+                break
+            if ti is None:
+                break
             if ti.offset > expected and not _zeros(f, expected, ti.offset):
-                why = (f"{shard}: damaged tar data at bytes {expected}-{ti.offset}, after member {prev} and before "
-                       f"member {ti.name} (members in between are lost)")
+                pending = (f"{shard}: damaged tar data at bytes {expected}-{ti.offset}, after member {prev} and "
+                           f"before member {ti.name} (members in between are lost)")
                 if cur is not None:
-                    cur.spoil(why)
-                pending = why
+                    cur.spoil(pending)
             if ti.offset_data + ti.size > size:
-                why = f"{shard}: member {ti.name} is cut short ({size - ti.offset_data} of {ti.size} bytes): the shard is truncated"
-                key = base_plus_ext(ti.name)[0]
-                if key is not None and (cur is None or key != cur.key):
-                    cur = Sample(shard, key)  # the cut member starts a sample: count it as damaged
-                    samples.append(cur)
-                if cur is not None:
-                    cur.spoil(why)
-                return samples, "" if samples else why
-            expected = ti.offset_data + -(-ti.size // _BLOCK) * _BLOCK
-            prev = ti.name
+                cut = (f"{shard}: member {ti.name} is cut short ({size - ti.offset_data} of {ti.size} bytes): the "
+                       f"shard is truncated")
+            expected, prev = ti.offset_data + -(-ti.size // _BLOCK) * _BLOCK, ti.name
             if bar is not None:
-                bar.update(expected - done)
-                done = expected
-            if not ti.isreg() or _META.match(ti.name):
-                continue
+                bar.update(min(expected, size) - done)
+                done = min(expected, size)
             key, ext = base_plus_ext(ti.name)
-            if key is None:
+            if not ti.isreg() or _META.match(ti.name) or key is None:
                 continue
-            ext = ext.lower()
             if cur is None or key != cur.key:
                 cur = Sample(shard, key)
                 samples.append(cur)
             if pending:
                 cur.spoil(pending)
                 pending = ""
+            if cut:
+                break
+            ext = ext.lower()
             if ext in cur.members:
                 cur.spoil(f"{shard}: member {ti.name} repeats extension '{ext}' of sample {key}")
-            member = Member(shard, ti.name, ti.offset_data, ti.size)
-            cur.members[ext] = member
+            member = cur.members[ext] = Member(shard, ti.name, ti.offset_data, ti.size)
             if ext == label_ext:
                 cur.label_data = member.read()
             elif check_images and ext in IMAGE_EXTS:
                 why = _decodes(member.read())
                 if why:
                     cur.spoil(f"{shard}: member {ti.name} does not decode ({why})")
-        if bar is not None:
-            bar.update(size - done)
-        tail = expected < size and not _zeros(f, expected, size)
-    if tail:
-        why = f"{shard}: damaged or cut short after member {prev} (bytes {expected}-{size} are not tar headers)"
-        if cur is not None:
-            cur.spoil(why)
+        if not cut and expected < size and not _zeros(f, expected, size):
+            cut = (f"{shard}: not a tar archive (no readable tar header)" if prev is None else
+                   f"{shard}: damaged or cut short after member {prev} (bytes {expected}-{size} are not tar headers)")
+    if bar is not None:
+        bar.update(size - done)
+    if cut and cur is not None:
+        cur.spoil(cut)
     if not samples:
-        if prev is None and tail:
-            return [], f"{shard}: not a tar archive (no readable member)"
-        return [], pending or (why if tail else f"{shard}: holds no samples (an empty tar)")
+        return [], cut or pending or f"{shard}: holds no samples (an empty tar)"
     return samples, ""
+
+
+def _refuse_compressed(f, shard: str) -> None:
+    magic = f.read(6)
+    f.seek(0)
+    for sig, kind, tool in _COMPRESSED:
+        if magic.startswith(sig):
+            raise InputError(f"{shard} is {kind}-compressed: this converter reads plain .tar shards (the writer "
+                             f"reads members by offset). Decompress first (`{tool} {shard}`) and point --root at "
+                             f"the .tar files")
 
 
 def _stats_problem(path: Path, found: int) -> str:
@@ -388,80 +382,21 @@ def webdataset_source(root: str, label_key: str = LABEL_AUTO, classes_file: str 
                       max_images: int = 0, progress: bool = False, log=None, **image_options) -> Source:
     """Scan the shards (damage, labels), then check every image header; return the Source.
     ``image_options``: :func:`data_shards.imagefolder.images_source`'s size and mode options."""
-    from tqdm import tqdm
-
     check_options(max_images=max_images, **image_options)
     label_ext, path = parse_label_key(label_key)
     shards = shard_paths(str(root))
-    samples: list[Sample] = []
-    problems: list[str] = []  # damage that is not one sample's
-    with tqdm(total=sum(p.stat().st_size for p in shards), desc="read shards", unit="B", unit_scale=True,
-              disable=not progress, dynamic_ncols=True) as bar:
-        for p in shards:
-            found, problem = scan_shard(p, label_ext, skip_bad, bar)
-            problem = problem or _stats_problem(p, len(found))
-            if problem:
-                problems.append(problem)
-            samples.extend(found)
-
-    values = []
-    for s in samples:
-        try:
-            values.append(_label(s, label_ext, path) if label_ext else _MISSING)
-        except ValueError as e:
-            s.spoil(str(e))
-            values.append(_MISSING)
-        if not s.bad:
-            images = [e for e in IMAGE_EXTS if e in s.members]
-            if not images:
-                s.spoil(f"{s.shard}: sample {s.key} has no image member ({', '.join(IMAGE_EXTS)}); it has "
-                        f"{', '.join(sorted(s.members)) or 'nothing'}")
-            elif len(images) > 1:
-                raise InputError(f"sample {s} holds {' and '.join(images)} images: keep one image per sample")
+    samples, problems = _scan_all(shards, label_ext, skip_bad, progress)
+    values = _check_samples(samples, label_ext, path, root)
     bad = [s for s in samples if s.bad]
-    if bad and not any(e in s.members for s in samples for e in IMAGE_EXTS):
-        exts = sorted({e for s in samples for e in s.members})
-        raise InputError(f"no sample in {root} has an image member ({', '.join(IMAGE_EXTS)}); the members are "
-                         f"{', '.join(exts[:8]) or 'none'}: these are not image shards")
-    if (bad or problems) and not skip_bad:
-        first = problems[0] if problems else bad[0].bad
-        raise InputError(f"damaged input: {first}" + (f" (and {len(bad) + len(problems) - 1} more damaged "
-                         f"sample(s) or shard(s))" if len(bad) + len(problems) > 1 else "") + f". {SKIP_HINT}")
-    keep = [(s, v) for s, v in zip(samples, values) if not s.bad]
     if bad or problems:
-        msg = f"--skip-bad: left out {len(bad)} damaged sample(s)"
-        if problems:
-            msg += f"; {len(problems)} shard problem(s)"
-        shown = list(dict.fromkeys([*problems, *(s.bad for s in bad)]))  # neighbours share one damage
-        if log:
-            log(msg + ": " + "; ".join(shown[:3]) + (" ..." if len(shown) > 3 else ""))
-    if not keep:
-        raise InputError(f"{root} holds no usable samples" + (" (--skip-bad left none)" if bad else ""))
-    samples, values = [s for s, _ in keep], [v for _, v in keep]
+        _skip_bad(bad, problems, skip_bad, log)
+        samples, values = [s for s in samples if not s.bad], [v for s, v in zip(samples, values) if not s.bad]
+        if not samples:
+            raise InputError(f"{root}: --skip-bad left no samples: every one is damaged")
 
-    meta = {"source": "webdataset", "root": str(Path(root).resolve()) if Path(root).exists() else str(root),
-            "shards": len(shards)}
-    missing = [k for k, v in enumerate(values) if v is _MISSING]
-    resolved = label_key if label_key != LABEL_AUTO else ("cls" if len(missing) < len(values) else LABEL_NONE)
-    if resolved != LABEL_NONE and len(missing) == len(values):
-        seen = sorted({e for s in samples for e in s.members})
-        if path is None:
-            why = f"no sample has a '{label_ext}' member (the samples have {', '.join(seen)})"
-        else:
-            fields = json.loads(samples[0].label_data) if samples[0].label_data is not None else None
-            why = (f"no sample's json member has the field {'.'.join(path)}"
-                   + (f" (the first has {', '.join(map(str, list(fields)[:10]))})" if isinstance(fields, dict) else
-                      f" (the samples have {', '.join(seen)})"))
-        raise InputError(f"--label-key {label_key}: {why}. Name an existing label, or pass --label-key none for "
-                         f"one class")
-    if resolved != LABEL_NONE and missing:
-        s = samples[missing[0]]
-        what = f"no '{label_ext}' member" if path is None else f"no field {'.'.join(path)} in its json member"
-        raise InputError(f"sample {s} has {what} (label key {resolved}), but {len(values) - len(missing)} other "
-                         f"sample(s) have one; {len(missing)} sample(s) lack it. Every sample needs a label: fix "
-                         f"those samples, or pass --label-key none to train on one class")
-    first = Path(shards[0]).resolve().parent
-    name = first.name if first.name not in ("train", "test", "val", "valid") else first.parent.name
+    where = Path(shards[0]).resolve().parent
+    name = where.name if where.name not in ("train", "test", "val", "valid") else where.parent.name
+    resolved = _resolve_label_key(samples, values, label_key, label_ext, path)
     if resolved == LABEL_NONE:
         if classes_file:
             raise InputError(f"--classes {classes_file} names classes, but the samples carry no labels "
@@ -469,13 +404,94 @@ def webdataset_source(root: str, label_key: str = LABEL_AUTO, classes_file: str 
         classes, labels = [name or "images"], [0] * len(samples)
     else:
         classes, labels = class_indices(samples, values, classes_file, resolved)
-    meta["label_key"] = resolved
+
+    meta = {"source": "webdataset", "root": str(Path(root).resolve()) if Path(root).exists() else str(root),
+            "shards": len(shards), "label_key": resolved}
     if bad or problems:
         meta.update(bad_samples_skipped=len(bad), bad_shard_problems=len(problems))
-    keep_idx = pick_subset(len(samples), max_images)
     if max_images:
         meta["max_images"] = max_images
-    images = [next(s.members[e] for e in IMAGE_EXTS if e in s.members) for s in (samples[i] for i in keep_idx)]
-    return images_source(name, classes, images, [labels[i] for i in keep_idx], meta, log=log,
-                         opener=lambda m: io.BytesIO(m.read()), fix="pass --skip-bad to leave such samples out, or re-create the shard",
-                         **image_options)
+    keep = pick_subset(len(samples), max_images)
+    return images_source(name, classes, [samples[i].image for i in keep], [labels[i] for i in keep], meta,
+                         log=log, opener=lambda m: io.BytesIO(m.read()),
+                         fix="pass --skip-bad to leave such samples out, or re-create the shard", **image_options)
+
+
+def _scan_all(shards: list[Path], label_ext: str, check_images: bool, progress: bool):
+    """Every shard's samples, and the damage that is no one sample's (one line per shard)."""
+    from tqdm import tqdm
+
+    samples: list[Sample] = []
+    problems: list[str] = []
+    with tqdm(total=sum(p.stat().st_size for p in shards), desc="read shards", unit="B", unit_scale=True,
+              disable=not progress, dynamic_ncols=True) as bar:
+        for p in shards:
+            found, problem = scan_shard(p, label_ext, check_images, bar)
+            problem = problem or _stats_problem(p, len(found))
+            if problem:
+                problems.append(problem)
+            samples.extend(found)
+    return samples, problems
+
+
+def _check_samples(samples: list[Sample], label_ext: str, path: list[str] | None, root: str) -> list:
+    """Each sample's label value (or ``_MISSING``); spoils samples whose label does not parse or that
+    have no image; refuses a sample with two images and shards without any image."""
+    values = []
+    for s in samples:
+        try:
+            values.append(_label(s, label_ext, path) if label_ext else _MISSING)
+        except ValueError as e:
+            s.spoil(str(e))
+            values.append(_MISSING)
+        images = [e for e in IMAGE_EXTS if e in s.members]
+        if len(images) > 1:
+            raise InputError(f"sample {s} holds {' and '.join(images)} images: keep one image per sample")
+        if not images:
+            s.spoil(f"{s.shard}: sample {s.key} has no image member ({', '.join(IMAGE_EXTS)}); it has "
+                    f"{', '.join(sorted(s.members)) or 'nothing'}")
+    if samples and not any(e in s.members for s in samples for e in IMAGE_EXTS):
+        exts = sorted({e for s in samples for e in s.members})
+        raise InputError(f"no sample in {root} has an image member ({', '.join(IMAGE_EXTS)}); the members are "
+                         f"{', '.join(exts[:8])}: these are not image shards")
+    return values
+
+
+def _skip_bad(bad: list[Sample], problems: list[str], skip_bad: bool, log) -> None:
+    """Refuse damaged input, or (``skip_bad``) say what is left out."""
+    shown = list(dict.fromkeys([*problems, *(s.bad for s in bad)]))  # neighbours may share one damage
+    if not skip_bad:
+        more = len(bad) + len(problems) - 1
+        raise InputError(f"damaged input: {shown[0]}" + (f" (and {more} more damaged sample(s) or shard(s))"
+                         if more else "") + f". {SKIP_HINT}")
+    if log:
+        log(f"--skip-bad: left out {len(bad)} damaged sample(s)"
+            + (f"; {len(problems)} shard problem(s)" if problems else "")
+            + ": " + "; ".join(shown[:3]) + (" ..." if len(shown) > 3 else ""))
+
+
+def _resolve_label_key(samples: list[Sample], values: list, label_key: str, label_ext: str,
+                       path: list[str] | None) -> str:
+    """``auto`` -> ``cls`` or ``none``; refuse a label that no sample or only some samples have."""
+    missing = [k for k, v in enumerate(values) if v is _MISSING]
+    if label_key == LABEL_NONE or (label_key == LABEL_AUTO and len(missing) == len(values)):
+        return LABEL_NONE
+    resolved = label_ext if label_key == LABEL_AUTO else label_key
+    if len(missing) == len(values):
+        seen = ", ".join(sorted({e for s in samples for e in s.members}))
+        if path is None:
+            why = f"no sample has a '{label_ext}' member (the samples have {seen})"
+        else:
+            fields = json.loads(samples[0].label_data) if samples[0].label_data is not None else None
+            why = f"no sample's json member has the field {'.'.join(path)} " + (
+                f"(the first has {', '.join(map(str, list(fields)[:10]))})" if isinstance(fields, dict) else
+                f"(the samples have {seen})")
+        raise InputError(f"--label-key {label_key}: {why}. Name an existing label, or pass --label-key none for "
+                         f"one class")
+    if missing:
+        s = samples[missing[0]]
+        what = f"no '{label_ext}' member" if path is None else f"no field {'.'.join(path)} in its json member"
+        raise InputError(f"sample {s} has {what} (label key {resolved}), but {len(values) - len(missing)} other "
+                         f"sample(s) have one; {len(missing)} sample(s) lack it. Every sample needs a label: fix "
+                         f"those samples, or pass --label-key none to train on one class")
+    return resolved
