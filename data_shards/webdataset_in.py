@@ -9,8 +9,8 @@ directory (every ``*.tar`` in it), one ``.tar`` file, or a brace pattern such as
 
 Samples are read as webdataset reads them (``webdataset.tariterators``): the key is the member path
 up to the first dot of its file name, the extension the rest (lower-cased); consecutive members with
-the same key form a sample; ``__*__`` metadata members and members without an extension are
-ignored. The image is the ``jpg``, ``jpeg``, ``png`` or ``webp`` member. The label (``label_key``):
+the same key form a sample (a key that comes back after other samples is refused: webdataset would
+read two half samples); ``__*__`` metadata members and members without an extension are ignored. The image is the ``jpg``, ``jpeg``, ``png`` or ``webp`` member. The label (``label_key``):
 
 - ``auto`` (default): the ``cls`` member (an integer, as webdataset writes it) if the samples have
   one, else one class for everything;
@@ -179,6 +179,7 @@ def scan_shard(path: Path, label_ext: str, check_images: bool, bar=None) -> tupl
     cur: Sample | None = None
     expected, prev, pending, cut = 0, None, "", ""  # end of the last member, its name, damage before the next
     done = 0  # bytes counted on the progress bar
+    keys: set[str] = set()
     with open(path, "rb") as f:
         _refuse_compressed(f, shard)
         try:
@@ -209,6 +210,12 @@ def scan_shard(path: Path, label_ext: str, check_images: bool, bar=None) -> tupl
             if not ti.isreg() or _META.match(ti.name) or key is None:
                 continue
             if cur is None or key != cur.key:
+                if key in keys:
+                    raise InputError(f"{shard}: the members of sample {key} are not next to each other (member "
+                                     f"{ti.name} comes after members of other samples). webdataset reads a sample "
+                                     f"only from consecutive members: re-create the tar with its names sorted (GNU "
+                                     f"tar: `tar --sort=name -cf SHARD.tar FILES`)")
+                keys.add(key)
                 cur = Sample(shard, key)
                 samples.append(cur)
             if pending:

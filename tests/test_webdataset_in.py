@@ -309,6 +309,21 @@ def test_mixed_sizes_need_resolution(tmp_path, capsys):
     assert rc == 0 and read_manifest(tmp_path / "out").image_shape == (3, 32, 32), log
 
 
+def test_members_of_a_sample_must_be_consecutive(tmp_path, capsys):
+    """A tar made by `tar cf` without --sort=name may interleave samples; webdataset would read each
+    half as a sample of its own. The converter refuses, naming the sample and the fix."""
+    imgs, _ = tiny_images(2, 3, 32)
+    tar = tmp_path / "src.tar"
+    with tarfile.open(tar, "w") as tf:
+        for name, data in (("a.jpg", encoded(imgs[0])), ("b.jpg", encoded(imgs[1])), ("a.cls", b"0"), ("b.cls", b"1")):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
+    rc, log = convert(capsys, tar, tmp_path / "out")
+    assert rc == 2 and f"{tar}: the members of sample a are not next to each other" in log and "--sort=name" in log
+    assert_nothing_written(tmp_path / "out")
+
+
 def test_labels_must_number_the_classes(tmp_path, capsys):
     pattern, _ = shardwriter_dataset(tmp_path / "src", n=10, maxcount=10)  # labels 0..9
     short = tmp_path / "five.txt"
