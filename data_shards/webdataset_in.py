@@ -10,7 +10,8 @@ directory (every ``*.tar`` in it), one ``.tar`` file, or a brace pattern such as
 Samples are read as webdataset reads them (``webdataset.tariterators``): the key is the member path
 up to the first dot of its file name, the extension the rest (lower-cased); consecutive members with
 the same key form a sample (a key that comes back after other samples is refused: webdataset would
-read two half samples); ``__*__`` metadata members and members without an extension are ignored. The image is the ``jpg``, ``jpeg``, ``png`` or ``webp`` member. The label (``label_key``):
+read two half samples); ``__*__`` metadata members and members without an extension are ignored.
+The image is the ``jpg``, ``jpeg``, ``png`` or ``webp`` member. The label (``label_key``):
 
 - ``auto`` (default): the ``cls`` member (an integer, as webdataset writes it) if the samples have
   one, else one class for everything;
@@ -110,19 +111,24 @@ def shard_paths(root: str) -> list[Path]:
 
     if re.match(r"^[a-z][a-z0-9+]*:", root) and not Path(root).exists():
         raise InputError(f"--root {root} is not a local path: this converter reads local .tar files; copy the "
-                         f"shards to this machine first (e.g. with the tool that lists them)")
+                         f"shards to a local directory first")
     p = Path(root)
     if p.is_dir():
         found = sorted(q for q in p.iterdir() if q.is_file() and q.name.endswith(".tar") and not q.name.startswith("."))
         if not found:
-            packed = sorted(q.name for q in p.iterdir() if re.search(r"\.(tar\.gz|tgz|tar\.bz2|tar\.xz|tar\.zst)$", q.name))
+            packed = sorted(q.name for q in p.iterdir()
+                            if re.search(r"\.(tar\.gz|tgz|tar\.bz2|tar\.xz|tar\.zst)$", q.name))
             what = (f"only compressed shards such as {packed[0]}: decompress them first (e.g. `gunzip -k "
                     f"{p}/*.tar.gz`)" if packed else "no .tar shards")
             raise InputError(f"webdataset root {p} holds {what}. Point --root at a directory of .tar shards, a "
                              f"shard file, or a brace pattern such as DIR/shard-{{000000..000009}}.tar")
         return found
     if "{" in root:
-        names = list(braceexpand.braceexpand(root))
+        try:
+            names = list(braceexpand.braceexpand(root))
+        except braceexpand.UnbalancedBracesError:
+            raise InputError(f"--root {root}: unbalanced braces; a pattern looks like DIR/shard-{{000000..000009}}.tar"
+                             ) from None
         if names == [root]:
             raise InputError(f"--root {root}: the braces do not form a pattern (use {{a,b}} or {{000..099}})")
         missing = [n for n in names if not Path(n).is_file()]
@@ -320,7 +326,8 @@ def read_classes(path: str) -> list[str]:
     try:
         lines = Path(path).read_text(encoding="utf-8").splitlines()
     except (OSError, UnicodeDecodeError) as e:
-        raise InputError(f"cannot read --classes {path} ({e}): give a UTF-8 text file, one class name per line") from None
+        raise InputError(f"cannot read --classes {path} ({e}): give a UTF-8 text file, one class name per "
+                         f"line") from None
     while lines and not lines[-1].strip():
         lines.pop()
     names = [s.strip() for s in lines]
@@ -335,7 +342,8 @@ def read_classes(path: str) -> list[str]:
     return names
 
 
-def class_indices(samples: list[Sample], values: list, classes_file: str, label_key: str) -> tuple[list[str], list[int]]:
+def class_indices(samples: list[Sample], values: list, classes_file: str,
+                  label_key: str) -> tuple[list[str], list[int]]:
     """(class names, label index per sample) from label values (all int or all str)."""
     kinds = {type(v) for v in values}
     if len(kinds) > 1:
