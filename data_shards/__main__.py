@@ -12,7 +12,6 @@ import time
 
 from data_shards.imagefolder import FILTERS, MODES, SMALL_POLICIES, TRANSFORMS
 from data_shards.sources import SOURCES, InputError, open_source
-from data_shards.webdataset_in import LABEL_AUTO
 from gan.data.manifest import ENCODINGS, ShardError
 
 DEFAULT_ENCODING = "raw"  # see docs/benchmarks.md ("Data loader") for raw vs png
@@ -29,14 +28,13 @@ def cmd_build(a) -> int:
     t0 = time.perf_counter()
     src = open_source(a.source, a.root, a.split, a.download, max_images=a.max_images, resolution=a.resolution,
                       transform=a.transform, height=a.height, small=a.small, mode=a.mode,
-                      resize_filter=a.resize_filter, log=_log,
-                      webdataset_options=dict(label_key=a.label_key, classes_file=a.classes, skip_bad=a.skip_bad,
-                                              progress=True))
+                      resize_filter=a.resize_filter, label_key=a.label_key, classes_file=a.classes,
+                      skip_bad=a.skip_bad, log=_log)
     name = a.name or src.name
     how = f", {a.transform} to {a.resolution}" if a.resolution else ""
     _log(f"building {name} {a.split}: {len(src)} samples, {len(src.classes)} class(es), "
          f"{'x'.join(map(str, src.shape))}{how}, {a.encoding}, {a.shard_size} per shard -> {a.out}")
-    m = build_shards(src, a.out, a.split, name, a.encoding, a.shard_size, log=_log, progress=True)
+    m = build_shards(src, a.out, a.split, name, a.encoding, a.shard_size, log=_log)
     print(f"wrote {len(m.shards)} shards + manifest.json to {m.dir} ({m.total} samples, "
           f"{time.perf_counter() - t0:.1f} s)")
     return 0
@@ -128,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
                    help="auto: gray shards if every image is gray, RGB if every one is colour, else an error")
     f.add_argument("--resize-filter", default="lanczos", choices=FILTERS)
     w = b.add_argument_group("webdataset options (see data_shards/webdataset_in.py)")
-    w.add_argument("--label-key", default=LABEL_AUTO,
+    w.add_argument("--label-key", default="auto",
                    help="auto (the cls member if any, else one class), none, an extension holding an integer "
                         "(cls), or json.FIELD (a field of the json member, e.g. json.label)")
     w.add_argument("--classes", default="", metavar="FILE",

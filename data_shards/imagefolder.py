@@ -21,8 +21,8 @@ says what to convert to. Transparency (RGBA, LA, palette with a transparent colo
 black; 16-bit grayscale is scaled to 8 bits; EXIF orientation (phone photos) is applied.
 
 Everything that can be checked from the image headers (unreadable files, modes, sizes, an empty
-folder) is checked before any shard is written. :func:`images_source` does this for any list of images
-(files here; tar members for data_shards/webdataset_in.py).
+folder) is checked before any shard is written. :func:`read_headers` and :func:`images_source` do this
+for any list of images (files here; tar members for data_shards/webdataset_in.py, through ``opener``).
 """
 from __future__ import annotations
 
@@ -112,19 +112,19 @@ def _too_small(size: tuple[int, int], transform: str, n: int, height: int) -> bo
     return right - left < n or bottom - top < height
 
 
-def _header(item, opener, fix: str) -> tuple[tuple[int, int], str]:
+def _header(path, opener=None, fix: str = "fix or remove the file") -> tuple[tuple[int, int], str]:
     """(width, height) as displayed (EXIF orientation applied) and PIL mode, from the header only."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(opener(item)) as im:
+        with Image.open(opener(path) if opener else path) as im:
             (w, h), mode = im.size, im.mode
             try:
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             except Exception:  # a damaged EXIF block: the pixels may still be fine
                 orientation = 1
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read image {item} ({type(e).__name__}: {e}): {fix}") from None
+        raise InputError(f"cannot read image {path} ({type(e).__name__}: {e}): {fix}") from None
     return ((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)), mode
 
 
@@ -152,27 +152,9 @@ def imagefolder_defaults() -> dict:
             if p.default is not inspect.Parameter.empty}
 
 
-def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-crop", height: int = 0,
-                small: str = "refuse", mode: str = "auto", max_images: int = 0, resize_filter: str = "lanczos",
-                log=None) -> Source:
-    """Check the folder (layout, every image header, modes, sizes) and return its Source."""
-    options = dict(resolution=resolution, transform=transform, height=height, small=small, mode=mode,
-                   resize_filter=resize_filter)
-    check_options(max_images=max_images, **options)
-    root = Path(root)
-    classes, files, labels, flat = _layout(root)
-    keep = pick_subset(len(files), max_images)
-    files, labels = [files[i] for i in keep], [labels[i] for i in keep]
-    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
-    meta = {"source": "imagefolder", "root": str(root.resolve()), "layout": "flat" if flat else "class folders"}
-    if max_images:
-        meta["max_images"] = max_images
-    return images_source(name, classes, files, labels, meta, log=log, **options)
-
-
 def check_options(resolution: int = 0, transform: str = "center-crop", height: int = 0, small: str = "refuse",
-                  mode: str = "auto", resize_filter: str = "lanczos", max_images: int = 0) -> None:
-    """Raise InputError for a bad combination of the size/mode options (before any work)."""
+                  mode: str = "auto", max_images: int = 0, resize_filter: str = "lanczos") -> None:
+    """Refuse bad option values (named as the command-line flags) before anything is read."""
     if transform not in TRANSFORMS:
         raise InputError(f"--transform {transform!r} is not one of {', '.join(TRANSFORMS)}")
     if small not in SMALL_POLICIES:
@@ -197,24 +179,53 @@ def check_options(resolution: int = 0, transform: str = "center-crop", height: i
         raise InputError(f"--resolution {resolution} is too small: use at least 4 (e.g. 32, 64, 128)")
 
 
-def images_source(name: str, classes, files: list, labels: list[int], meta: dict, resolution: int = 0,
+def read_headers(files: list[Path], log=None, opener=None,
+                 fix: str = "fix or remove the file") -> list[tuple[tuple[int, int], str]]:
+    """(width, height) as displayed and PIL mode of every file, from the headers only (InputError names a bad file).
+    ``opener`` turns an item of ``files`` that is not a path (a tar member) into what ``Image.open`` takes."""
+    out = []
+    for i, p in enumerate(files):
+        out.append(_header(p, opener, fix))
+        if log and (i + 1) % 10000 == 0:
+            log(f"  checked {i + 1}/{len(files)} image headers")
+    return out
+
+
+def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-crop", height: int = 0,
+                small: str = "refuse", mode: str = "auto", max_images: int = 0, resize_filter: str = "lanczos",
+                log=None) -> Source:
+    """Check the folder (layout, every image header, modes, sizes) and return its Source."""
+    options = dict(resolution=resolution, transform=transform, height=height, small=small, mode=mode,
+                   resize_filter=resize_filter)
+    check_options(max_images=max_images, **options)
+    root = Path(root)
+    classes, files, labels, flat = _layout(root)
+    keep = pick_subset(len(files), max_images)
+    files, labels = [files[i] for i in keep], [labels[i] for i in keep]
+    name = root.name if root.name not in ("train", "test", "val", "valid") else root.resolve().parent.name
+    meta = {"source": "imagefolder", "root": str(root.resolve()), "layout": "flat" if flat else "class folders"}
+    src = images_source(name, classes, files, labels, read_headers(files, log), meta, log=log, **options)
+    if max_images:
+        src.meta["max_images"] = max_images
+    return src
+
+
+def images_source(name: str, classes: tuple[str, ...], files: list[Path], labels: list[int],
+                  headers: list[tuple[tuple[int, int], str]], meta: dict, resolution: int = 0,
                   transform: str = "center-crop", height: int = 0, small: str = "refuse", mode: str = "auto",
-                  resize_filter: str = "lanczos", log=None, opener=lambda item: item,
+                  resize_filter: str = "lanczos", log=None, opener=None,
                   fix: str = "fix or remove the file") -> Source:
-    """Images of any sizes and modes -> a Source of equal-size uint8 images (options checked by
-    :func:`check_options`). ``files`` are paths, or anything ``opener`` turns into what PIL's
-    ``Image.open`` takes (a tar member -> a file object); ``str(item)`` names it in messages, which end
-    with ``fix``. Every header is read here, before anything is written."""
+    """The Source of image ``files`` (options already checked by :func:`check_options`, ``headers`` from
+    :func:`read_headers`): modes and sizes are checked here, before anything is written. ``opener`` and
+    ``fix`` as for :func:`read_headers`."""
     from PIL import Image, ImageOps
 
     out_h = height if transform == "center-crop-wide" else resolution
-
-    # The header pass: every problem that can be seen without decoding, before anything is written.
+    # Every problem that can be seen without decoding, before anything is written.
     sizes: dict[tuple[int, int], Path] = {}
     first_gray = first_color = None
     small_files: list[tuple[Path, tuple[int, int]]] = []
-    for i, p in enumerate(files):
-        size, m = _header(p, opener, fix)
+    for p, (size, m) in zip(files, headers):
         if m in _GRAY_MODES:
             first_gray = first_gray or p
         else:
@@ -229,8 +240,6 @@ def images_source(name: str, classes, files: list, labels: list[int], meta: dict
                 raise InputError(f"images differ in size: {p0} is {s0[0]}x{s0[1]} but {p1} is {s1[0]}x{s1[1]}. "
                                  f"Pass --resolution N (e.g. 64) to crop and resize every image to NxN "
                                  f"(--transform {'|'.join(TRANSFORMS)}, default center-crop)")
-        if log and (i + 1) % 10000 == 0:
-            log(f"  checked {i + 1}/{len(files)} image headers")
     if mode == "auto" and first_gray and first_color:
         raise InputError(f"the images mix grayscale and colour ({first_gray} is grayscale, {first_color} "
                          f"is colour): pass --mode rgb to convert every image to RGB, or --mode gray for "
@@ -271,7 +280,7 @@ def images_source(name: str, classes, files: list, labels: list[int], meta: dict
 
     def load(i: int) -> np.ndarray:
         try:
-            with Image.open(opener(files[i])) as im:
+            with Image.open(opener(files[i]) if opener else files[i]) as im:
                 im = to_mode(ImageOps.exif_transpose(im), pil_mode)
                 if resolution:
                     box = crop_box(im.width, im.height, transform, resolution, out_h)
@@ -292,5 +301,5 @@ def images_source(name: str, classes, files: list, labels: list[int], meta: dict
                     small_images=len(small_files), skipped=skipped)
         if transform == "center-crop-wide":
             meta["height"] = out_h
-    return Source(name, tuple(classes), shape, np.asarray(labels, dtype=np.int64), load=load,
+    return Source(name, classes, shape, np.asarray(labels, dtype=np.int64), load=load,
                   describe=lambda i: str(files[i]), meta=meta)

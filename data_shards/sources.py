@@ -200,25 +200,21 @@ def subset(src: Source, max_images: int) -> Source:
 
 
 def open_source(source: str, root: str | Path, split: str, download: bool = False, max_images: int = 0,
-                webdataset_options: dict | None = None, **folder_options) -> Source:
+                label_key: str = "auto", classes_file: str = "", skip_bad: bool = False, **folder_options) -> Source:
     """``folder_options`` (resolution, transform, height, small, mode, resize_filter, log) are
-    :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``.
-    ``webdataset_options`` (label_key, classes_file, skip_bad, progress) only go with ``webdataset``."""
+    :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``. ``label_key``,
+    ``classes_file`` and ``skip_bad`` are :func:`data_shards.webdataset_in.webdataset_source`'s."""
     if max_images < 0:
         raise InputError(f"--max-images must be >= 0 (0 = all), got {max_images}")
-    if source == "webdataset" or webdataset_options:
-        from data_shards.webdataset_in import webdataset_defaults, webdataset_source
-
-        defaults = webdataset_defaults()
-        given = [k for k, v in (webdataset_options or {}).items() if k != "progress" and v != defaults[k]]
-        if given and source != "webdataset":
-            flags = ", ".join("--" + k.replace("_file", "").replace("_", "-") for k in given)
-            raise InputError(f"{flags} only work with --source webdataset")
+    if source != "webdataset" and (label_key != "auto" or classes_file or skip_bad):
+        raise InputError("--label-key, --classes and --skip-bad only work with --source webdataset")
     if source == "webdataset":
+        from data_shards.webdataset_in import webdataset_source
 
         if download:
             raise InputError("--download does not work with --source webdataset: point --root at local .tar shards")
-        return webdataset_source(str(root), max_images=max_images, **(webdataset_options or {}), **folder_options)
+        return webdataset_source(str(root), label_key=label_key, classes_file=classes_file, skip_bad=skip_bad,
+                                 max_images=max_images, **folder_options)
     if source == "imagefolder":
         from data_shards.imagefolder import imagefolder
 

@@ -42,7 +42,7 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from data_shards.imagefolder import check_options, images_source, pick_subset
+from data_shards.imagefolder import check_options, images_source, pick_subset, read_headers
 from data_shards.sources import InputError, Source
 
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
@@ -385,22 +385,15 @@ def class_indices(samples: list[Sample], values: list, classes_file: str,
 
 # ---------------------------------------------------------------------------------------------- the source
 
-def webdataset_defaults() -> dict:
-    """The default of each option of :func:`webdataset_source` (other sources refuse any other value)."""
-    import inspect
-
-    return {k: p.default for k, p in inspect.signature(webdataset_source).parameters.items()
-            if p.default is not inspect.Parameter.empty}
-
-
 def webdataset_source(root: str, label_key: str = LABEL_AUTO, classes_file: str = "", skip_bad: bool = False,
-                      max_images: int = 0, progress: bool = False, log=None, **image_options) -> Source:
+                      max_images: int = 0, log=None, **image_options) -> Source:
     """Scan the shards (damage, labels), then check every image header; return the Source.
-    ``image_options``: :func:`data_shards.imagefolder.images_source`'s size and mode options."""
+    ``image_options``: :func:`data_shards.imagefolder.images_source`'s size and mode options. With a
+    ``log``, a progress bar on stderr."""
     check_options(max_images=max_images, **image_options)
     label_ext, path = parse_label_key(label_key)
     shards = shard_paths(str(root))
-    samples, problems = _scan_all(shards, label_ext, skip_bad, progress)
+    samples, problems = _scan_all(shards, label_ext, skip_bad, progress=log is not None)
     values = _check_samples(samples, label_ext, path, root)
     bad = [s for s in samples if s.bad]
     if bad or problems:
@@ -427,9 +420,11 @@ def webdataset_source(root: str, label_key: str = LABEL_AUTO, classes_file: str 
     if max_images:
         meta["max_images"] = max_images
     keep = pick_subset(len(samples), max_images)
-    return images_source(name, classes, [samples[i].image for i in keep], [labels[i] for i in keep], meta,
-                         log=log, opener=lambda m: io.BytesIO(m.read()),
-                         fix="pass --skip-bad to leave such samples out, or re-create the shard", **image_options)
+    images = [samples[i].image for i in keep]
+    opener, fix = lambda m: io.BytesIO(m.read()), "pass --skip-bad to leave such samples out, or re-create the shard"
+    return images_source(name, tuple(classes), images, [labels[i] for i in keep],
+                         read_headers(images, log, opener, fix), meta, log=log, opener=opener, fix=fix,
+                         **image_options)
 
 
 def _scan_all(shards: list[Path], label_ext: str, check_images: bool, progress: bool):

@@ -25,6 +25,7 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from data_shards.sources import InputError, Source
 from gan.data.codec import encode_image, sample_key
@@ -81,11 +82,8 @@ def prepare_output(out: str | Path) -> Path:
 
 
 def build_shards(src: Source, out: str | Path, split: str, dataset: str, encoding: str = "raw",
-                 shard_size: int = 1000, log=print, progress: bool = False) -> Manifest:
-    """Write ``src`` as ``out/<split>-NNNNNN.tar`` + ``out/manifest.json``; return the manifest.
-    ``progress``: a tqdm bar (stderr) instead of a log line every 10 shards."""
-    from tqdm import tqdm
-
+                 shard_size: int = 1000, log=print) -> Manifest:
+    """Write ``src`` as ``out/<split>-NNNNNN.tar`` + ``out/manifest.json``; return the manifest."""
     if encoding not in ENCODINGS:
         raise InputError(f"unknown encoding '{encoding}': use one of {', '.join(ENCODINGS)}")
     if shard_size < 1:
@@ -100,7 +98,8 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
     n_shards = (len(order) + shard_size - 1) // shard_size
     temps: list[Path] = []
     infos: list[ShardInfo] = []
-    bar = tqdm(total=len(order), desc="write shards", unit="img", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=len(order), desc=f"build {dataset} {split}", unit="img", disable=log is None,
+               dynamic_ncols=True)  # on stderr; log=None (tests, library calls) shows none
     try:
         for s in range(n_shards):
             members = []
@@ -122,13 +121,12 @@ def build_shards(src: Source, out: str | Path, split: str, dataset: str, encodin
                 f.flush()
                 os.fsync(f.fileno())
             infos.append(ShardInfo(shard_name(split, s), len(chunk), hashlib.sha256(data).hexdigest()))
-            if log and not progress and (s + 1 == n_shards or (s + 1) % 10 == 0):
-                log(f"  wrote {s + 1}/{n_shards} shards ({(s * shard_size) + len(chunk)} samples)")
+            bar.set_postfix_str(f"{s + 1}/{n_shards} shards", refresh=False)
+        bar.close()
         counts = np.bincount(src.labels, minlength=len(src.classes)).tolist()
         manifest = Manifest(dir=out, dataset=dataset, split=split, classes=src.classes, image_shape=src.shape,
                             encoding=encoding, shards=tuple(infos), total=len(order),
                             build={**src.meta, "class_counts": counts})
-        bar.close()
         _commit(out, split, temps, manifest)
     except BaseException:
         bar.close()

@@ -90,7 +90,7 @@ def test_shardwriter_shards_convert_exactly_and_train(tmp_path, capsys):
     out = tmp_path / "ours"
     rc, log = convert(capsys, pattern, out, "--shard-size", "16")
     assert rc == 0, log
-    assert "read shards" in log and "write shards" in log  # the progress bars
+    assert "read shards" in log and "build wds train" in log  # the progress bars
     m = read_manifest(out)
     assert (m.image_shape, m.total, len(m.shards)) == ((3, 32, 32), 60, 4)
     assert m.classes == tuple(str(k) for k in range(10))  # no --classes: the label numbers
