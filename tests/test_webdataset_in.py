@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 import io
 import json
+import random
 import tarfile
 from collections import Counter
 from pathlib import Path
@@ -18,6 +19,7 @@ from PIL import Image
 
 from conftest import build_tiny, tiny_images, train_debug
 from data_shards.__main__ import main
+from data_shards.writer import ORDER_SEED
 from gan.data import ShardError, eval_batches, read_manifest
 
 
@@ -243,8 +245,12 @@ def test_corrupt_image_is_named_and_skipped(tmp_path, capsys):
             jpg = encoded(x)
             w.write({"__key__": f"s{i}", "jpg": jpg[:len(jpg) // 2] if i == 3 else jpg, "cls": int(labels[i])})
     shard = d / "a.tar"
-    rc, log = convert(capsys, d, tmp_path / "out")
-    # its header reads; it fails to decode while shards are written: named, and nothing is committed
+    order = list(range(20))
+    random.Random(ORDER_SEED).shuffle(order)
+    assert order.index(3) >= 8  # with 4 per shard, two whole shards are written before the bad image
+    rc, log = convert(capsys, d, tmp_path / "out", "--shard-size", "4")
+    # its header reads; it fails to decode while shards are written: named, the written shards removed,
+    # and no manifest (the writer commits shards and manifest only at the end)
     assert rc == 2 and f"cannot decode image {shard}:s3.jpg" in log and "--skip-bad" in log, log
     assert_nothing_written(tmp_path / "out")
     rc, log = convert(capsys, d, tmp_path / "out", "--skip-bad")
