@@ -290,13 +290,10 @@ def parse_label_key(label_key: str) -> tuple[str, list[str] | None]:
                      f"integer (cls), or json.FIELD for a field of the json member (e.g. json.label)")
 
 
-_MISSING = object()
-
-
-def _label(sample: Sample, ext: str, path: list[str] | None):
-    """The sample's label (int or str), ``_MISSING``, or raise ValueError for a member that does not parse."""
+def _label(sample: Sample, ext: str, path: list[str] | None) -> int | str | None:
+    """The sample's label (None: it has none), or raise ValueError for a member that does not parse."""
     if sample.label_data is None:
-        return _MISSING
+        return None
     member = sample.members[ext]
     if path is None:
         try:
@@ -309,14 +306,10 @@ def _label(sample: Sample, ext: str, path: list[str] | None):
     except (UnicodeDecodeError, ValueError) as e:
         raise ValueError(f"{sample.shard}: member {member.name} is not valid JSON ({e})") from None
     for part in path:
-        if not isinstance(value, dict) or part not in value:
-            return _MISSING
-        value = value[part]
-    if value is None:
-        return _MISSING
+        value = value.get(part) if isinstance(value, dict) else None
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, bool) or not isinstance(value, (int, str)):
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, str))):
         raise InputError(f"sample {sample}: label json.{'.'.join(path)} is {value!r}, not an integer or a string: "
                          f"choose another --label-key")
     return value
@@ -336,9 +329,9 @@ def read_classes(path: str) -> list[str]:
     if "" in names:
         raise InputError(f"--classes {path}: line {names.index('') + 1} is blank; line k names label k, so "
                          f"every line needs a name")
-    dup = sorted({n for n in names if names.count(n) > 1})
-    if dup:
-        raise InputError(f"--classes {path} names {', '.join(dup[:3])} more than once: class names must differ")
+    if len(set(names)) < len(names):
+        dup = next(n for k, n in enumerate(names) if n in names[:k])
+        raise InputError(f"--classes {path} names {dup} more than once: class names must differ")
     return names
 
 
@@ -445,15 +438,15 @@ def _scan_all(shards: list[Path], label_ext: str, check_images: bool, progress: 
 
 
 def _check_samples(samples: list[Sample], label_ext: str, path: list[str] | None, root: str) -> list:
-    """Each sample's label value (or ``_MISSING``); spoils samples whose label does not parse or that
+    """Each sample's label value (None: none); spoils samples whose label does not parse or that
     have no image; refuses a sample with two images and shards without any image."""
     values = []
     for s in samples:
         try:
-            values.append(_label(s, label_ext, path) if label_ext else _MISSING)
+            values.append(_label(s, label_ext, path) if label_ext else None)
         except ValueError as e:
             s.spoil(str(e))
-            values.append(_MISSING)
+            values.append(None)
         images = [e for e in IMAGE_EXTS if e in s.members]
         if len(images) > 1:
             raise InputError(f"sample {s} holds {' and '.join(images)} images: keep one image per sample")
@@ -483,7 +476,7 @@ def _skip_bad(bad: list[Sample], problems: list[str], skip_bad: bool, log) -> No
 def _resolve_label_key(samples: list[Sample], values: list, label_key: str, label_ext: str,
                        path: list[str] | None) -> str:
     """``auto`` -> ``cls`` or ``none``; refuse a label that no sample or only some samples have."""
-    missing = [k for k, v in enumerate(values) if v is _MISSING]
+    missing = [k for k, v in enumerate(values) if v is None]
     if label_key == LABEL_NONE or (label_key == LABEL_AUTO and len(missing) == len(values)):
         return LABEL_NONE
     resolved = label_ext if label_key == LABEL_AUTO else label_key
