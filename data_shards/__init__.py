@@ -2,6 +2,7 @@
 
     python -m data_shards build --source cifar10|imagefolder|fashion-mnist|mnist --root R --split train --out DIR
     python -m data_shards build --source paired --root R [--root-b B | --derive sketch|edges|gray] --out DIR
+    python -m data_shards build --source webdataset --root 'DIR/shard-{000000..000009}.tar' --out DIR
     python -m data_shards verify DIR
     python -m data_shards preview DIR --out grid.png
     python -m data_shards ensure-cifar10 --out DIR --root R --shared ../shared/data/cifar10-jpeg.tar.gz

@@ -1,5 +1,7 @@
 """Command line: ``python -m data_shards {build,verify,info,preview,ensure-cifar10} ...`` (``-h`` for each).
 
+``build --source webdataset`` converts standard webdataset shards (ShardWriter, img2dataset) into ours.
+
 Exit codes: 0 fine, 1 verification found problems, 2 bad input (message names the path and the fix).
 """
 from __future__ import annotations
@@ -28,7 +30,7 @@ def cmd_build(a) -> int:
     src = open_source(a.source, a.root, a.split, a.download, max_images=a.max_images, resolution=a.resolution,
                       transform=a.transform, height=a.height, small=a.small, mode=a.mode,
                       resize_filter=a.resize_filter, root_b=a.root_b, derive=a.derive, direction=a.direction,
-                      log=_log)
+                      label_key=a.label_key, classes_file=a.classes, skip_bad=a.skip_bad, log=_log)
     name = a.name or src.name
     how = f", {a.transform} to {a.resolution}" if a.resolution else ""
     shape = "x".join(map(str, src.shape))
@@ -106,7 +108,9 @@ def parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("build", help="write a dataset split as shards + manifest.json")
     b.add_argument("--source", required=True, choices=SOURCES)
-    b.add_argument("--root", required=True, help="where the source data lives")
+    b.add_argument("--root", required=True,
+                   help="where the source data lives (webdataset: a directory of .tar shards, one .tar, or a brace "
+                        "pattern such as 'DIR/shard-{000000..000009}.tar')")
     b.add_argument("--split", default="train", choices=("train", "test"))
     b.add_argument("--out", required=True, help="output directory (one split per directory)")
     b.add_argument("--download", action="store_true", help="fetch with torchvision (cifar10, *mnist; needs internet)")
@@ -134,6 +138,14 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("--derive", default="", choices=("",) + DERIVATIONS,
                    help="make A from each image of --root (B): a real paired task from any image folder")
     q.add_argument("--direction", default="AtoB", choices=DIRECTIONS, help="AtoB: A is the input, B the target")
+    w = b.add_argument_group("webdataset options (see data_shards/webdataset_in.py)")
+    w.add_argument("--label-key", default="auto",
+                   help="auto (the cls member if any, else one class), none, an extension holding an integer "
+                        "(cls), or json.FIELD (a field of the json member, e.g. json.label)")
+    w.add_argument("--classes", default="", metavar="FILE",
+                   help="class names, one per line (line k names label k); default: the label numbers")
+    w.add_argument("--skip-bad", action="store_true",
+                   help="leave damaged samples out (and report how many) instead of stopping at the first")
     b.set_defaults(func=cmd_build)
 
     n = sub.add_parser("info", help="print a shard directory's manifest as a table")

@@ -21,7 +21,8 @@ says what to convert to. Transparency (RGBA, LA, palette with a transparent colo
 black; 16-bit grayscale is scaled to 8 bits; EXIF orientation (phone photos) is applied.
 
 Everything that can be checked from the image headers (unreadable files, modes, sizes, an empty
-folder) is checked before any shard is written.
+folder) is checked before any shard is written. :func:`read_headers` and :func:`images_source` do this
+for any list of images (files here; tar members for data_shards/webdataset_in.py, through ``opener``).
 """
 from __future__ import annotations
 
@@ -111,19 +112,19 @@ def _too_small(size: tuple[int, int], transform: str, n: int, height: int) -> bo
     return right - left < n or bottom - top < height
 
 
-def _header(path: Path) -> tuple[tuple[int, int], str]:
+def _header(path, opener=None, fix: str = "fix or remove the file") -> tuple[tuple[int, int], str]:
     """(width, height) as displayed (EXIF orientation applied) and PIL mode, from the header only."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as im:
+        with Image.open(opener(path) if opener else path) as im:
             (w, h), mode = im.size, im.mode
             try:
                 orientation = im.getexif().get(_EXIF_ORIENTATION, 1)
             except Exception:  # a damaged EXIF block: the pixels may still be fine
                 orientation = 1
     except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError) as e:
-        raise InputError(f"cannot read image {path} ({type(e).__name__}: {e}): fix or remove the file") from None
+        raise InputError(f"cannot read image {path} ({type(e).__name__}: {e}): {fix}") from None
     return ((h, w) if orientation in _SWAPPING_ORIENTATIONS else (w, h)), mode
 
 
@@ -178,11 +179,13 @@ def check_options(resolution: int = 0, transform: str = "center-crop", height: i
         raise InputError(f"--resolution {resolution} is too small: use at least 4 (e.g. 32, 64, 128)")
 
 
-def read_headers(files: list[Path], log=None) -> list[tuple[tuple[int, int], str]]:
-    """(width, height) as displayed and PIL mode of every file, from the headers only (InputError names a bad file)."""
+def read_headers(files: list[Path], log=None, opener=None,
+                 fix: str = "fix or remove the file") -> list[tuple[tuple[int, int], str]]:
+    """(width, height) as displayed and PIL mode of every file, from the headers only (InputError names a bad file).
+    ``opener`` turns an item of ``files`` that is not a path (a tar member) into what ``Image.open`` takes."""
     out = []
     for i, p in enumerate(files):
-        out.append(_header(p))
+        out.append(_header(p, opener, fix))
         if log and (i + 1) % 10000 == 0:
             log(f"  checked {i + 1}/{len(files)} image headers")
     return out
@@ -210,10 +213,12 @@ def imagefolder(root: str | Path, resolution: int = 0, transform: str = "center-
 def images_source(name: str, classes: tuple[str, ...], files: list[Path], labels: list[int],
                   headers: list[tuple[tuple[int, int], str]], meta: dict, resolution: int = 0,
                   transform: str = "center-crop", height: int = 0, small: str = "refuse", mode: str = "auto",
-                  resize_filter: str = "lanczos", half: str = "", log=None) -> Source:
+                  resize_filter: str = "lanczos", half: str = "", log=None, opener=None,
+                  fix: str = "fix or remove the file") -> Source:
     """The Source of image ``files`` (options already checked by :func:`check_options`, ``headers`` from
     :func:`read_headers`): modes and sizes are checked here, before anything is written. ``half``
-    ("left" or "right") takes that half of each file (an A|B image, whose header size must be its half)."""
+    ("left" or "right") takes that half of each file (an A|B image, whose header size must be its half).
+    ``opener`` and ``fix`` as for :func:`read_headers`."""
     from PIL import Image, ImageOps
 
     out_h = height if transform == "center-crop-wide" else resolution
@@ -238,7 +243,7 @@ def images_source(name: str, classes: tuple[str, ...], files: list[Path], labels
                                  f"{s1[0]}x{s1[1]}. Pass --resolution N (e.g. 64) to crop and resize every image to "
                                  f"NxN (--transform {'|'.join(TRANSFORMS)}, default center-crop)")
     if mode == "auto" and first_gray and first_color:
-        raise InputError(f"the folder mixes grayscale and colour images ({first_gray} is grayscale, {first_color} "
+        raise InputError(f"the images mix grayscale and colour ({first_gray} is grayscale, {first_color} "
                          f"is colour): pass --mode rgb to convert every image to RGB, or --mode gray for "
                          f"grayscale shards")
     channels = 1 if mode == "gray" or (mode == "auto" and first_color is None) else 3
@@ -277,7 +282,7 @@ def images_source(name: str, classes: tuple[str, ...], files: list[Path], labels
 
     def load(i: int) -> np.ndarray:
         try:
-            with Image.open(files[i]) as im:
+            with Image.open(opener(files[i]) if opener else files[i]) as im:
                 im = ImageOps.exif_transpose(im)
                 if half:
                     w = im.width // 2
@@ -293,8 +298,7 @@ def images_source(name: str, classes: tuple[str, ...], files: list[Path], labels
                         im = canvas
                 a = np.asarray(im, dtype=np.uint8)
         except (OSError, ValueError, Image.DecompressionBombError) as e:
-            raise InputError(f"cannot decode image {files[i]} ({type(e).__name__}: {e}): fix or remove the "
-                             f"file") from None
+            raise InputError(f"cannot decode image {files[i]} ({type(e).__name__}: {e}): {fix}") from None
         return a[None] if channels == 1 else a.transpose(2, 0, 1)
 
     meta = {**meta, "mode": pil_mode}

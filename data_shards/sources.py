@@ -4,6 +4,7 @@
   ``test_batch``, ``batches.meta``); ``download=True`` uses torchvision's downloader.
 - ``imagefolder``: ``ROOT/<class>/<image>`` or a flat folder, any sizes and modes (data_shards/imagefolder.py).
 - ``paired``: (input, target) pairs from A|B files, two folders or a derivation (data_shards/paired.py).
+- ``webdataset``: standard webdataset ``.tar`` shards (ShardWriter, img2dataset; data_shards/webdataset_in.py).
 - ``fashion-mnist`` / ``mnist``: idx files (``train-images-idx3-ubyte[.gz]``, ``t10k-...``) in ROOT or
   in torchvision's ``ROOT/FashionMNIST/raw`` / ``ROOT/MNIST/raw``.
 """
@@ -23,7 +24,7 @@ FASHION_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sanda
                    "Ankle boot")
 MNIST_CLASSES = tuple(str(i) for i in range(10))
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".pgm", ".pbm", ".bmp", ".tif", ".tiff", ".webp")
-SOURCES = ("cifar10", "imagefolder", "fashion-mnist", "mnist", "paired")
+SOURCES = ("cifar10", "imagefolder", "fashion-mnist", "mnist", "paired", "webdataset")
 
 
 class InputError(Exception):
@@ -202,10 +203,12 @@ def subset(src: Source, max_images: int) -> Source:
 
 
 def open_source(source: str, root: str | Path, split: str, download: bool = False, max_images: int = 0,
-                root_b: str = "", derive: str = "", direction: str = "AtoB", **folder_options) -> Source:
+                root_b: str = "", derive: str = "", direction: str = "AtoB", label_key: str = "auto",
+                classes_file: str = "", skip_bad: bool = False, **folder_options) -> Source:
     """``folder_options`` (resolution, transform, height, small, mode, resize_filter, log) are
     :func:`data_shards.imagefolder.imagefolder`'s; other sources take none but ``log``. ``root_b``,
-    ``derive`` and ``direction`` are :func:`data_shards.paired.paired`'s."""
+    ``derive`` and ``direction`` are :func:`data_shards.paired.paired`'s; ``label_key``,
+    ``classes_file`` and ``skip_bad`` are :func:`data_shards.webdataset_in.webdataset_source`'s."""
     if max_images < 0:
         raise InputError(f"--max-images must be >= 0 (0 = all), got {max_images}")
     if source != "paired" and (root_b or derive or direction != "AtoB"):
@@ -217,6 +220,15 @@ def open_source(source: str, root: str | Path, split: str, download: bool = Fals
             raise InputError("--download works only with --source cifar10, fashion-mnist or mnist")
         return paired(root, root_b=root_b, derive=derive, direction=direction, max_images=max_images,
                       **folder_options)
+    if source != "webdataset" and (label_key != "auto" or classes_file or skip_bad):
+        raise InputError("--label-key, --classes and --skip-bad only work with --source webdataset")
+    if source == "webdataset":
+        from data_shards.webdataset_in import webdataset_source
+
+        if download:
+            raise InputError("--download does not work with --source webdataset: point --root at local .tar shards")
+        return webdataset_source(str(root), label_key=label_key, classes_file=classes_file, skip_bad=skip_bad,
+                                 max_images=max_images, **folder_options)
     if source == "imagefolder":
         from data_shards.imagefolder import imagefolder
 

@@ -262,7 +262,10 @@ def read_manifest(directory: str | Path) -> Manifest:
     path = d / MANIFEST
     if not path.is_file():
         what = "is empty" if not any(d.iterdir()) else f"has no {MANIFEST} (an unfinished or interrupted build?)"
-        raise ShardError(f"shard directory {d} {what}: " + BUILD_HINT.format(dir=d))
+        foreign = "" if what == "is empty" or not any(d.glob("*.tar")) else (
+            f"; if its .tar shards come from another tool (webdataset's ShardWriter or TarWriter, img2dataset), "
+            f"convert them: `python -m data_shards build --source webdataset --root {d} --out NEW_DIR`")
+        raise ShardError(f"shard directory {d} {what}: " + BUILD_HINT.format(dir=d) + foreign)
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
