@@ -106,8 +106,8 @@ def worker(args) -> None:
 
     from gan.backends import build_backend
     from gan.config import load_config
-    from gan.losses import build_loss
-    from gan.models import build_models
+    from gan.families.gan.losses import build_loss
+    from gan.families.gan.models import build_models
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rows = []

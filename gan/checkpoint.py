@@ -177,7 +177,7 @@ def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
 
 def export_generator(out_dir: str | Path, g_ema, model_cfg: dict, step: int) -> None:
     """Rank 0: a small inference export, EMA G weights (safetensors) + the model config to build it.
-    No pickled modules: ``gan.models.build_models(ModelConfig(**model.json['model']))`` rebuilds it."""
+    No pickled modules: ``gan.families.gan.models.build_models(ModelConfig(**model.json['model']))`` rebuilds it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in g_ema.state_dict().items()}

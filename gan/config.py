@@ -52,7 +52,7 @@ class DataConfig:
 
 @dataclass
 class ModelConfig:
-    name: str = "cdcgan"  # registered architecture (gan.models.MODELS): cdcgan | sngan | biggan
+    name: str = "cdcgan"  # registered architecture (gan.families.gan.models.MODELS): cdcgan | sngan | biggan
     z_dim: int = 100
     num_classes: int = 10
     img_channels: int = 3
@@ -100,7 +100,7 @@ class ModelConfig:
 
 @dataclass
 class LossConfig:
-    name: str = "ns"  # registered adversarial loss (gan.losses.LOSSES): ns | hinge | wgan_gp | lsgan
+    name: str = "ns"  # registered adversarial loss (gan.families.gan.losses.LOSSES): ns | hinge | wgan_gp | lsgan
     gp_weight: float = 10.0  # wgan_gp: gradient penalty weight
     r1_gamma: float = 0.0  # R1 penalty on real data, gamma/2 * |grad D(x)|^2 (0 = off)
     r1_every: int = 16  # lazy regularisation: R1 every k D steps, weighted by k

@@ -9,8 +9,8 @@ from pathlib import Path
 from gan import checkpoint
 from gan.config import Config, ConfigError
 from gan.data import read_manifest
-from gan.losses import build_loss
-from gan.models import MODELS, build_models
+from gan.families.gan.losses import build_loss
+from gan.families.gan.models import MODELS, build_models
 from gan.rundir import RunDir
 from gan.trackers import tracker_names
 

@@ -4,8 +4,8 @@ Components own their mechanics (torchtitan's layout): the backend the optimizer 
 (gan.backends: DDP or DeepSpeed), the guard the one non-finite/divergence policy (gan.guard), the
 logger, sampler, evaluator and checkpointer their own timing (gan.components), the stop policy
 signals, the time budget and early stopping (gan.stopping), rank 0 all writing (gan.rank_zero).
-Losses compute (gan.losses), networks forward (gan.models), the checks before any work live in
-gan.preflight.
+Losses compute (gan.families.gan.losses), networks forward (gan.families.gan.models), the checks
+before any work live in gan.preflight.
 """
 from __future__ import annotations
 
@@ -25,8 +25,8 @@ from gan.data import ShardError, train_stream
 from gan.dist import PeerError, Stats, as_peer_error
 from gan.ema import EMA
 from gan.guard import DivergenceError, Guard, NonFiniteError
-from gan.losses import build_loss
-from gan.models import build_models
+from gan.families.gan.losses import build_loss
+from gan.families.gan.models import build_models
 from gan.optim import build_scheduler
 from gan.preflight import check_names, preflight
 from gan.rank_zero import RankZero

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from gan.config import ConfigError, LossConfig, OptimConfig, load_config
-from gan.diffaug import color, cutout, translation
-from gan.losses import (LOSSES, build_loss, gradient_penalty, hinge_d_loss, hinge_g_loss, ls_d_loss, ls_g_loss,
+from gan.families.gan.diffaug import color, cutout, translation
+from gan.families.gan.losses import (LOSSES, build_loss, gradient_penalty, hinge_d_loss, hinge_g_loss, ls_d_loss, ls_g_loss,
                         ns_d_loss, r1_penalty, wasserstein_d_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_optimizers(name, cls):
 
 
 def _combos():
-    from gan.models import MODELS
+    from gan.families.gan.models import MODELS
     archs = [(m, "") for m in sorted(MODELS)] + [("cdcgan", "googlenet")]
     return [(m, b, l) for m, b in archs for l in sorted(LOSSES)]
 

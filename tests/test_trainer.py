@@ -77,7 +77,7 @@ def test_run_directory_layout_and_events(tmp_path, tiny_shards):
 
 def test_export_rebuilds_generator(tmp_path, tiny_shards):
     from gan.config import ModelConfig
-    from gan.models import build_models
+    from gan.families.gan.models import build_models
 
     run = tmp_path / "run"
     train(run, tiny_shards, "train.max_steps=2")

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from gan.config import ConfigError, LossConfig
-from gan.diffaug import diff_augment
+from gan.families.gan.diffaug import diff_augment
 
 # ---------------------------------------------------------------------------- pure objectives
 

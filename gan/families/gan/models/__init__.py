@@ -41,6 +41,6 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     return G, D
 
 
-from gan.models import biggan, cdcgan, sngan  # noqa: E402,F401  (register "biggan", "cdcgan", "sngan")
-from gan.models.googlenet_d import GoogLeNetDiscriminator  # noqa: E402
-from gan.models.layers import apply_init, apply_spectral_norm  # noqa: E402
+from gan.families.gan.models import biggan, cdcgan, sngan  # noqa: E402,F401  (register "biggan", "cdcgan", "sngan")
+from gan.families.gan.models.googlenet_d import GoogLeNetDiscriminator  # noqa: E402
+from gan.families.gan.models.layers import apply_init, apply_spectral_norm  # noqa: E402

@@ -1,0 +1,1 @@
+"""The GAN family: class-conditional generator and discriminator, adversarial losses, DiffAugment."""
