@@ -14,7 +14,8 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gan.config import ConfigError, LossConfig
+from gan.config import ConfigError
+from gan.families.gan.config import LossConfig
 from gan.families.gan.diffaug import diff_augment
 
 # ---------------------------------------------------------------------------- pure objectives

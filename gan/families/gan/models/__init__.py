@@ -5,7 +5,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from gan.config import ConfigError, ModelConfig
+from gan.config import ConfigError
+from gan.families.gan.config import ModelConfig
 
 # name -> factory(cfg, build_d=True) returning (G, D); with build_d=False, (G, None): the D is
 # replaced (model.d_backbone), so it is neither built nor checked (e.g. for model.attn_res)

@@ -1,0 +1,73 @@
+"""The GAN as a family: a class-conditional generator G and discriminator D, ``optim.n_dis`` D
+updates (plus lazy R1 as its own update) then one G update per step, the EMA copy of G for samples,
+evaluation and export. Inputs of G: noise ``z`` (``model.z_dim``) and a class index."""
+from __future__ import annotations
+
+import torch
+
+from gan.families.gan.config import LossConfig, ModelConfig
+from gan.family import Family, OptimSpec, register_family
+
+
+@register_family
+class GAN(Family):
+    name = "gan"
+    sections = {"model": ModelConfig, "loss": LossConfig}
+    ema = "G"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._loss = None
+
+    @property
+    def loss(self):
+        if self._loss is None:
+            from gan.families.gan.losses import build_loss
+
+            self._loss = build_loss(self.cfg.loss)
+        return self._loss
+
+    def build_networks(self) -> dict[str, torch.nn.Module]:
+        from gan.families.gan.models import build_models
+
+        G, D = build_models(self.cfg.model)
+        return {"G": G, "D": D}
+
+    def optimizer(self, name: str) -> OptimSpec:
+        o = self.cfg.optim
+        return OptimSpec(getattr(o, f"lr_{name.lower()}"), tuple(getattr(o, f"betas_{name.lower()}")))
+
+    def check(self, manifest=None) -> None:
+        from gan.families.gan.models import MODELS, build_models
+
+        self.loss  # noqa: B018 - an unknown loss name raises ConfigError listing the valid ones
+        if self.cfg.model.name not in MODELS:
+            build_models(self.cfg.model)  # raises ConfigError listing the valid architectures
+        if manifest is not None:
+            m = self.cfg.model
+            manifest.check(dataset=self.cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
+                           num_classes=m.num_classes)
+
+    def _noise(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.cfg.model
+        z = torch.randn(ctx.batch_size, m.z_dim, device=ctx.device)
+        return z, torch.randint(0, m.num_classes, (ctx.batch_size,), device=ctx.device)
+
+    def train_step(self, ctx) -> None:
+        n_dis, loss, G = self.cfg.optim.n_dis, self.loss, ctx.nets["G"]
+        loss.step = ctx.step
+        for i in range(n_dis):
+            real, y_real = ctx.batch()
+            z, y_fake = self._noise(ctx)
+            with torch.no_grad():
+                fake = G(z, y_fake)
+            ctx.update("D", *loss.d_loss(ctx.nets["D"], real, y_real, fake, y_fake))
+            if loss.has_regularizer and (ctx.step * n_dis + i) % loss.cfg.r1_every == 0:
+                ctx.update("D", *loss.d_regularizer(ctx.nets["D"], real, y_real), phase="D_reg")  # lazy R1
+        z, y_fake = self._noise(ctx)
+        with ctx.frozen("D") as D:  # no weight gradients, no gradient sync
+            ctx.update("G", *loss.g_loss(D, G(z, y_fake), y_fake))
+
+    def example_inputs(self, batch: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.cfg.model
+        return torch.randn(batch, m.z_dim, device=device), torch.arange(batch, device=device) % m.num_classes
