@@ -24,16 +24,17 @@ The contract, in short (docs/CONTRACTS.md has it in full):
   ``__post_init__`` (raising :class:`gan.config.ConfigError` naming the key). ``model`` is required:
   it is the architecture, compared on resume and written beside every export (``model.json``).
 - :meth:`Family.build_networks`: every trained network by name, in a fixed order (that order numbers
-  Accelerate's checkpoint files). Checkpoint parts are named after them: ``<name>`` (weights),
-  ``opt_<name>``, ``sched_<name>``; plus ``ema`` (when ``ema`` names a network) and ``train_state``.
+  Accelerate's checkpoint files). Checkpoint parts are named after them (gan.rundir.parts_of):
+  ``<name>`` (weights), ``opt_<name>``, ``sched_<name>``; plus ``ema`` (when ``ema`` names a
+  network) and ``train_state``.
 - :meth:`Family.optimizer`: each network's learning rate and betas (the optimizer kind, eps, weight
   decay and schedule are the spine's ``optim`` section, shared).
 - :meth:`Family.train_step`: the ordered updates of one step through a :class:`StepContext`, each
   ``ctx.update(name, loss, stats)``: the family never calls backward or step.
 - Batches are tuples from the data stream: ``(x, y)`` for ordinary shards (x float in [-1, 1], y
   int64 labels) and ``(a, b, y)`` for paired shards (input, target, label). The family unpacks.
-- :meth:`Family.generate` / :meth:`Family.example_inputs`: pictures, sampling, export and serving of
-  the EMA (or only) network.
+- :meth:`Family.pictures`: the grid logged during training; :meth:`Family.generate` /
+  :meth:`Family.example_inputs`: sampling, export and serving of the EMA (or only) network.
 """
 from __future__ import annotations
 
@@ -106,6 +107,12 @@ class Family:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- pictures, sampling, export
+    def pictures(self, net: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The picture logged every ``log.sample_every`` steps (rank 0, under no_grad), from ``net``, the
+        EMA (or only) network: (images in [-1, 1], the grid row of each, the number of rows). The same
+        inputs every time (seed them from ``train.seed`` with a local torch.Generator)."""
+        raise NotImplementedError
+
     def generate(self, net: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from the exported network and its inputs (see :meth:`example_inputs`)."""
         return net(*inputs)
@@ -153,13 +160,5 @@ def build_family(cfg) -> Family:
     return get_family(cfg.family)(cfg)
 
 
-def checkpoint_parts(nets: Iterator[str] | list[str], ema: bool) -> tuple[tuple, tuple, tuple]:
-    """(models, optimizers, custom parts) of a checkpoint of networks ``nets`` (in their order): the
-    GAN's are (G, D), (opt_G, opt_D), (ema, train_state, sched_G, sched_D)."""
-    nets = tuple(nets)
-    custom = (("ema",) if ema else ()) + ("train_state",) + tuple(f"sched_{n}" for n in nets)
-    return nets, tuple(f"opt_{n}" for n in nets), custom
-
-
 __all__ = ["Family", "FAMILIES", "OptimSpec", "StepContext", "register_family", "get_family", "build_family",
-           "family_names", "checkpoint_parts"]
+           "family_names"]

@@ -68,6 +68,17 @@ class GAN(Family):
         with ctx.frozen("D") as D:  # no weight gradients, no gradient sync
             ctx.update("G", *loss.g_loss(D, G(z, y_fake), y_fake))
 
+    def pictures(self, net: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A per-class grid of ``net`` (the EMA G) on fixed noise: ``log.samples_per_class`` per class."""
+        if not hasattr(self, "_fixed"):
+            gen = torch.Generator().manual_seed(self.cfg.train.seed)
+            k, n = self.cfg.log.samples_per_class, self.cfg.model.num_classes
+            self._fixed = (torch.randn(n * k, self.cfg.model.z_dim, generator=gen).to(device),
+                           torch.arange(n).repeat_interleave(k).to(device))
+        z, y = self._fixed
+        images = torch.cat([net(zi, yi) for zi, yi in zip(z.split(256), y.split(256))])
+        return images, y, self.cfg.model.num_classes
+
     def example_inputs(self, batch: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
         m = self.cfg.model
         return torch.randn(batch, m.z_dim, device=device), torch.arange(batch, device=device) % m.num_classes
