@@ -117,9 +117,9 @@ class Family:
         """Images in [-1, 1] from the exported network and its inputs (see :meth:`example_inputs`)."""
         return net(*inputs)
 
-    def example_inputs(self, batch: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, ...]:
-        """Inputs of the exported network for a batch of ``batch``: its export and serving signature
-        (the GAN: ``(z, class)``; a translation model: ``(image,)``)."""
+    def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Inputs of the exported network for a batch of ``batch`` (CPU, drawn from ``seed`` with a local
+        generator): its export and serving signature (the GAN: ``(z, class)``; translation: ``(image,)``)."""
         raise NotImplementedError
 
 

@@ -79,6 +79,8 @@ class GAN(Family):
         images = torch.cat([net(zi, yi) for zi, yi in zip(z.split(256), y.split(256))])
         return images, y, self.cfg.model.num_classes
 
-    def example_inputs(self, batch: int, device="cpu") -> tuple[torch.Tensor, torch.Tensor]:
-        m = self.cfg.model
-        return torch.randn(batch, m.z_dim, device=device), torch.arange(batch, device=device) % m.num_classes
+    def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, y)``: z float32 (batch, model.z_dim), y int64 class indices (the inputs gan.export traces
+        and checks parity with, drawn the same way)."""
+        m, gen = self.cfg.model, torch.Generator().manual_seed(seed)
+        return torch.randn(batch, m.z_dim, generator=gen), torch.arange(batch) % m.num_classes
