@@ -44,7 +44,10 @@ class GAN(Family):
         if self.cfg.model.name not in MODELS:
             build_models(self.cfg.model)  # raises ConfigError listing the valid architectures
         if manifest is not None:
+            from gan.data.manifest import require_single
+
             m = self.cfg.model
+            require_single(manifest, "the GAN (family: gan)")  # paired shards: name the paired families
             manifest.check(dataset=self.cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
                            num_classes=m.num_classes)
 
