@@ -123,3 +123,14 @@ def test_a_new_family_trains_checkpoints_and_resumes_exactly(tmp_path, tiny_shar
     with pytest.raises(CheckpointError, match="holds a toy model and this run trains family=gan; resume it with "
                                               "family=toy"):
         check_resume(path, meta, gan_cfg, 1)
+
+
+def test_the_gan_refuses_paired_shards_before_any_work(tmp_path):
+    from conftest import train_debug
+    from test_paired import inverted_pairs
+
+    shards = inverted_pairs(tmp_path / "pairs", size=32)
+    r = train_debug(tmp_path / "run", shards, "model.num_classes=3", check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "the GAN (family: gan) trains on single images" in r.stderr and "family: pix2pix" in r.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
