@@ -29,8 +29,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from gan.config import load_config  # noqa: E402
-from gan.losses import build_loss  # noqa: E402
-from gan.models import build_models  # noqa: E402
+from gan.families.gan.losses import build_loss  # noqa: E402
+from gan.families.gan.models import build_models  # noqa: E402
 
 RECIPES = {"cdcgan": "configs/cifar10_cdcgan.yaml", "sngan": "configs/cifar10_sngan.yaml",
            "biggan": "configs/cifar10_biggan.yaml", "biggan_diffaug": "configs/cifar10_biggan_diffaug.yaml"}

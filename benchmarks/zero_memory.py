@@ -77,7 +77,7 @@ def _flat(x):
 def grads_of(backend, net: str) -> tuple[int, int]:
     """(gradients, ZeRO's reduction buckets) in bytes on this rank."""
     if backend.name == "ddp":
-        model = backend.G if net == "G" else backend.D
+        model = backend.nets[net]
         return logical_bytes(p.grad for p in model.parameters()), 0
     engine = backend.engines[net]
     zero = engine.optimizer
@@ -96,7 +96,7 @@ def optimizer_of(backend, net: str) -> int:
 
 
 def params_of(backend, net: str) -> int:
-    model = (backend.G if net == "G" else backend.D) if backend.name == "ddp" else backend.engines[net].module
+    model = backend.nets[net] if backend.name == "ddp" else backend.engines[net].module
     return nbytes(model.parameters())
 
 
@@ -106,8 +106,9 @@ def worker(args) -> None:
 
     from gan.backends import build_backend
     from gan.config import load_config
-    from gan.losses import build_loss
-    from gan.models import build_models
+    from gan.families.gan.losses import build_loss
+    from gan.families.gan.models import build_models
+    from gan.family import build_family
 
     acc = Accelerator(cpu=not torch.cuda.is_available())
     rows = []
@@ -120,7 +121,9 @@ def worker(args) -> None:
                 torch.manual_seed(0)
                 G, D = build_models(cfg.model)
                 backend = build_backend(cfg, acc, "no")
-                Gw, Dw = backend.prepare(G.to(acc.device), D.to(acc.device))
+                family = build_family(cfg)
+                nets = {"G": G.to(acc.device), "D": D.to(acc.device)}
+                Gw, Dw = backend.prepare(nets, {n: family.optimizer(n) for n in nets}).values()
                 loss = build_loss(cfg.loss)
                 B, dev = cfg.train.batch_size, acc.device
                 real = torch.randn(B, 3, 32, 32, device=dev)
@@ -132,7 +135,7 @@ def worker(args) -> None:
                     return loss.d_loss(Dw, real, y, fake, y)[0]
 
                 def g_loss():
-                    with backend.g_phase() as Dg:
+                    with backend.frozen("D") as Dg:
                         return loss.g_loss(Dg, Gw(torch.randn(B, cfg.model.z_dim, device=dev), y), y)[0]
 
                 if torch.cuda.is_available():
@@ -141,7 +144,7 @@ def worker(args) -> None:
                 for net, fn in (("D", d_loss), ("G", g_loss)):  # one split update each, to measure between
                     ls = fn()
                     peak = [0, 0]
-                    model = (backend.G if net == "G" else backend.D) if backend.name == "ddp" else backend.engines[net].module
+                    model = backend.nets[net] if backend.name == "ddp" else backend.engines[net].module
 
                     def track(_p, net=net, peak=peak):  # after DeepSpeed's own hook (registered later): live gradients
                         g, b = grads_of(backend, net)

@@ -1,12 +1,12 @@
 """The optimizer step as a backend: one object per strategy, chosen at build time by
-``train.backend``. A backend wraps G and D, owns zero_grad/backward/unscale/clip/step, tells the
-trainer what happened to each update (:class:`Update`), and saves/loads whatever its engines keep
-outside Accelerate's ``save_state``. The non-finite *policy* (skip or stop, counts, messages) is
-:mod:`gan.guard`'s, in one place, for every backend.
+``train.backend``. A backend wraps a family's named networks (a dict: the GAN's G and D), owns
+zero_grad/backward/unscale/clip/step, tells the trainer what happened to each update
+(:class:`Update`), and saves/loads whatever its engines keep outside Accelerate's ``save_state``.
+The non-finite *policy* (skip or stop, counts, messages) is :mod:`gan.guard`'s, in one place, for every backend.
 
 - :class:`DDPBackend`: Accelerate's DDP, AMP (fp16 GradScaler / bf16 autocast), fused Adam whose
   non-finite updates are skipped on the device without a host sync.
-- :class:`DeepSpeedBackend`: G and D as two ZeRO-1/2 engines built with ``deepspeed.initialize``.
+- :class:`DeepSpeedBackend`: one ZeRO-1/2 engine per network, built with ``deepspeed.initialize``.
 
 Why ``deepspeed.initialize`` and not Accelerate's multiple-plugin API: two engines are first class
 there (each keeps its own backward/step), the plain Accelerator keeps doing what it does for DDP
@@ -15,6 +15,7 @@ there (each keeps its own backward/step), the plain Accelerator keeps doing what
 plugin selection imports it) nor an API Accelerate marks experimental is needed; ``accelerator.backward``
 would drive only the last prepared engine anyway.
 
+``frozen(name)`` serves a phase that trains one network through another (the GAN's G phase through D).
 The G phase under DeepSpeed runs D's plain module, frozen, not D's engine: an engine's forward
 registers backward hooks that start *its* ZeRO gradient reduction, so ``G_engine.backward(D_engine(G(z)))``
 would run D's reduction machinery inside G's backward (the cross-engine trouble of deepspeed #4923).
@@ -67,25 +68,30 @@ class DDPBackend:
 
     def __init__(self, cfg: Config, accelerator):
         self.cfg, self.accelerator = cfg, accelerator
-        self.G = self.D = None
+        self.nets: dict[str, torch.nn.Module] = {}  # prepared (DDP-wrapped)
         self.optimizers: dict[str, torch.optim.Optimizer] = {}  # plain torch optimizers (schedules)
+        self.specs: dict = {}  # name -> gan.family.OptimSpec (re-applied on resume)
         self._prepared: dict[str, tuple] = {}
 
-    def prepare(self, G: torch.nn.Module, D: torch.nn.Module):
-        o = self.cfg.optim
-        opt_G = build_optimizer(G.parameters(), o, o.lr_g, o.betas_g)
-        opt_D = build_optimizer(D.parameters(), o, o.lr_d, o.betas_d)
-        self.G, self.D, pG, pD = self.accelerator.prepare(G, D, opt_G, opt_D)
-        self.optimizers = {"G": opt_G, "D": opt_D}
-        self._prepared = {"G": (self.G, pG), "D": (self.D, pD)}
-        return self.G, self.D
+    def prepare(self, nets: dict[str, torch.nn.Module], specs: dict) -> dict[str, torch.nn.Module]:
+        """Wrap every network and build its optimizer from ``specs[name]`` (gan.family.OptimSpec).
+        One ``accelerator.prepare`` call, networks then optimizers in ``nets``' order: that order
+        numbers Accelerate's checkpoint files (model.safetensors, model_1.safetensors, optimizer.bin, ...)."""
+        names = list(nets)
+        opts = [build_optimizer(nets[n].parameters(), self.cfg.optim, specs[n].lr, specs[n].betas) for n in names]
+        prepared = self.accelerator.prepare(*(nets[n] for n in names), *opts)
+        self.nets, self.specs = dict(zip(names, prepared[:len(names)])), dict(specs)
+        self.optimizers = dict(zip(names, opts))
+        self._prepared = {n: (self.nets[n], p) for n, p in zip(names, prepared[len(names):])}
+        return self.nets
 
-    def g_phase(self):
-        """D, frozen and without DDP's gradient sync, for the G phase."""
+    def frozen(self, net: str):
+        """Network ``net``, frozen and without DDP's gradient sync, for a phase that trains another
+        network through it (the GAN's G phase through D)."""
         stack = contextlib.ExitStack()
-        stack.enter_context(self.accelerator.no_sync(self.D))
-        stack.enter_context(frozen(self.D))
-        return _Yield(stack, self.D)
+        stack.enter_context(self.accelerator.no_sync(self.nets[net]))
+        stack.enter_context(frozen(self.nets[net]))
+        return _Yield(stack, self.nets[net])
 
     def update(self, net: str, loss: torch.Tensor, max_grad_norm: float = 0.0) -> Update:
         model, opt = self._prepared[net]
@@ -186,9 +192,10 @@ def _init_process_group(accelerator) -> None:
 
 
 class DeepSpeedBackend:
-    """G and D as two DeepSpeed ZeRO-1/2 engines; each engine's own backward/step. Non-finite
-    gradients: ZeRO checks every update's gradient norm and skips a non-finite one (fp16: and lowers
-    the loss scale); ``was_step_applied`` tells which, already on the host (ZeRO's check syncs)."""
+    """One DeepSpeed ZeRO-1/2 engine per network (the GAN: G and D); each engine's own backward/step.
+    Non-finite gradients: ZeRO checks every update's gradient norm and skips a non-finite one (fp16:
+    and lowers the loss scale); ``was_step_applied`` tells which, already on the host (ZeRO's check
+    syncs)."""
 
     name = "deepspeed"
 
@@ -206,22 +213,23 @@ class DeepSpeedBackend:
         self.config = deepspeed_config(cfg, precision)
         self.engines: dict[str, object] = {}
         self.optimizers: dict[str, torch.optim.Optimizer] = {}
+        self.specs: dict = {}  # name -> gan.family.OptimSpec (re-applied on resume)
         self._scalars: dict[str, list] = {}
 
     def _restore_scalars(self, net: str) -> None:
         for p in self._scalars[net]:  # still views of ZeRO's flat weight buffer
             p.data = p.data.reshape(())
 
-    def prepare(self, G: torch.nn.Module, D: torch.nn.Module):
+    def prepare(self, nets: dict[str, torch.nn.Module], specs: dict) -> dict[str, torch.nn.Module]:
+        """One engine per network, in ``nets``' order, each with its optimizer from ``specs[name]``."""
         import deepspeed
 
         _init_process_group(self.accelerator)
-        o = self.cfg.optim
         dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(self.precision)
-        for net, model, lr, betas in (("G", G, o.lr_g, o.betas_g), ("D", D, o.lr_d, o.betas_d)):
+        for net, model in nets.items():
             if dtype is not None:
                 model.register_forward_pre_hook(_cast_floating_inputs(dtype))
-            opt = build_optimizer(model.parameters(), o, lr, betas)
+            opt = build_optimizer(model.parameters(), self.cfg.optim, specs[net].lr, specs[net].betas)
             # DeepSpeed's initial weight broadcast views each weight as bytes, which a 0-dim tensor
             # (self-attention's gamma) can't do: those get a shape of (1,) for DeepSpeed, which keeps
             # it (its step re-points the weights into its flat buffer), and () back for everyone else.
@@ -231,11 +239,12 @@ class DeepSpeedBackend:
             engine, _, _, _ = deepspeed.initialize(model=model, optimizer=opt, config=self.config)
             self.engines[net], self.optimizers[net] = engine, opt
             self._restore_scalars(net)
-        return self.engines["G"], self.engines["D"]
+        self.specs = dict(specs)
+        return dict(self.engines)
 
-    def g_phase(self):
-        """D's plain module, frozen: see the module docstring (deepspeed #4923)."""
-        return frozen(self.engines["D"].module)
+    def frozen(self, net: str):
+        """The network's plain module, frozen: see the module docstring (deepspeed #4923)."""
+        return frozen(self.engines[net].module)
 
     def update(self, net: str, loss: torch.Tensor, max_grad_norm: float = 0.0) -> Update:
         """ZeRO computes the gradient norm inside its step, so an update above ``max_grad_norm`` is
@@ -257,7 +266,7 @@ class DeepSpeedBackend:
         return model.module
 
     def save(self, path: Path) -> None:
-        """Collective. Each engine's weights and (partitioned) optimizer state, under path/deepspeed/<G|D>/:
+        """Collective. Each engine's weights and (partitioned) optimizer state, under path/deepspeed/<net>/:
         one model file (rank 0) and one optimizer-state file per rank."""
         for net, engine in self.engines.items():
             engine.save_checkpoint(str(Path(path) / "deepspeed"), tag=net, save_latest=False)

@@ -1,9 +1,11 @@
 """Checkpoints on top of ``Accelerator.save_state``: what goes in, how it is written, and whether a
 checkpoint can be resumed under the config given. The file layout is :mod:`gan.rundir`'s.
 
-A checkpoint holds G, D (safetensors), both optimizers, the fp16 scaler, every rank's RNG state and the
-named custom parts (EMA G, train state with the data stream position, both schedulers), plus
-``meta.json`` (step, world size, resolved config, every file's size and sha256). It is written under a
+A checkpoint holds the family's networks (safetensors; the GAN: G, D), their optimizers, the fp16
+scaler, every rank's RNG state and the named custom parts (the EMA copy, train state with the data
+stream position, every network's schedule), plus ``meta.json`` (step, world size, family, network
+names, resolved config, every file's size and sha256). Parts are named after the networks
+(gan.rundir.parts_of), so the GAN's are G, D, opt_G, opt_D, ema, train_state, sched_G, sched_D. It is written under a
 hidden ``.tmp-`` name, sealed and renamed into place only when every rank has written its part, so a
 crash at any moment leaves the newest complete checkpoint loadable.
 
@@ -20,9 +22,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from gan.dist import any_rank
 from gan.io import write_file_atomic, write_json_atomic
-from gan.rundir import (CUSTOM, EMA_WEIGHTS, META, MODELS, OPTIMIZERS, CheckpointError, RunDir, RunDirError,
-                        part_file, step_of, read_meta,  # noqa: F401
-                        seal, verify)
+from gan.rundir import (EMA_WEIGHTS, META, NETS, CheckpointError, RunDir, RunDirError,  # noqa: F401
+                        part_file, parts_of, step_of, read_meta, seal, verify)
 
 # Settings a resume can't change: the data stream position, the per-rank RNG states and the optimizer
 # state are only meaningful under the values they were written with. Everything else in the config
@@ -34,11 +35,13 @@ class SaveError(RuntimeError):
     """A checkpoint could not be written (e.g. a full disk); the previous one is still the newest."""
 
 
-def register(accelerator, **parts) -> None:
-    """Register the custom checkpoint parts by name (gan.rundir.CUSTOM fixes their files)."""
-    if set(parts) != set(CUSTOM):
-        raise ValueError(f"checkpoint parts must be exactly {CUSTOM}, got {sorted(parts)}")
-    accelerator.register_for_checkpointing(*(parts[name] for name in CUSTOM))
+def register(accelerator, names: tuple, **parts) -> None:
+    """Register the custom checkpoint parts by name, in the order of ``names`` (gan.rundir.parts_of:
+    that order fixes their files); a part given as None is not one (no EMA copy)."""
+    parts = {k: v for k, v in parts.items() if v is not None}
+    if set(parts) != set(names):
+        raise ValueError(f"checkpoint parts must be exactly {names}, got {sorted(parts)}")
+    accelerator.register_for_checkpointing(*(parts[name] for name in names))
 
 
 def _disk_full(error: BaseException | None, where: Path, expected: int) -> bool:
@@ -99,10 +102,12 @@ def save(accelerator, run: RunDir, step: int, meta: dict, keep: int, extra=None)
     failed, = any_rank([error is not None], accelerator.device)  # also: every rank's RNG file is in place
     final = run.checkpoint(step)
     if not failed and main:
+        nets, ema = meta.get("nets", NETS), meta.get("ema", True)
+        models, optimizers, custom = parts_of(nets, ema)
         try:
             seal(tmp, {**meta, "step": step, "world_size": accelerator.num_processes,
-                       "parts": {name: part_file(name) for name in
-                                 (CUSTOM if extra is not None else MODELS + OPTIMIZERS + CUSTOM)}})
+                       "parts": {name: part_file(name, nets, ema) for name in
+                                 (custom if extra is not None else models + optimizers + custom)}})
             run.publish(tmp, step)
             run.prune(keep, final)
         except OSError as e:
@@ -143,6 +148,11 @@ def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
     """Raise CheckpointError if ``cfg`` can't continue the checkpoint at ``path`` exactly (another
     architecture, world size or one of FIXED_ON_RESUME). Returns the changed keys that take effect
     from the resumed step on, as "key: old -> new" lines."""
+    family = meta.get("family") or meta.get("config", {}).get("family") or "gan"  # before families: the GAN
+    if family != cfg.family:
+        raise CheckpointError(f"checkpoint {path} holds a {family} model and this run trains family={cfg.family}; "
+                              f"resume it with family={family} (its config is in {path / META}), or start a new "
+                              f"--run-dir for the {cfg.family}")
     written_by = backend_of(meta)
     if written_by != cfg.train.backend:
         layout = "ZeRO partitions, one file per rank" if written_by == "deepspeed" else "whole, in Accelerate's files"
@@ -177,7 +187,7 @@ def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
 
 def export_generator(out_dir: str | Path, g_ema, model_cfg: dict, step: int) -> None:
     """Rank 0: a small inference export, EMA G weights (safetensors) + the model config to build it.
-    No pickled modules: ``gan.models.build_models(ModelConfig(**model.json['model']))`` rebuilds it."""
+    No pickled modules: ``gan.families.gan.models.build_models(ModelConfig(**model.json['model']))`` rebuilds it."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().cpu().contiguous() for k, v in g_ema.state_dict().items()}

@@ -55,14 +55,12 @@ class Logger:
 
 
 class Sampler:
-    """Every ``log.sample_every`` steps: a per-class grid of the EMA G on fixed noise (rank 0 only)."""
+    """Every ``log.sample_every`` steps: the family's picture grid of the EMA network (the GAN: a
+    per-class grid of the EMA G on fixed noise), rank 0 only."""
 
-    def __init__(self, cfg, ema, rank0, class_names: list[str], device):
-        self.cfg, self.ema, self.rank0, self.class_names = cfg, ema, rank0, class_names
-        gen = torch.Generator().manual_seed(cfg.train.seed)
-        k, n = cfg.log.samples_per_class, cfg.model.num_classes
-        self.z = torch.randn(n * k, cfg.model.z_dim, generator=gen).to(device)
-        self.y = torch.arange(n).repeat_interleave(k).to(device)
+    def __init__(self, cfg, family, ema, rank0, class_names: list[str], device):
+        self.cfg, self.family, self.ema, self.rank0, self.class_names, self.device = \
+            cfg, family, ema, rank0, class_names, device
 
     def maybe_sample(self, step: int) -> None:
         if step % self.cfg.log.sample_every == 0:
@@ -72,9 +70,8 @@ class Sampler:
     def sample(self, step: int) -> None:
         if not self.rank0.enabled:  # rank-0-only work with no collective inside
             return
-        images = torch.cat([self.ema.model(z, y) for z, y in zip(self.z.split(256), self.y.split(256))])
-        self.rank0.samples(step, images, self.y, self.cfg.model.num_classes, self.cfg.log.samples_per_class,
-                           self.class_names)
+        images, labels, rows = self.family.pictures(self.ema.model, self.device)
+        self.rank0.samples(step, images, labels, rows, self.cfg.log.samples_per_class, self.class_names)
 
 
 class Evaluator:
@@ -105,7 +102,7 @@ class Evaluator:
 class Checkpointer:
     """Every ``checkpoint.every`` steps and at the end: the guard's check first (no checkpoint ever
     holds weights it would stop on), buffers made equal, replicas checked, then the atomic, verified
-    checkpoint (gan.checkpoint; the backend adds what its engines keep) and the EMA G export. Also the
+    checkpoint (gan.checkpoint; the backend adds what its engines keep) and the EMA network's export. Also the
     resume: every registered part, the data position, and the config's optimizer settings."""
 
     def __init__(self, cfg, accelerator, run, state, backend, ema, schedulers: dict, stream, guard, rank0, nets):
@@ -113,7 +110,8 @@ class Checkpointer:
             cfg, accelerator, run, state, backend, ema
         self.schedulers, self.stream, self.guard, self.rank0, self.nets = schedulers, stream, guard, rank0, nets
         self.last_saved = -1
-        checkpoint.register(accelerator, ema=ema, train_state=state,
+        self.parts = {"nets": list(schedulers), "ema": ema is not None}  # names the checkpoint's parts
+        checkpoint.register(accelerator, checkpoint.parts_of(**self.parts)[2], ema=ema, train_state=state,
                             **{f"sched_{k}": s for k, s in schedulers.items()})
 
     def resume(self, path: Path) -> None:
@@ -126,7 +124,8 @@ class Checkpointer:
                 f"the ranks resumed from different checkpoints (this one: {path}); do all nodes see the same "
                 f"{self.run.checkpoints}? Pass --resume PATH to name one")
         self.stream.load_state_dict(self.state.data)
-        apply_config(self.backend.optimizers, self.schedulers, self.cfg.optim)  # a value given on resume takes effect
+        # a value given on resume takes effect
+        apply_config(self.backend.optimizers, self.schedulers, self.cfg.optim, self.backend.specs)
         self.last_saved = self.state.step
 
     def maybe_save(self, step: int) -> None:
@@ -140,9 +139,10 @@ class Checkpointer:
         check_replicas(nets, self.accelerator.device)  # collective
         step = self.state.step
         path = checkpoint.save(self.accelerator, self.run, step,
-                               {"config": self.cfg.to_dict(), "backend": self.backend.name}, self.cfg.checkpoint.keep,
+                               {"config": self.cfg.to_dict(), "backend": self.backend.name, "family": self.cfg.family,
+                                **self.parts}, self.cfg.checkpoint.keep,
                                extra=self.backend.save)
-        if self.rank0.enabled:
+        if self.rank0.enabled and self.ema is not None:
             checkpoint.export_generator(self.run.export, self.ema.model, dataclasses.asdict(self.cfg.model), step)
         self.last_saved = step
         return path

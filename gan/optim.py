@@ -1,8 +1,8 @@
 """Optimizers and learning-rate schedules, built from ``OptimConfig``; the same objects serve every
 backend (DDP wraps them with Accelerate, DeepSpeed's ZeRO partitions their state).
 
-Schedules are ``torch.optim.lr_scheduler.LambdaLR`` objects stepped once per G step (both networks
-follow the G step count, whatever ``optim.n_dis`` is). LambdaLR computes the rate in closed form from
+Schedules are ``torch.optim.lr_scheduler.LambdaLR`` objects stepped once per training step (the GAN:
+both networks follow the G step count, whatever ``optim.n_dis`` is). LambdaLR computes the rate in closed form from
 the step count alone; the chained classes (StepLR, ExponentialLR) multiply the optimizer's current
 rate, which a resume would have to restore bit for bit from each backend's optimizer format.
 """
@@ -49,13 +49,14 @@ def build_scheduler(opt: torch.optim.Optimizer, o, max_steps: int) -> LRSchedule
     return LambdaLR(opt, lr_factor(o, max_steps))
 
 
-def apply_config(optimizers: dict, schedulers: dict, o) -> None:
+def apply_config(optimizers: dict, schedulers: dict, o, specs: dict) -> None:
     """After a resume: the config's learning rates, betas, eps and weight decay replace those restored
     with the optimizers and schedules (the schedule's factor comes from the config already), so a value
     given on resume takes effect, as config.yaml says. Unchanged values give the same floats.
-    ``optimizers``: the plain torch optimizers by net (under ZeRO their groups are the engines')."""
+    ``optimizers``: the plain torch optimizers by net (under ZeRO their groups are the engines');
+    ``specs``: each net's learning rate and betas from the config (gan.family.OptimSpec)."""
     for net, opt in optimizers.items():
-        sched, lr, betas = schedulers[net], getattr(o, f"lr_{net.lower()}"), getattr(o, f"betas_{net.lower()}")
+        sched, lr, betas = schedulers[net], specs[net].lr, specs[net].betas
         sched.base_lrs = [lr] * len(opt.param_groups)
         for group, factor in zip(opt.param_groups, sched.lr_lambdas):
             group.update(initial_lr=lr, lr=lr * factor(sched.last_epoch), eps=o.eps, weight_decay=o.weight_decay)

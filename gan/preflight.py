@@ -9,8 +9,7 @@ from pathlib import Path
 from gan import checkpoint
 from gan.config import Config, ConfigError
 from gan.data import read_manifest
-from gan.losses import build_loss
-from gan.models import MODELS, build_models
+from gan.family import build_family
 from gan.rundir import RunDir
 from gan.trackers import tracker_names
 
@@ -40,9 +39,7 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     check_names(cfg)
     tracker_names(cfg.log.with_)  # an unknown or uninstalled tracker fails here
     manifest = read_manifest(cfg.data.shards)
-    m = cfg.model
-    manifest.check(dataset=cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
-                   num_classes=m.num_classes)
+    build_family(cfg).check(manifest)  # the shards against the family's model
     manifest.check_files()  # zero-filled or truncated shards fail here, not at step 0 (or never)
     if cfg.train.batch_size > manifest.total:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} is larger than the data set "
@@ -60,11 +57,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
 
 
 def check_names(cfg: Config) -> None:
-    """The registered names of the config exist (ConfigError listing the valid ones): the loss and the
-    model here; metric names are checked by MetricsConfig itself when the config is built."""
-    build_loss(cfg.loss)
-    if cfg.model.name not in MODELS:
-        build_models(cfg.model)  # raises ConfigError listing the valid architectures
+    """The registered names of the config exist (ConfigError listing the valid ones): the family's
+    (the GAN: loss and model) here; the family name and metric names are checked when the config is built."""
+    build_family(cfg).check()
 
 
 __all__ = ["preflight", "check_names"]

@@ -35,39 +35,53 @@ META = "meta.json"
 # The checkpoint parts by name -> the file Accelerate's save_state writes for each. Models and
 # optimizers are numbered in the order they were passed to prepare(); custom objects in the order of
 # register_for_checkpointing (gan.checkpoint.register keeps that order): use these names, not indices.
-MODELS = ("G", "D")
-OPTIMIZERS = ("opt_G", "opt_D")
-CUSTOM = ("ema", "train_state", "sched_G", "sched_D")
+# They are named after the family's networks (gan.family.checkpoint_parts); these are the GAN's, and
+# the names of a checkpoint whose meta.json records no "nets" (written before families).
+NETS = ("G", "D")
+
+
+def parts_of(nets=NETS, ema: bool = True) -> tuple[tuple, tuple, tuple]:
+    """(models, optimizers, custom parts) of a checkpoint of the networks ``nets``, in their order."""
+    nets = tuple(nets)
+    custom = (("ema",) if ema else ()) + ("train_state",) + tuple(f"sched_{n}" for n in nets)
+    return nets, tuple(f"opt_{n}" for n in nets), custom
+
+
+MODELS, OPTIMIZERS, CUSTOM = parts_of()
 SCALER_FILE = "scaler.pt"
 EMA_WEIGHTS = "G_ema.safetensors"  # in RUN/export/ and RUN/best/, beside model.json
 _NAME = re.compile(r"^step-(\d{8})$")
 _HIDDEN = re.compile(r"^\.(tmp|trash|old)-(step-\d{8})$")
 
 
-def part_file(name: str) -> str:
-    """File name of a named checkpoint part (see MODELS, OPTIMIZERS, CUSTOM)."""
-    for names, fmt in ((MODELS, "model{}.safetensors"), (OPTIMIZERS, "optimizer{}.bin")):
+def part_file(name: str, nets=NETS, ema: bool = True) -> str:
+    """File name of a named checkpoint part of a checkpoint of ``nets`` (see :func:`parts_of`)."""
+    models, optimizers, custom = parts_of(nets, ema)
+    for names, fmt in ((models, "model{}.safetensors"), (optimizers, "optimizer{}.bin")):
         if name in names:
             i = names.index(name)
             return fmt.format(f"_{i}" if i else "")
-    if name in CUSTOM:
-        return f"custom_checkpoint_{CUSTOM.index(name)}.pkl"
-    raise KeyError(f"unknown checkpoint part {name!r}; known: {', '.join(MODELS + OPTIMIZERS + CUSTOM)}")
+    if name in custom:
+        return f"custom_checkpoint_{custom.index(name)}.pkl"
+    raise KeyError(f"unknown checkpoint part {name!r}; known: {', '.join(models + optimizers + custom)}")
 
 
 def rng_file(rank: int) -> str:
     return f"random_states_{rank}.pkl"
 
 
-def required_files(world_size: int, backend: str = "ddp") -> list[str]:
-    """Files every checkpoint of this trainer must hold (scaler.pt only with fp16, so not listed).
-    Under DeepSpeed the engines hold G, D and their optimizers (gan.backends.DeepSpeedBackend.save):
+def required_files(world_size: int, backend: str = "ddp", nets=NETS, ema: bool = True) -> list[str]:
+    """Files every checkpoint of networks ``nets`` must hold (scaler.pt only with fp16, so not listed).
+    Under DeepSpeed the engines hold the networks and their optimizers (gan.backends.DeepSpeedBackend.save):
     one weights file and one optimizer partition per rank for each."""
+    models, optimizers, custom = parts_of(nets, ema)
+    ranks = [rng_file(r) for r in range(world_size)]
     if backend == "deepspeed":
-        nets = [f"deepspeed/{net}/{f}" for net in MODELS for f in
-                ["mp_rank_00_model_states.pt"] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]]
-        return nets + [part_file(n) for n in CUSTOM] + [rng_file(r) for r in range(world_size)]
-    return [part_file(n) for n in MODELS + OPTIMIZERS + CUSTOM] + [rng_file(r) for r in range(world_size)]
+        states = ["mp_rank_00_model_states.pt"] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
+                                                   for r in range(world_size)]
+        engines = [f"deepspeed/{net}/{f}" for net in models for f in states]
+        return engines + [part_file(n, nets, ema) for n in custom] + ranks
+    return [part_file(n, nets, ema) for n in models + optimizers + custom] + ranks
 
 
 class CheckpointError(ValueError):
@@ -141,7 +155,8 @@ def verify(path: str | Path) -> dict:
         world_size = int(meta["world_size"])
     except (KeyError, TypeError, ValueError):
         raise CheckpointError(f"{path / META} is damaged (no world_size); resume from another checkpoint") from None
-    for name in required_files(world_size, meta.get("backend", "ddp")):
+    nets, ema = meta.get("nets", NETS), meta.get("ema", True)  # before families: the GAN's
+    for name in required_files(world_size, meta.get("backend", "ddp"), nets, ema):
         if name not in files:
             raise CheckpointError(f"{path / name} is not recorded in {path / META}: the checkpoint is incomplete; "
                                   f"resume from another checkpoint")

@@ -80,6 +80,8 @@ def banner(trainer) -> list[str]:
     loader = (f"on the device ({trainer.stream.nbytes / 2**20:,.1f} MiB, data.on_device)" if cfg.data.on_device
               else f"worker loader, {cfg.data.num_workers} worker(s) per rank")
     classes = "1 class (unconditional)" if m.num_classes == 1 else f"{m.num_classes} classes"
+    arch = getattr(cfg.model, "name", cfg.family)
+    nets = ", ".join(f"{n} {arch} {_params(unwrap(net))} parameters" for n, net in trainer.nets.items())
     resume = (f"resuming from {trainer.resume_from}" if trainer.resume_from is not None else "fresh start")
     trackers = ", ".join(t.name for t in acc.trackers) or "none"
     return [
@@ -87,8 +89,7 @@ def banner(trainer) -> list[str]:
         f"devices: {acc.num_processes} x {name}, world size {acc.num_processes} "
         f"({'single process' if acc.num_processes == 1 else acc.distributed_type.value.lower()})",
         f"precision: {acc.mixed_precision} ({trainer.precision_source})",
-        f"models: G {cfg.model.name} {_params(unwrap(trainer.G))} parameters, D {_params(unwrap(trainer.D))}; "
-        f"{cfg.model.img_channels}x{cfg.model.img_size}x{cfg.model.img_size}, batch {cfg.train.batch_size} per rank",
+        f"models: {nets}; {c}x{h}x{w}, batch {cfg.train.batch_size} per rank",
         f"data: {m.dataset} {m.split}, {m.total:,} images of {c}x{h}x{w}, {classes}, from {m.dir} ({loader})",
         f"trackers: {trackers}; steps {trainer.state.step} -> {cfg.train.max_steps}",
     ]

@@ -4,8 +4,10 @@ Components own their mechanics (torchtitan's layout): the backend the optimizer 
 (gan.backends: DDP or DeepSpeed), the guard the one non-finite/divergence policy (gan.guard), the
 logger, sampler, evaluator and checkpointer their own timing (gan.components), the stop policy
 signals, the time budget and early stopping (gan.stopping), rank 0 all writing (gan.rank_zero).
-Losses compute (gan.losses), networks forward (gan.models), the checks before any work live in
-gan.preflight.
+The model family (gan.family; the GAN in gan/families/gan/) owns the networks, their optimizer
+settings and the order of updates in a step; the trainer knows networks only by name and hands the
+family itself as the step context (``nets``, ``step``, ``batch()``, ``update()``, ``frozen()``). The
+checks before any work live in gan.preflight.
 """
 from __future__ import annotations
 
@@ -24,9 +26,8 @@ from gan.config import Config, ConfigError
 from gan.data import ShardError, train_stream
 from gan.dist import PeerError, Stats, as_peer_error
 from gan.ema import EMA
+from gan.family import build_family
 from gan.guard import DivergenceError, Guard, NonFiniteError
-from gan.losses import build_loss
-from gan.models import build_models
 from gan.optim import build_scheduler
 from gan.preflight import check_names, preflight
 from gan.rank_zero import RankZero
@@ -39,7 +40,7 @@ from gan.trackers import flat_hparams
 @dataclasses.dataclass
 class TrainState:
     """The small, checkpointed progress record (registered with Accelerate)."""
-    step: int = 0  # G steps done
+    step: int = 0  # training steps done
     images_seen: int = 0  # real images consumed, all ranks
     skipped_nonfinite: int = 0
     fp16_skipped: int = 0
@@ -58,81 +59,77 @@ class TrainState:
 class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from, self.run = cfg, Path(run_dir), resume_from, RunDir(run_dir)
-        t = cfg.train
+        t, self.batch_size = cfg.train, cfg.train.batch_size
         self.accelerator, self.precision_source = build_accelerator(cfg, self.run_dir)  # precision resolved in cfg
-        acc = self.accelerator
-        self.device = acc.device
+        acc, self.device = self.accelerator, self.accelerator.device
         self.rank0 = RankZero(self.run, acc.is_main_process, t.max_steps, cfg.log.progress, accelerator=acc)
 
         set_seed(t.seed)  # identical initial weights on every rank
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
-        G, D = (net.to(self.device, memory_format=self.memory_format) for net in build_models(cfg.model))
-        self.ema = EMA(G, cfg.ema)
+        self.family = family = build_family(cfg)
+        nets = {n: m.to(self.device, memory_format=self.memory_format) for n, m in family.build_networks().items()}
+        self.ema = EMA(nets[family.ema], cfg.ema) if family.ema else None
         self.backend = build_backend(cfg, acc, t.mixed_precision)  # DDP or DeepSpeed
-        self.G, self.D = self.backend.prepare(G, D)
+        self.nets = self.backend.prepare(nets, {n: family.optimizer(n) for n in nets})
         self.schedulers = {net: build_scheduler(opt, cfg.optim, t.max_steps) for net, opt in self.backend.optimizers.items()}
-        self.loss = build_loss(cfg.loss)
+        family.check()  # builds what the step needs (the GAN: its loss) before the per-rank seed, as always
         self.state = TrainState()
 
         set_seed(t.seed, device_specific=True)  # different noise per rank
         self.stream = train_stream(cfg.data, batch_size=t.batch_size, seed=t.seed,  # data.on_device: DeviceStream
                                    rank=acc.process_index, world_size=acc.num_processes, device=self.device)
-        self._batches = None  # created on first use, after any resume has positioned the stream
+        self._batches, self._drawn = None, 0  # created on first use, after any resume has positioned the stream
         self.stats = Stats(self.device)
         self.guard = Guard(t, self.state, self.stats, self.rank0, self.device)
-        self.logger = Logger(cfg, self.state, self.stats, self.guard, self.rank0, self.nets)
-        self.sampler = Sampler(cfg, self.ema, self.rank0, list(self.stream.manifest.classes), self.device)
+        self.logger = Logger(cfg, self.state, self.stats, self.guard, self.rank0, self.replicas)
+        self.sampler = Sampler(cfg, family, self.ema, self.rank0, list(self.stream.manifest.classes), self.device)
         self.evaluator = Evaluator(cfg, acc, self.state, self.ema, self.rank0, self.run_dir)
         self.checkpointer = Checkpointer(cfg, acc, self.run, self.state, self.backend, self.ema, self.schedulers,
-                                         self.stream, self.guard, self.rank0, self.nets)
+                                         self.stream, self.guard, self.rank0, self.replicas)
         self.stopper = StopPolicy(cfg, self.state, self.device, acc.num_processes, self.rank0)
 
-    def nets(self) -> dict[str, torch.nn.Module]:
-        """The replicated networks, as the guard and the checkpointer check them."""
-        return {"G": self.G, "D": self.D, "G_ema": self.ema.model}
+    def replicas(self) -> dict[str, torch.nn.Module]:
+        """The replicated networks, as the guard and the checkpointer check them (the EMA copy as <net>_ema)."""
+        return {**self.nets, **({f"{self.family.ema}_ema": self.ema.model} if self.ema else {})}
 
-    # ------------------------------------------------------------------ one step
-    def _next_real(self) -> tuple[torch.Tensor, torch.Tensor]:
+    # ------------------------------------------------------------------ the step context (gan.family.StepContext)
+    @property
+    def step(self) -> int:
+        return self.state.step
+
+    def batch(self) -> tuple[torch.Tensor, ...]:
+        """The next batch of the stream on the device (images in the memory format); counted as drawn."""
         if self._batches is None:
             self._batches = iter(self.stream)
-        x, y = next(self._batches)
-        if self.device.type == "cuda" and x.device.type == "cpu":  # from pinned memory the copy is
-            x, y = x.pin_memory(), y.pin_memory()  # asynchronous; from pageable memory it waits for the GPU
-        x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
-        return x, y.to(self.device, non_blocking=True)
+        batch = next(self._batches)
+        self._drawn += 1
+        if self.device.type == "cuda" and batch[0].device.type == "cpu":  # from pinned memory the copy is
+            batch = tuple(b.pin_memory() for b in batch)  # asynchronous; from pageable memory it waits for the GPU
+        batch = tuple(b.to(self.device, non_blocking=True) for b in batch)
+        return tuple(b.contiguous(memory_format=self.memory_format) if b.dim() == 4 else b for b in batch)
 
-    def _noise(self, batch: int) -> tuple[torch.Tensor, torch.Tensor]:
-        z = torch.randn(batch, self.cfg.model.z_dim, device=self.device)
-        return z, torch.randint(0, self.cfg.model.num_classes, (batch,), device=self.device)
-
-    def _update(self, phase: str, loss_and_stats: tuple[torch.Tensor, dict]) -> None:
-        """One optimizer update of D (phases D, D_reg) or G through the backend, then the guard's policy."""
-        loss, stats = loss_and_stats
-        net = phase[0]
-        u = self.backend.update(net, loss, self.cfg.train.max_grad_norm)
-        self.guard.record(phase, loss, u, self.nets())
-        for k, v in {**stats, f"GradNorm/{phase}": u.gnorm, f"LR/{net}": self.schedulers[net].get_last_lr()[0]}.items():
+    def update(self, name: str, loss: torch.Tensor, stats: dict, phase: str | None = None) -> None:
+        """One optimizer update of network ``name`` through the backend, then the guard's policy."""
+        phase = phase or name
+        u = self.backend.update(name, loss, self.cfg.train.max_grad_norm)
+        self.guard.record(phase, loss, u, self.replicas())
+        lr = self.schedulers[name].get_last_lr()[0]
+        for k, v in {**stats, f"GradNorm/{phase}": u.gnorm, f"LR/{name}": lr}.items():
             self.stats.report(k, v.float() if torch.is_tensor(v) else v)
 
+    def frozen(self, name: str):
+        """Network ``name`` frozen, without gradient sync (the backend's), for a phase trained through it."""
+        return self.backend.frozen(name)
+
     def train_step(self) -> None:
-        B, n_dis, loss = self.cfg.train.batch_size, self.cfg.optim.n_dis, self.loss
-        loss.step = self.state.step
-        for i in range(n_dis):
-            real, y_real = self._next_real()
-            z, y_fake = self._noise(B)
-            with torch.no_grad():
-                fake = self.G(z, y_fake)
-            self._update("D", loss.d_loss(self.D, real, y_real, fake, y_fake))
-            if loss.has_regularizer and (self.state.step * n_dis + i) % loss.cfg.r1_every == 0:
-                self._update("D_reg", loss.d_regularizer(self.D, real, y_real))  # lazy R1: its own update
-        z, y_fake = self._noise(B)
-        with self.backend.g_phase() as D:  # frozen, no gradient sync
-            self._update("G", loss.g_loss(D, self.G(z, y_fake), y_fake))
+        self._drawn = 0
+        self.family.train_step(self)
         for sched in self.schedulers.values():
             sched.step()
-        self.ema.update(self.backend.unwrap(self.G))
+        if self.ema is not None:
+            self.ema.update(self.backend.unwrap(self.nets[self.family.ema]))
         self.state.step += 1
-        self.state.images_seen += n_dis * B * self.accelerator.num_processes
+        self.state.images_seen += self._drawn * self.cfg.train.batch_size * self.accelerator.num_processes
         self.state.data = self.stream.state_dict()
 
     # ------------------------------------------------------------------ the loop
@@ -164,7 +161,9 @@ class Trainer:
                 self.sampler.sample(state.step)
                 self.checkpointer.save()
             if acc.num_processes > 1:
-                self.rank0.print(f"replica check: G, D and G_ema identical on all {acc.num_processes} ranks")
+                *first, last = self.replicas()
+                listed = f"{', '.join(first)} and {last}" if first else last
+                self.rank0.print(f"replica check: {listed} identical on all {acc.num_processes} ranks")
             self.rank0.status(self.stopper.outcome, state.step, note=self.stopper.note,
                               kimg=round(state.images_seen / 1000, 3), train_seconds=round(state.train_seconds, 3))
             return self.stopper.outcome
@@ -188,7 +187,7 @@ class Trainer:
         self._batches = None
         self.rank0.close()
         self.accelerator.end_training()
-        self.G = self.D = self.backend = self.schedulers = self.checkpointer = None
+        self.nets = self.ema = self.backend = self.schedulers = self.checkpointer = self.family = None
         self.accelerator.free_memory()  # Accelerate's own lists of prepared models and optimizers
         gc.collect()
         if dist.is_available() and dist.is_initialized():

@@ -9,8 +9,8 @@ import torch
 import torch.nn as nn
 
 from gan.config import ConfigError, LossConfig, OptimConfig, load_config
-from gan.diffaug import color, cutout, translation
-from gan.losses import (LOSSES, build_loss, gradient_penalty, hinge_d_loss, hinge_g_loss, ls_d_loss, ls_g_loss,
+from gan.families.gan.diffaug import color, cutout, translation
+from gan.families.gan.losses import (LOSSES, build_loss, gradient_penalty, hinge_d_loss, hinge_g_loss, ls_d_loss, ls_g_loss,
                         ns_d_loss, r1_penalty, wasserstein_d_loss)
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -188,7 +188,7 @@ def test_optimizers(name, cls):
 
 
 def _combos():
-    from gan.models import MODELS
+    from gan.families.gan.models import MODELS
     archs = [(m, "") for m in sorted(MODELS)] + [("cdcgan", "googlenet")]
     return [(m, b, l) for m, b in archs for l in sorted(LOSSES)]
 
@@ -203,11 +203,11 @@ def test_every_architecture_and_loss_trains_a_finite_step(arch, backbone, loss, 
         "model.shared_dim=16", "loss.r1_gamma=1.0", "loss.r1_every=1", "loss.diffaug=color,translation,cutout",
         "loss.instance_noise=0.1", "optim.n_dis=2", "optim.grad_clip=10"])
     t = Trainer(cfg, tmp_path / "run")
-    before = [p.detach().clone() for p in t.G.parameters()] + [p.detach().clone() for p in t.D.parameters()]
+    before = [p.detach().clone() for p in t.nets["G"].parameters()] + [p.detach().clone() for p in t.nets["D"].parameters()]
     t.train_step()
     stats = t.stats.reduce()
     assert all(math.isfinite(v) for v in stats.values()), stats
     assert {"Loss/D/main", "Loss/G/main", "Loss/D/r1"} <= set(stats)
-    after = list(t.G.parameters()) + list(t.D.parameters())
+    after = list(t.nets["G"].parameters()) + list(t.nets["D"].parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert sum(not torch.equal(a, b) for a, b in zip(before, after)) > len(after) // 2

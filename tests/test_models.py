@@ -5,8 +5,8 @@ import pytest
 import torch
 
 from gan.config import ConfigError, LossConfig, ModelConfig
-from gan.losses import build_loss, ns_d_loss, ns_g_loss
-from gan.models import build_models
+from gan.families.gan.losses import build_loss, ns_d_loss, ns_g_loss
+from gan.families.gan.models import build_models
 
 
 @pytest.mark.parametrize("size, channels", [(32, 3), (28, 1), (64, 3)])

@@ -180,7 +180,7 @@ def test_teardown_restores_signal_handlers(tmp_path, tiny_shards):
     assert signal.getsignal(signal.SIGTERM) == StopRequest._handler
     t.close()
     assert signal.getsignal(signal.SIGTERM) == before
-    assert t.G is None and t.accelerator._models == []
+    assert t.nets is None and t.accelerator._models == []
 
 
 @pytest.mark.slow
@@ -294,7 +294,7 @@ def test_skip_policy_never_checkpoints_nonfinite_weights(tmp_path, tiny_shards):
         step()
         if t.state.step == 3:
             with torch.no_grad():
-                next(t.D.parameters()).view(-1)[0] = float("inf")
+                next(t.nets["D"].parameters()).view(-1)[0] = float("inf")
     t.train_step = overflowing_step
     with pytest.raises(NonFiniteError, match="non-finite weights in D"):
         t.fit()

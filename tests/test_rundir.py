@@ -189,7 +189,7 @@ def test_nonfinite_weights_are_never_checkpointed(tmp_path, tiny_shards):
     good = (ckpt(run, 2) / "model_1.safetensors").read_bytes()
     t.cfg.train.max_steps = 4
     with torch.no_grad():
-        next(t.D.parameters()).fill_(float("inf"))  # the skip policy skips its updates; the weights stay inf
+        next(t.nets["D"].parameters()).fill_(float("inf"))  # the skip policy skips its updates; the weights stay inf
     with pytest.raises(NonFiniteError, match=r"non-finite weights in D"):  # caught before step 4 is saved
         t.fit()
     assert RunDir(run).latest_checkpoint() == ckpt(run, 2)

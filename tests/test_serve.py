@@ -103,7 +103,7 @@ def biggan_run(tmp_path_factory):
 
     from gan.checkpoint import export_generator
     from gan.config import from_dict
-    from gan.models import build_models
+    from gan.families.gan.models import build_models
 
     model = {"name": "biggan", "g_channels": 8, "d_channels": 8, "z_dim": 20, "shared_dim": 16, "hier_z": True,
              "g_spectral_norm": False, "d_spectral_norm": False, "attn_res": 0}
@@ -298,7 +298,7 @@ def test_bake_spectral_norm_biggan_matches_eager():
     """BigGAN with spectral norm in G: the baked copy computes what the eval-mode G computes."""
     from gan.config import from_dict
     from gan.export import bake
-    from gan.models import build_models
+    from gan.families.gan.models import build_models
 
     cfg = from_dict({"model": {"name": "biggan", "g_channels": 8, "d_channels": 8, "z_dim": 20, "shared_dim": 16,
                                "hier_z": True, "g_spectral_norm": True}}).model

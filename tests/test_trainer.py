@@ -77,7 +77,7 @@ def test_run_directory_layout_and_events(tmp_path, tiny_shards):
 
 def test_export_rebuilds_generator(tmp_path, tiny_shards):
     from gan.config import ModelConfig
-    from gan.models import build_models
+    from gan.families.gan.models import build_models
 
     run = tmp_path / "run"
     train(run, tiny_shards, "train.max_steps=2")
@@ -232,12 +232,12 @@ def _trainer(tmp_path, shards, *overrides):
 
 def test_one_step_changes_both_nets(tmp_path, tiny_shards):
     t = _trainer(tmp_path, tiny_shards, "train.max_steps=1")
-    g0 = [p.detach().clone() for p in t.G.parameters()]
-    d0 = [p.detach().clone() for p in t.D.parameters()]
+    g0 = [p.detach().clone() for p in t.nets["G"].parameters()]
+    d0 = [p.detach().clone() for p in t.nets["D"].parameters()]
     e0 = [p.detach().clone() for p in t.ema.model.parameters()]
     assert t.fit() == "finished"
-    assert all(not torch.equal(a, b) for a, b in zip(g0, t.G.parameters()))
-    assert all(not torch.equal(a, b) for a, b in zip(d0, t.D.parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(g0, t.nets["G"].parameters()))
+    assert all(not torch.equal(a, b) for a, b in zip(d0, t.nets["D"].parameters()))
     assert any(not torch.equal(a, b) for a, b in zip(e0, t.ema.model.parameters()))
 
 
@@ -250,7 +250,7 @@ def test_nonfinite_loss_stops_and_keeps_last_good_checkpoint(tmp_path, tiny_shar
     good = (ckpt(tmp_path / "run", 2) / "model.safetensors").read_bytes()
     t.cfg.train.max_steps = 4
     with torch.no_grad():
-        next(t.D.parameters()).fill_(float("nan"))  # D diverges from step 2 on
+        next(t.nets["D"].parameters()).fill_(float("nan"))  # D diverges from step 2 on
     # Counted on the device, read at the next checkpoint (step 4), before anything is written.
     with pytest.raises(NonFiniteError, match=r"non-finite loss/gradient in 4 update\(s\) \(D 2, G 2\) in steps 2-3"):
         t.fit()
@@ -271,7 +271,7 @@ def test_nonfinite_skip_policy_counts(tmp_path, tiny_shards):
     with pytest.raises(NonFiniteError, match="3 in this run"):  # skipped twice, stopped at the third
         t.fit()
     assert t.state.skipped_nonfinite == 3 and t.state.step == 3
-    assert all(torch.isfinite(p).all() for p in t.D.parameters())
+    assert all(torch.isfinite(p).all() for p in t.nets["D"].parameters())
 
 
 def _tensors_of(opt) -> dict:
@@ -289,14 +289,14 @@ def test_nonfinite_update_is_skipped_exactly(tmp_path, tiny_shards, optim):
     def poisoned(D, *args):  # the second step's D update gets a NaN loss
         loss, stats = d_loss(D, *args)
         if t.state.step == 1:
-            seen["before"] = ([p.detach().clone() for p in t.D.parameters()], _tensors_of(t.backend.optimizers["D"]))
+            seen["before"] = ([p.detach().clone() for p in t.nets["D"].parameters()], _tensors_of(t.backend.optimizers["D"]))
             loss = loss * float("nan")
         return loss, stats
 
     def train_step():
         step()
         if t.state.step == 2:
-            seen["after"] = ([p.detach().clone() for p in t.D.parameters()], _tensors_of(t.backend.optimizers["D"]))
+            seen["after"] = ([p.detach().clone() for p in t.nets["D"].parameters()], _tensors_of(t.backend.optimizers["D"]))
 
     t.loss.d_loss, t.train_step = poisoned, train_step
     from gan.optim import is_fused
@@ -306,7 +306,7 @@ def test_nonfinite_update_is_skipped_exactly(tmp_path, tiny_shards, optim):
     (p0, o0), (p1, o1) = seen["before"], seen["after"]
     assert all(torch.equal(a, b) for a, b in zip(p0, p1)) and o0.keys() == o1.keys() and o0
     assert all(torch.equal(o0[k], o1[k]) for k in o0), [k for k in o0 if not torch.equal(o0[k], o1[k])]
-    assert all(torch.isfinite(p).all() for p in t.D.parameters())
+    assert all(torch.isfinite(p).all() for p in t.nets["D"].parameters())
 
 
 

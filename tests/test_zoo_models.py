@@ -8,9 +8,9 @@ import torch.nn as nn
 from torch.nn.utils import parametrize
 
 from gan.config import ConfigError, ModelConfig
-from gan.models import MODELS, build_models
-from gan.models.googlenet_d import GoogLeNetDiscriminator, load_backbone
-from gan.models.layers import (ClassConditionalBatchNorm2d, SelfAttention, apply_init, apply_spectral_norm,
+from gan.families.gan.models import MODELS, build_models
+from gan.families.gan.models.googlenet_d import GoogLeNetDiscriminator, load_backbone
+from gan.families.gan.models.layers import (ClassConditionalBatchNorm2d, SelfAttention, apply_init, apply_spectral_norm,
                                attention_level)
 
 # tiny widths per architecture (biggan's are multipliers: 4 -> 16-wide G blocks, 8-wide D blocks)

@@ -70,7 +70,7 @@ def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, de
     """The eval-mode EMA generator of a run. Raises MetricError/CheckpointError with the fix."""
     from safetensors.torch import load_file
 
-    from gan.models import build_models
+    from gan.families.gan.models import build_models
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)

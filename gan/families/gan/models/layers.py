@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch.nn.utils.parametrizations import spectral_norm
 
-from gan.config import ConfigError, ModelConfig
+from gan.config import ConfigError
+from gan.families.gan.config import ModelConfig
 
 SN_EPS = 1e-6  # BigGAN's SN epsilon; torch's 1e-12 default is below bf16/fp16 resolution
 _WEIGHTED = (nn.Conv2d, nn.ConvTranspose2d, nn.Linear, nn.Embedding)

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gan.config import ModelConfig
-from gan.models import register
-from gan.models.layers import SelfAttention, base_and_ups, check_attention
+from gan.families.gan.config import ModelConfig
+from gan.families.gan.models import register
+from gan.families.gan.models.layers import SelfAttention, base_and_ups, check_attention
 
 _base_and_ups = base_and_ups  # the old private name
 

@@ -17,9 +17,10 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 
-from gan.config import ConfigError, ModelConfig
-from gan.models import register
-from gan.models.layers import (ConditionalBatchNorm2d, DBlock, GBlock, ResidualG, ResidualProjectionD, SelfAttention,
+from gan.config import ConfigError
+from gan.families.gan.config import ModelConfig
+from gan.families.gan.models import register
+from gan.families.gan.models.layers import (ConditionalBatchNorm2d, DBlock, GBlock, ResidualG, ResidualProjectionD, SelfAttention,
                                apply_init, base_and_ups, check_attention, d_down_schedule, map_sizes)
 
 

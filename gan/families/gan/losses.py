@@ -14,8 +14,9 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from gan.config import ConfigError, LossConfig
-from gan.diffaug import diff_augment
+from gan.config import ConfigError
+from gan.families.gan.config import LossConfig
+from gan.families.gan.diffaug import diff_augment
 
 # ---------------------------------------------------------------------------- pure objectives
 

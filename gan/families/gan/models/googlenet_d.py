@@ -20,7 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision.models import googlenet
 
-from gan.config import ConfigError, ModelConfig
+from gan.config import ConfigError
+from gan.families.gan.config import ModelConfig
 
 MIN_SIZE = 32  # GoogLeNet halves the map 5 times
 _STAGES = ("conv1", "maxpool1", "conv2", "conv3", "maxpool2", "inception3a", "inception3b", "maxpool3",

@@ -15,9 +15,9 @@ import math
 import torch
 import torch.nn as nn
 
-from gan.config import ModelConfig
-from gan.models import register
-from gan.models.layers import (ClassConditionalBatchNorm2d, DBlock, GBlock, ResidualG, ResidualProjectionD,
+from gan.families.gan.config import ModelConfig
+from gan.families.gan.models import register
+from gan.families.gan.models.layers import (ClassConditionalBatchNorm2d, DBlock, GBlock, ResidualG, ResidualProjectionD,
                                SelfAttention, apply_init, base_and_ups, check_attention, d_down_schedule, map_sizes)
 
 

@@ -5,7 +5,8 @@ from typing import Callable
 
 import torch.nn as nn
 
-from gan.config import ConfigError, ModelConfig
+from gan.config import ConfigError
+from gan.families.gan.config import ModelConfig
 
 # name -> factory(cfg, build_d=True) returning (G, D); with build_d=False, (G, None): the D is
 # replaced (model.d_backbone), so it is neither built nor checked (e.g. for model.attn_res)
@@ -41,6 +42,6 @@ def build_models(cfg: ModelConfig) -> tuple[nn.Module, nn.Module]:
     return G, D
 
 
-from gan.models import biggan, cdcgan, sngan  # noqa: E402,F401  (register "biggan", "cdcgan", "sngan")
-from gan.models.googlenet_d import GoogLeNetDiscriminator  # noqa: E402
-from gan.models.layers import apply_init, apply_spectral_norm  # noqa: E402
+from gan.families.gan.models import biggan, cdcgan, sngan  # noqa: E402,F401  (register "biggan", "cdcgan", "sngan")
+from gan.families.gan.models.googlenet_d import GoogLeNetDiscriminator  # noqa: E402
+from gan.families.gan.models.layers import apply_init, apply_spectral_norm  # noqa: E402

@@ -1,0 +1,89 @@
+"""The GAN as a family: a class-conditional generator G and discriminator D, ``optim.n_dis`` D
+updates (plus lazy R1 as its own update) then one G update per step, the EMA copy of G for samples,
+evaluation and export. Inputs of G: noise ``z`` (``model.z_dim``) and a class index."""
+from __future__ import annotations
+
+import torch
+
+from gan.families.gan.config import LossConfig, ModelConfig
+from gan.family import Family, OptimSpec, register_family
+
+
+@register_family
+class GAN(Family):
+    name = "gan"
+    sections = {"model": ModelConfig, "loss": LossConfig}
+    ema = "G"
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self._loss = None
+
+    @property
+    def loss(self):
+        if self._loss is None:
+            from gan.families.gan.losses import build_loss
+
+            self._loss = build_loss(self.cfg.loss)
+        return self._loss
+
+    def build_networks(self) -> dict[str, torch.nn.Module]:
+        from gan.families.gan.models import build_models
+
+        G, D = build_models(self.cfg.model)
+        return {"G": G, "D": D}
+
+    def optimizer(self, name: str) -> OptimSpec:
+        o = self.cfg.optim
+        return OptimSpec(getattr(o, f"lr_{name.lower()}"), tuple(getattr(o, f"betas_{name.lower()}")))
+
+    def check(self, manifest=None) -> None:
+        from gan.families.gan.models import MODELS, build_models
+
+        self.loss  # noqa: B018 - an unknown loss name raises ConfigError listing the valid ones
+        if self.cfg.model.name not in MODELS:
+            build_models(self.cfg.model)  # raises ConfigError listing the valid architectures
+        if manifest is not None:
+            from gan.data.manifest import require_single
+
+            m = self.cfg.model
+            require_single(manifest, "the GAN (family: gan)")  # paired shards: name the paired families
+            manifest.check(dataset=self.cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
+                           num_classes=m.num_classes)
+
+    def _noise(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        m = self.cfg.model
+        z = torch.randn(ctx.batch_size, m.z_dim, device=ctx.device)
+        return z, torch.randint(0, m.num_classes, (ctx.batch_size,), device=ctx.device)
+
+    def train_step(self, ctx) -> None:
+        n_dis, loss, G = self.cfg.optim.n_dis, self.loss, ctx.nets["G"]
+        loss.step = ctx.step
+        for i in range(n_dis):
+            real, y_real = ctx.batch()
+            z, y_fake = self._noise(ctx)
+            with torch.no_grad():
+                fake = G(z, y_fake)
+            ctx.update("D", *loss.d_loss(ctx.nets["D"], real, y_real, fake, y_fake))
+            if loss.has_regularizer and (ctx.step * n_dis + i) % loss.cfg.r1_every == 0:
+                ctx.update("D", *loss.d_regularizer(ctx.nets["D"], real, y_real), phase="D_reg")  # lazy R1
+        z, y_fake = self._noise(ctx)
+        with ctx.frozen("D") as D:  # no weight gradients, no gradient sync
+            ctx.update("G", *loss.g_loss(D, G(z, y_fake), y_fake))
+
+    def pictures(self, net: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """A per-class grid of ``net`` (the EMA G) on fixed noise: ``log.samples_per_class`` per class."""
+        if not hasattr(self, "_fixed"):
+            gen = torch.Generator().manual_seed(self.cfg.train.seed)
+            k, n = self.cfg.log.samples_per_class, self.cfg.model.num_classes
+            self._fixed = (torch.randn(n * k, self.cfg.model.z_dim, generator=gen).to(device),
+                           torch.arange(n).repeat_interleave(k).to(device))
+        z, y = self._fixed
+        images = torch.cat([net(zi, yi) for zi, yi in zip(z.split(256), y.split(256))])
+        return images, y, self.cfg.model.num_classes
+
+    def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, y)``: z float32 (batch, model.z_dim), y int64 class indices (the inputs gan.export traces
+        and checks parity with, drawn the same way)."""
+        m, gen = self.cfg.model, torch.Generator().manual_seed(seed)
+        return torch.randn(batch, m.z_dim, generator=gen), torch.arange(batch) % m.num_classes

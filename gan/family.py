@@ -1,0 +1,164 @@
+"""Model families: what a kind of generative model brings to the training spine, and their registry.
+
+The spine (trainer, backends, guard, checkpointer, stop policy, run directory, rank-zero writing) knows
+networks only by name: a family says which networks it has, how each is optimized, and what one
+training step does; the spine prepares the networks on its backend, runs the step, keeps the EMA copy,
+checkpoints every part and decides when to stop. A family is one module that defines a
+:class:`Family` subclass and registers it::
+
+    from gan.family import Family, register_family
+
+    @register_family
+    class VAE(Family):
+        name = "vae"
+        sections = {"model": VAEModelConfig, "loss": VAELossConfig}
+        ema = "vae"                       # or None
+        ...
+
+and one import line in :func:`_load_builtin` so the name is known before any config is read. The
+experiment picks it with the top-level config key ``family`` (default ``gan``).
+
+The contract, in short (docs/CONTRACTS.md has it in full):
+
+- ``sections``: the config sections the family owns, name -> a dataclass validating itself in
+  ``__post_init__`` (raising :class:`gan.config.ConfigError` naming the key). ``model`` is required:
+  it is the architecture, compared on resume and written beside every export (``model.json``).
+- :meth:`Family.build_networks`: every trained network by name, in a fixed order (that order numbers
+  Accelerate's checkpoint files). Checkpoint parts are named after them (gan.rundir.parts_of):
+  ``<name>`` (weights), ``opt_<name>``, ``sched_<name>``; plus ``ema`` (when ``ema`` names a
+  network) and ``train_state``.
+- :meth:`Family.optimizer`: each network's learning rate and betas (the optimizer kind, eps, weight
+  decay and schedule are the spine's ``optim`` section, shared).
+- :meth:`Family.train_step`: the ordered updates of one step through a :class:`StepContext`, each
+  ``ctx.update(name, loss, stats)``: the family never calls backward or step.
+- Batches are tuples from the data stream: ``(x, y)`` for ordinary shards (x float in [-1, 1], y
+  int64 labels) and ``(a, b, y)`` for paired shards (input, target, label). The family unpacks.
+- :meth:`Family.pictures`: the grid logged during training; :meth:`Family.generate` /
+  :meth:`Family.example_inputs`: sampling, export and serving of the EMA (or only) network.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import ClassVar, Iterator, Protocol
+
+import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimSpec:
+    """One trained network's optimizer settings (the rest comes from the ``optim`` section)."""
+    lr: float
+    betas: tuple[float, float] = (0.5, 0.999)
+
+
+class StepContext(Protocol):
+    """What the spine hands to :meth:`Family.train_step` (gan.trainer implements it).
+
+    - ``nets``: the prepared networks by name (DDP-wrapped or DeepSpeed engines): call them to forward.
+    - ``step``: training steps done before this one (0-based); ``device``; ``batch_size`` per rank.
+    - ``batch()``: the next batch of the data stream, on the device (see the module docstring); the
+      spine counts the images drawn.
+    - ``update(name, loss, stats, phase=None)``: backward, clip, optimizer step of network ``name``
+      through the backend, then the guard's policy; ``stats`` (name -> scalar tensor or float) are
+      logged, ``phase`` (default ``name``) names the update in the guard's messages and GradNorm/<phase>.
+    - ``frozen(name)``: a context manager yielding network ``name`` frozen (no weight gradients, no
+      gradient sync) for a phase that trains another network through it (the GAN's G phase through D).
+    """
+    nets: dict[str, torch.nn.Module]
+    step: int
+    device: torch.device
+    batch_size: int
+
+    def batch(self) -> tuple[torch.Tensor, ...]: ...
+
+    def update(self, name: str, loss: torch.Tensor, stats: dict, phase: str | None = None) -> None: ...
+
+    def frozen(self, name: str) -> contextlib.AbstractContextManager[torch.nn.Module]: ...
+
+
+class Family:
+    """Base class of a model family; one instance per run, built from the whole config."""
+
+    name: ClassVar[str] = ""
+    sections: ClassVar[dict[str, type]] = {}  # config sections owned: name -> dataclass ("model" required)
+    ema: ClassVar[str | None] = None  # the network the spine keeps an EMA copy of (samples, evaluation, export)
+
+    def __init__(self, cfg):
+        self.cfg = cfg
+
+    # ---------------------------------------------------------------- building and checks
+    def build_networks(self) -> dict[str, torch.nn.Module]:
+        """Every trained network by name, freshly initialised (the spine seeds the RNG first)."""
+        raise NotImplementedError
+
+    def optimizer(self, name: str) -> OptimSpec:
+        """Learning rate and betas of network ``name``."""
+        raise NotImplementedError
+
+    def check(self, manifest=None) -> None:
+        """Before any work: every registered name in the family's sections exists, and (when given) the
+        shards' manifest fits the model (channels, size, classes, paired or not). Raise ConfigError or
+        ShardError naming the key and the fix."""
+
+    # ---------------------------------------------------------------- training
+    def train_step(self, ctx: StepContext) -> None:
+        """One training step: the ordered updates, each ``ctx.update(name, loss, stats)``."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- pictures, sampling, export
+    def pictures(self, net: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """The picture logged every ``log.sample_every`` steps (rank 0, under no_grad), from ``net``, the
+        EMA (or only) network: (images in [-1, 1], the grid row of each, the number of rows). The same
+        inputs every time (seed them from ``train.seed`` with a local torch.Generator)."""
+        raise NotImplementedError
+
+    def generate(self, net: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from the exported network and its inputs (see :meth:`example_inputs`)."""
+        return net(*inputs)
+
+    def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Inputs of the exported network for a batch of ``batch`` (CPU, drawn from ``seed`` with a local
+        generator): its export and serving signature (the GAN: ``(z, class)``; translation: ``(image,)``)."""
+        raise NotImplementedError
+
+
+FAMILIES: dict[str, type[Family]] = {}
+
+
+def register_family(cls: type[Family]) -> type[Family]:
+    """Class decorator: make ``cls`` selectable as ``family: <cls.name>``."""
+    if not cls.name or "model" not in cls.sections:
+        raise TypeError(f"family {cls.__name__} needs a name and a 'model' section")
+    FAMILIES[cls.name] = cls
+    return cls
+
+
+def _load_builtin() -> None:
+    """The families that ship with the project: one import line each (they register themselves)."""
+    import gan.families.gan.family  # noqa: F401
+
+
+def family_names() -> list[str]:
+    _load_builtin()
+    return sorted(FAMILIES)
+
+
+def get_family(name: str) -> type[Family]:
+    """The family class registered as ``name``; ConfigError listing the registered ones otherwise."""
+    _load_builtin()
+    if name not in FAMILIES:
+        from gan.config import ConfigError
+
+        raise ConfigError(f"config key 'family': '{name}' is not a registered model family; one of: "
+                          f"{', '.join(sorted(FAMILIES))}")
+    return FAMILIES[name]
+
+
+def build_family(cfg) -> Family:
+    """The family of ``cfg`` (its ``family`` key), built from the whole config."""
+    return get_family(cfg.family)(cfg)
+
+
+__all__ = ["Family", "FAMILIES", "OptimSpec", "StepContext", "register_family", "get_family", "build_family",
+           "family_names"]
