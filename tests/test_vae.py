@@ -1,0 +1,210 @@
+"""The VAE family's parts: networks at each resolution, the reparameterization trick, the loss terms
+against hand computations, the KL warm-up, bits/dim, per-sample image measures and the pictures."""
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from gan.config import ConfigError
+from gan.families.vae.config import VAEConfig
+from gan.families.vae.losses import (bce_recon, bits_per_dim, gaussian_nll, kl_divergence, kl_weight, mse_recon,
+                                     neg_elbo_bits_per_dim, vae_loss)
+from gan.families.vae.networks import VAE, reparameterize
+from gan.families.vae.pictures import curves_png, interpolation_grid, prior_grid, reconstruction_grid
+from gan.metrics.image_pairs import image_measures, mse_per_sample, psnr_per_sample, ssim_per_sample
+from gan.viz import save_png
+
+
+def tiny(**kw) -> VAEConfig:
+    return VAEConfig(**{"channels": 4, "latent_dim": 8, **kw})
+
+
+@pytest.mark.parametrize("size,channels", [(28, 1), (32, 3), (64, 3)])
+@pytest.mark.parametrize("conditional", [False, True])
+def test_shapes_at_each_resolution(size, channels, conditional):
+    torch.manual_seed(0)
+    vae = VAE(tiny(img_size=size, img_channels=channels, conditional=conditional))
+    x, y = torch.rand(3, channels, size, size) * 2 - 1, torch.tensor([0, 3, 9])
+    h, mu, logvar = vae(x, y if conditional else None)
+    assert h.shape == x.shape and mu.shape == logvar.shape == (3, 8)
+    img = vae.to_image(h)
+    assert img.min() >= -1 and img.max() <= 1
+    assert vae.sample(5, torch.arange(5) if conditional else None).shape == (5, channels, size, size)
+
+
+def test_default_latent_is_128():
+    vae = VAE(VAEConfig())
+    assert vae.encoder.fc_mu.out_features == vae.encoder.fc_logvar.out_features == 128
+
+
+def test_conditional_decoder_uses_the_label_and_needs_it():
+    torch.manual_seed(0)
+    vae = VAE(tiny(conditional=True)).eval()
+    z = torch.randn(1, 8).repeat(2, 1)
+    a, b = vae.decode(z, torch.tensor([1, 2]))
+    assert not torch.allclose(a, b)  # same z, two classes, two images
+    with pytest.raises(ValueError, match="pass labels"):
+        vae.decode(z)
+
+
+def test_reparameterization_gradients():
+    mu = torch.tensor([[0.5, -1.0]], requires_grad=True)
+    logvar = torch.tensor([[0.2, -0.4]], requires_grad=True)
+    g = torch.Generator().manual_seed(3)
+    z = reparameterize(mu, logvar, generator=g)
+    eps = torch.randn(1, 2, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(z, mu + torch.exp(0.5 * logvar) * eps)
+    z.sum().backward()
+    # dz/dmu = 1, dz/dlogvar = 0.5 * sigma * eps
+    torch.testing.assert_close(mu.grad, torch.ones(1, 2))
+    torch.testing.assert_close(logvar.grad, 0.5 * torch.exp(0.5 * logvar.detach()) * eps)
+
+
+def test_loss_terms_against_hand_computation():
+    x = torch.tensor([[[[0.5, -1.0]]]])  # (1, 1, 1, 2)
+    h = torch.tensor([[[[0.0, 1.0]]]])
+    m = math.tanh(1.0)
+    assert mse_recon(x, h).item() == pytest.approx(0.5 ** 2 + (-1.0 - m) ** 2, rel=1e-6)
+    assert mse_recon(x, h, obs_std=0.1).item() == pytest.approx((0.25 + (1 + m) ** 2) / 0.02, rel=1e-6)
+    # targets (x + 1) / 2 = 0.75, 0: BCE = -[t log s(h) + (1 - t) log(1 - s(h))]
+    s = 1 / (1 + math.exp(-1.0))
+    want_bce = -(0.75 * math.log(0.5) + 0.25 * math.log(0.5)) - math.log(1 - s)
+    assert bce_recon(x, h).item() == pytest.approx(want_bce, rel=1e-6)
+    mu, logvar = torch.tensor([[1.0, 0.0]]), torch.tensor([[0.0, math.log(4.0)]])
+    # KL per dim: 1/2 (sigma^2 + mu^2 - 1 - log sigma^2): 1/2 (1 + 1 - 1 - 0) + 1/2 (4 + 0 - 1 - log 4)
+    assert kl_divergence(mu, logvar).item() == pytest.approx(0.5 + 0.5 * (3 - math.log(4)), rel=1e-6)
+    assert kl_divergence(torch.zeros(2, 5), torch.zeros(2, 5)).tolist() == [0.0, 0.0]
+
+
+def test_vae_loss_is_the_batch_mean_with_the_warmed_up_beta():
+    torch.manual_seed(0)
+    x, h = torch.rand(4, 1, 3, 3) * 2 - 1, torch.randn(4, 1, 3, 3)
+    mu, logvar = torch.randn(4, 2), torch.randn(4, 2)
+    cfg = VAEConfig(recon="mse", beta=2.0, kl_warmup_steps=10)
+    loss, stats = vae_loss(x, h, mu, logvar, cfg, step=5)
+    want = (mse_recon(x, h) + 1.0 * kl_divergence(mu, logvar)).mean()
+    torch.testing.assert_close(loss, want)
+    assert stats["VAE/kl_weight"].item() == 1.0
+    assert stats["Loss/VAE/kl"].item() == pytest.approx(kl_divergence(mu, logvar).mean().item())
+    loss_bce, _ = vae_loss(x, h, mu, logvar, VAEConfig(recon="bce", beta=0.0), step=0)
+    torch.testing.assert_close(loss_bce, bce_recon(x, h).mean())
+
+
+def test_kl_warmup_schedule():
+    assert [kl_weight(s, 0.5, 4) for s in (0, 1, 2, 4, 100)] == [0.0, 0.125, 0.25, 0.5, 0.5]
+    assert kl_weight(0, 0.5, 0) == 0.5
+
+
+def test_bits_per_dim_known_cases():
+    d = 3 * 4 * 4
+    # a density uniform over the data range: 256 (well, 255 bins) equally likely values -> log2(255) bits
+    assert bits_per_dim(torch.tensor(d * math.log(2.0)), d, "[-1,1]").item() == pytest.approx(math.log2(255))
+    assert bits_per_dim(torch.tensor(0.0), d, "[0,1]").item() == pytest.approx(math.log2(255))
+    # a Gaussian centred on the data: -log p = D/2 log(2 pi sigma^2); on [-1,1] the bins are 2/255 wide
+    x = torch.rand(2, 3, 4, 4) * 2 - 1
+    sigma = 0.05
+    nll = gaussian_nll(x, x, sigma)
+    torch.testing.assert_close(nll, torch.full((2,), d / 2 * math.log(2 * math.pi * sigma ** 2)))
+    want = 0.5 * math.log2(2 * math.pi * sigma ** 2) + math.log2(127.5)
+    torch.testing.assert_close(bits_per_dim(nll, d), torch.full((2,), want))
+    with pytest.raises(ValueError, match="data_range"):
+        bits_per_dim(nll, d, "[0,255]")
+
+
+def test_neg_elbo_bits_per_dim_matches_the_gaussian_elbo():
+    torch.manual_seed(1)
+    cfg = VAEConfig(recon="mse", obs_std=0.2)
+    x, h = torch.rand(2, 1, 4, 4) * 2 - 1, torch.randn(2, 1, 4, 4)
+    mu, logvar = torch.randn(2, 3), torch.randn(2, 3)
+    nll = gaussian_nll(x, torch.tanh(h), 0.2) + kl_divergence(mu, logvar)
+    torch.testing.assert_close(neg_elbo_bits_per_dim(x, h, mu, logvar, cfg),
+                               nll / (16 * math.log(2)) + math.log2(127.5))
+    # the training term differs from the Gaussian -log p(x|z) only by its constant
+    torch.testing.assert_close(gaussian_nll(x, torch.tanh(h), 0.2) - mse_recon(x, h, 0.2),
+                               torch.full((2,), 16 * (math.log(0.2) + 0.5 * math.log(2 * math.pi))))
+    with pytest.raises(ValueError, match="bits/dim"):
+        neg_elbo_bits_per_dim(x, h, mu, logvar, VAEConfig(recon="bce"))
+
+
+def test_image_measures_known_cases():
+    torch.manual_seed(0)
+    x = torch.rand(3, 3, 16, 16) * 1.6 - 0.8
+    same = image_measures(x, x)
+    assert same["l1"].tolist() == same["mse"].tolist() == [0.0] * 3
+    assert same["ssim"].dtype == torch.float64 and torch.allclose(same["ssim"], torch.ones(3, dtype=torch.float64))
+    assert torch.isinf(same["psnr"]).all()
+    # +-0.1 noise: MSE 0.01 exactly, PSNR = 10 log10(range^2 / MSE) with range 2 (images in [-1, 1])
+    noise = (torch.randint(0, 2, x.shape) * 2 - 1) * 0.1
+    noise[1] *= 2  # sample 1 at twice the noise level: per-sample values
+    m = image_measures(x + noise, x)
+    torch.testing.assert_close(m["mse"], torch.tensor([0.01, 0.04, 0.01], dtype=torch.float64))
+    torch.testing.assert_close(m["l1"], torch.tensor([0.1, 0.2, 0.1], dtype=torch.float64))
+    torch.testing.assert_close(m["psnr"], 10 * torch.log10(4 / m["mse"]))
+    assert m["ssim"][1] < m["ssim"][0] < 1
+    # two flat images a, b: SSIM = (2ab + C1) / (a^2 + b^2 + C1), C1 = (0.01 * range)^2 (structure term 1)
+    a, b = -0.2, 0.6  # on [-1, 1]; SSIM reads the means as given
+    c1 = (0.01 * 2) ** 2
+    s = ssim_per_sample(torch.full((1, 1, 16, 16), a), torch.full((1, 1, 16, 16), b))
+    assert s.item() == pytest.approx((2 * a * b + c1) / (a * a + b * b + c1), rel=1e-6)
+    with pytest.raises(ValueError, match="same shape"):
+        mse_per_sample(x, x[:, :1])
+    with pytest.raises(ValueError, match="11x11"):
+        ssim_per_sample(x[..., :8, :8], x[..., :8, :8])
+
+
+def test_per_sample_measures_sum_to_the_batch_mean():
+    """Summed over two 'ranks' of uneven size and divided by the count: the mean over all samples."""
+    torch.manual_seed(0)
+    x, y = torch.rand(7, 3, 16, 16) * 2 - 1, torch.rand(7, 3, 16, 16) * 2 - 1
+    whole = psnr_per_sample(x, y)
+    split = torch.cat([psnr_per_sample(x[:3], y[:3]), psnr_per_sample(x[3:], y[3:])])
+    torch.testing.assert_close(split.sum() / 7, whole.mean())
+
+
+def test_pictures(tmp_path):
+    torch.manual_seed(0)
+    vae = VAE(tiny(img_size=28, img_channels=1, conditional=True, num_classes=3)).eval()
+    x = torch.rand(5, 1, 28, 28) * 2 - 1
+    recon = vae.reconstruct(x, torch.tensor([0, 1, 2, 0, 1]))
+    g = reconstruction_grid(x, recon, n=4)
+    assert g.dtype == torch.uint8 and g.shape == (3, 2 * 30 + 2, 4 * 30 + 2)
+    # the top row is the input: pixel (2, 2) of the grid is x[0]'s (0, 0)
+    assert g[0, 2, 2].item() == round((x[0, 0, 0, 0].item() + 1) * 127.5)
+    gi = interpolation_grid(vae, x[0], x[1], steps=6, y=2)
+    assert gi.shape == (3, 32, 8 * 30 + 2)
+    gp = prior_grid(vae, n=6, generator=torch.Generator().manual_seed(0))
+    assert gp.shape == (3, 3 * 30 + 2, 2 * 30 + 2)  # one row per class, 2 each
+    unconditional = VAE(tiny(img_size=32)).eval()
+    assert prior_grid(unconditional, n=16).shape == (3, 2 * 34 + 2, 8 * 34 + 2)
+    png = save_png(g, tmp_path / "recon.png")
+    assert Image.open(png).size == (4 * 30 + 2, 2 * 30 + 2)
+
+
+def test_curves_png(tmp_path):
+    rows = [{"step": s, "Loss/VAE/recon": 10.0 / s, "Loss/VAE/kl": 1.0 + s} for s in range(1, 6)]
+    rows.append({"step": 5, "Eval/psnr": 20.5, "Eval/ssim": 0.7, "Eval/recon_mse": 0.02, "Eval/kl": 6.0})
+    jsonl = tmp_path / "metrics.jsonl"
+    jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = curves_png([json.loads(line) for line in jsonl.read_text().splitlines()], tmp_path / "plots" / "vae.png")
+    img = np.asarray(Image.open(out).convert("RGB"))
+    assert img.shape[1] > 2 * img.shape[0]  # four panels side by side
+    assert len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # something was drawn
+    assert not list((tmp_path / "plots").glob(".tmp*"))
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("img_size", 48, "power of two"), ("img_channels", 2, "1 or 3"), ("latent_dim", 0, "> 0"),
+    ("recon", "l2", "mse, bce"), ("beta", -1.0, ">= 0"), ("kl_warmup_steps", -1, ">= 0"),
+    ("obs_std", 0.0, "> 0"), ("conditional", True, "num_classes >= 2"),
+])
+def test_config_refuses_bad_values(key, value, match):
+    kw = {key: value}
+    if key == "conditional":
+        kw["num_classes"] = 1
+    with pytest.raises(ConfigError, match=f"vae.{key}.*{match}" if key != "conditional" else match):
+        VAEConfig(**kw)
