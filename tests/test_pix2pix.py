@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parametrize
 
-from gan.config import ConfigError, LossConfig
+from gan.config import ConfigError
+from gan.families.gan.config import LossConfig
 from gan.families.pix2pix.config import Pix2PixConfig
 from gan.families.pix2pix.losses import discriminator_loss, generator_loss
 from gan.families.pix2pix.networks import PatchGAN, UNet, build_networks, pair
 from gan.families.pix2pix.pictures import triplet_grid
-from gan.losses import build_loss
+from gan.families.gan.losses import build_loss
 
 
 def tiny(**kw) -> Pix2PixConfig:

@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass
 
 from gan.config import ConfigError, _check
-from gan.losses import LOSSES
+from gan.families.gan.losses import LOSSES
 
 NORMS = ("instance", "batch", "none")
 
@@ -24,7 +24,7 @@ class Pix2PixConfig:
     norm: str = "instance"
     dropout: float = 0.5  # in the U-Net's innermost 8x-width up blocks (the paper's noise), 0 = off
     d_spectral_norm: bool = False  # spectral norm on the PatchGAN's convs
-    gan_loss: str = "ns"  # any registered GAN loss (gan.losses.LOSSES); ns is the reference's "vanilla"
+    gan_loss: str = "ns"  # any registered GAN loss (gan.families.gan.losses.LOSSES); ns is the reference's "vanilla"
     lambda_l1: float = 100.0  # weight of the L1 term in G's loss
 
     def __post_init__(self):

@@ -1,7 +1,7 @@
 """pix2pix's objective as pure functions: G's adversarial term through any registered GAN loss plus
 lambda * L1 to the target, and D's term on (input, target) against (input, output) pairs.
 
-The adversarial part is a loss object of the GAN family (``gan.losses.build_loss``), so every objective,
+The adversarial part is a loss object of the GAN family (``gan.families.gan.losses.build_loss``), so every objective,
 penalty and D-input option it has (ns, hinge, wgan_gp's gradient penalty, R1, label smoothing, instance
 noise) works here unchanged; D sees :func:`~gan.families.pix2pix.networks.pair` tensors and no label.
 As in the reference implementation, D's loss is halved ("slows down the rate at which D learns relative

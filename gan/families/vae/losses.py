@@ -20,8 +20,8 @@ literature's ``+ 8`` divides by 256 instead of 255). A density uniform over the 
 ``log2(255)`` bits/dim in either convention, as it should (256 equally likely values, up to the bin edges).
 The negative ELBO bounds -log p(x) from above, so its bits/dim bound the model's from above.
 
-``recon: mse`` is the Gaussian likelihood N(x; tanh(h), obs_std^2) (with ``obs_std = sqrt(1/2)`` the
-training term is exactly the summed squared error); its ELBO gives bits/dim. ``recon: bce`` compares
+``model.recon: mse`` is the Gaussian likelihood N(x; tanh(h), obs_std^2) (with ``obs_std = sqrt(1/2)`` the
+training term is exactly the summed squared error); its ELBO gives bits/dim. ``model.recon: bce`` compares
 pixels rescaled to [0, 1] with Bernoulli logits; on pixels that are not 0 or 1 that is not a normalised
 density (Loaiza-Ganem & Cunningham 2019), so it has no bits/dim and ``neg_elbo_bits_per_dim`` refuses it.
 """
@@ -31,8 +31,6 @@ import math
 
 import torch
 import torch.nn.functional as F
-
-from gan.families.vae.config import VAEConfig
 
 DATA_RANGES = {"[-1,1]": (-1.0, 1.0), "[0,1]": (0.0, 1.0)}
 
@@ -85,24 +83,26 @@ def bits_per_dim(nll_nats: torch.Tensor, num_dims: int, data_range: str = "[-1,1
 
 
 def neg_elbo_bits_per_dim(x: torch.Tensor, h: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor,
-                          cfg: VAEConfig) -> torch.Tensor:
+                          recon: str = "mse", obs_std: float = math.sqrt(0.5)) -> torch.Tensor:
     """Per-sample negative ELBO (beta = 1, whatever the training beta) in bits/dim, x in [-1, 1]."""
-    if cfg.recon != "mse":
-        raise ValueError(f"vae.recon={cfg.recon} is not a normalised likelihood of 8-bit pixels, so it has no "
-                         f"bits/dim; use vae.recon=mse (Gaussian) to report the negative ELBO in bits/dim")
-    nll = gaussian_nll(x, torch.tanh(h.float()), cfg.obs_std) + kl_divergence(mu, logvar)
+    if recon != "mse":
+        raise ValueError(f"model.recon={recon} is not a normalised likelihood of 8-bit pixels, so it has no "
+                         f"bits/dim; use model.recon=mse (Gaussian) to report the negative ELBO in bits/dim")
+    nll = gaussian_nll(x, torch.tanh(h.float()), obs_std) + kl_divergence(mu, logvar)
     return bits_per_dim(nll, x[0].numel(), "[-1,1]")
 
 
-def recon_per_sample(x: torch.Tensor, h: torch.Tensor, cfg: VAEConfig) -> torch.Tensor:
-    return mse_recon(x, h, cfg.obs_std) if cfg.recon == "mse" else bce_recon(x, h)
+def recon_per_sample(x: torch.Tensor, h: torch.Tensor, recon: str = "mse", obs_std: float = math.sqrt(0.5)) -> torch.Tensor:
+    """The reconstruction term of ``recon`` (mse or bce), per sample."""
+    if recon not in ("mse", "bce"):
+        raise ValueError(f"recon '{recon}' is not one of: mse, bce")
+    return mse_recon(x, h, obs_std) if recon == "mse" else bce_recon(x, h)
 
 
-def vae_loss(x: torch.Tensor, h: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, cfg: VAEConfig,
-             step: int) -> tuple[torch.Tensor, dict]:
-    """Batch mean of recon + w(step) * KL, w the warmed-up beta -> (loss, stats)."""
-    recon, kl = recon_per_sample(x, h, cfg), kl_divergence(mu, logvar)
-    w = kl_weight(step, cfg.beta, cfg.kl_warmup_steps)
-    loss = (recon + w * kl).mean()
-    return loss, {"Loss/VAE/total": loss.detach(), "Loss/VAE/recon": recon.detach().mean(),
-                  "Loss/VAE/kl": kl.detach().mean(), "VAE/kl_weight": torch.tensor(w)}
+def vae_loss(x: torch.Tensor, h: torch.Tensor, mu: torch.Tensor, logvar: torch.Tensor, kl_w: float,
+             recon: str = "mse", obs_std: float = math.sqrt(0.5)) -> tuple[torch.Tensor, dict]:
+    """Batch mean of recon + kl_w * KL (kl_w: :func:`kl_weight` at this step) -> (loss, stats)."""
+    rec, kl = recon_per_sample(x, h, recon, obs_std), kl_divergence(mu, logvar)
+    loss = (rec + kl_w * kl).mean()
+    return loss, {"Loss/VAE/total": loss.detach(), "Loss/VAE/recon": rec.detach().mean(),
+                  "Loss/VAE/kl": kl.detach().mean(), "VAE/kl_weight": float(kl_w)}
