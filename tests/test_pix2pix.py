@@ -9,7 +9,7 @@ from torch.nn.utils import parametrize
 
 from gan.config import ConfigError
 from gan.families.gan.config import LossConfig
-from gan.families.pix2pix.config import Pix2PixConfig
+from gan.families.pix2pix.config import Pix2PixConfig, Pix2PixLossConfig
 from gan.families.pix2pix.losses import discriminator_loss, generator_loss
 from gan.families.pix2pix.networks import PatchGAN, UNet, build_networks, pair
 from gan.families.pix2pix.pictures import triplet_grid
@@ -93,8 +93,8 @@ def test_patchgan_spectral_norm_on_and_off():
 
 
 def test_default_norm_is_instance_and_lambda_is_100():
-    cfg = Pix2PixConfig()
-    assert cfg.norm == "instance" and cfg.lambda_l1 == 100.0 and cfg.gan_loss == "ns"
+    assert Pix2PixConfig().norm == "instance"
+    assert (Pix2PixLossConfig().lambda_l1, Pix2PixLossConfig().gan_loss) == (100.0, "ns")
     assert any(isinstance(m, torch.nn.InstanceNorm2d) for m in UNet(tiny(img_size=32)).modules())
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in PatchGAN(tiny(img_size=32)).modules())
 
@@ -145,11 +145,26 @@ def test_triplet_grid():
         triplet_grid(a, f, t[:, :, :8])
 
 
-@pytest.mark.parametrize("kw,match", [
-    ({"img_size": 28}, "pix2pix.img_size.*power of two"), ({"norm": "group"}, "pix2pix.norm.*instance, batch, none"),
-    ({"gan_loss": "vanilla"}, "pix2pix.gan_loss.*hinge"), ({"lambda_l1": -1.0}, "pix2pix.lambda_l1"),
-    ({"dropout": 1.0}, "pix2pix.dropout"), ({"img_size": 16}, "pix2pix.d_layers"),
+@pytest.mark.parametrize("cls,kw,match", [
+    (Pix2PixConfig, {"img_size": 28}, "model.img_size.*power of two"),
+    (Pix2PixConfig, {"norm": "group"}, "model.norm.*instance, batch, none"),
+    (Pix2PixConfig, {"dropout": 1.0}, "model.dropout"), (Pix2PixConfig, {"img_size": 16}, "model.d_layers"),
+    (Pix2PixLossConfig, {"gan_loss": "vanilla"}, "loss.gan_loss.*hinge"),
+    (Pix2PixLossConfig, {"lambda_l1": -1.0}, "loss.lambda_l1"),
 ])
-def test_config_refuses_bad_values(kw, match):
+def test_config_refuses_bad_values(cls, kw, match):
     with pytest.raises(ConfigError, match=match):
-        Pix2PixConfig(**kw)
+        cls(**kw)
+
+
+def test_per_sample_measures_of_the_translation():
+    from gan.families.pix2pix.evaluation import per_sample_measures
+    from gan.metrics.image_pairs import psnr_per_sample
+
+    torch.manual_seed(0)
+    G = UNet(tiny(img_size=32)).eval()
+    a, b = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1
+    m, out = per_sample_measures(G, a, b)
+    assert set(m) == {"l1", "mse", "psnr", "ssim"} and all(v.shape == (3,) and v.dtype == torch.float64 for v in m.values())
+    torch.testing.assert_close(m["l1"], (out - b).abs().flatten(1).mean(1).double())
+    torch.testing.assert_close(m["psnr"], psnr_per_sample(G(a), b))

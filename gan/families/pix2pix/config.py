@@ -1,4 +1,5 @@
-"""pix2pix's config section: one dataclass that validates itself."""
+"""pix2pix's config sections, each a dataclass validating itself: ``model`` (the two networks, compared on
+resume) and ``loss`` (the objective: which GAN loss, and the L1 weight)."""
 from __future__ import annotations
 
 import math
@@ -24,25 +25,31 @@ class Pix2PixConfig:
     norm: str = "instance"
     dropout: float = 0.5  # in the U-Net's innermost 8x-width up blocks (the paper's noise), 0 = off
     d_spectral_norm: bool = False  # spectral norm on the PatchGAN's convs
-    gan_loss: str = "ns"  # any registered GAN loss (gan.families.gan.losses.LOSSES); ns is the reference's "vanilla"
-    lambda_l1: float = 100.0  # weight of the L1 term in G's loss
 
     def __post_init__(self):
-        _check(self.img_size >= 16 and self.img_size & (self.img_size - 1) == 0, "pix2pix.img_size",
+        _check(self.img_size >= 16 and self.img_size & (self.img_size - 1) == 0, "model.img_size",
                f"{self.img_size} is not a power of two >= 16 (e.g. 32, 64, 256): the U-Net halves it down to 1x1")
-        _check(self.in_channels >= 1 and self.out_channels >= 1, "pix2pix.in_channels/out_channels", "must be >= 1")
-        _check(self.g_channels > 0 and self.d_channels > 0, "pix2pix.g_channels/d_channels", "must be > 0")
-        _check(1 <= self.d_layers and 2 ** (self.d_layers + 2) <= self.img_size, "pix2pix.d_layers",
+        _check(self.in_channels >= 1 and self.out_channels >= 1, "model.in_channels/out_channels", "must be >= 1")
+        _check(self.g_channels > 0 and self.d_channels > 0, "model.g_channels/d_channels", "must be > 0")
+        _check(1 <= self.d_layers and 2 ** (self.d_layers + 2) <= self.img_size, "model.d_layers",
                f"must be >= 1 and leave the PatchGAN at least 2x2 outputs at {self.img_size} px")
-        _check(self.norm in NORMS, "pix2pix.norm", f"'{self.norm}' is not one of: {', '.join(NORMS)}")
-        _check(0.0 <= self.dropout < 1.0, "pix2pix.dropout", "must be in [0, 1)")
-        _check(self.gan_loss in LOSSES, "pix2pix.gan_loss",
-               f"unknown GAN loss '{self.gan_loss}'. Valid names: {', '.join(sorted(LOSSES))}")
-        _check(self.lambda_l1 >= 0 and math.isfinite(self.lambda_l1), "pix2pix.lambda_l1", "must be a finite number >= 0")
+        _check(self.norm in NORMS, "model.norm", f"'{self.norm}' is not one of: {', '.join(NORMS)}")
+        _check(0.0 <= self.dropout < 1.0, "model.dropout", "must be in [0, 1)")
 
     @property
     def num_downs(self) -> int:
         return int(math.log2(self.img_size))
 
 
-__all__ = ["Pix2PixConfig", "ConfigError", "NORMS"]
+@dataclass
+class Pix2PixLossConfig:
+    gan_loss: str = "ns"  # any registered GAN loss (gan.families.gan.losses.LOSSES); ns is the reference's "vanilla"
+    lambda_l1: float = 100.0  # weight of the L1 term in G's loss
+
+    def __post_init__(self):
+        _check(self.gan_loss in LOSSES, "loss.gan_loss",
+               f"unknown GAN loss '{self.gan_loss}'. Valid names: {', '.join(sorted(LOSSES))}")
+        _check(self.lambda_l1 >= 0 and math.isfinite(self.lambda_l1), "loss.lambda_l1", "must be a finite number >= 0")
+
+
+__all__ = ["Pix2PixConfig", "Pix2PixLossConfig", "ConfigError", "NORMS"]
