@@ -256,7 +256,13 @@ def test_vae_family_refuses_shards_that_do_not_fit(tmp_path, tiny_shards):
     from gan.data.manifest import ShardError
 
     with pytest.raises(ShardError, match="model.img_channels"):
-        _train(tiny_shards, tmp_path, "model.img_channels=1", "train.max_steps=1")
+        _train(tiny_shards, tmp_path / "run", "model.img_channels=1", "train.max_steps=1")
+    from test_paired import inverted_pairs
+
+    pairs = inverted_pairs(tmp_path / "pairs", size=32)
+    with pytest.raises(ShardError, match=r"the VAE \(family: vae\) trains on single images.*family: pix2pix"):
+        _train(pairs, tmp_path / "run", "train.max_steps=1")
+    assert not (tmp_path / "run" / "checkpoints").exists()
 
 
 def test_per_sample_measures_of_the_vae():

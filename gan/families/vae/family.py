@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 
-from gan.config import ConfigError
 from gan.families.vae.config import VAEConfig, VAELossConfig
 from gan.families.vae.losses import kl_weight, vae_loss
 from gan.family import Family, OptimSpec, register_family
@@ -31,7 +30,10 @@ class VAEFamily(Family):
 
     def check(self, manifest=None) -> None:
         if manifest is not None:
+            from gan.data.manifest import require_single
+
             m = self.cfg.model
+            require_single(manifest, "the VAE (family: vae)")  # paired shards: name the paired families
             manifest.check(dataset=self.cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
                            num_classes=m.num_classes if m.conditional else None)
 
@@ -39,11 +41,7 @@ class VAEFamily(Family):
         return y if self.cfg.model.conditional else None
 
     def train_step(self, ctx) -> None:
-        batch = ctx.batch()
-        if len(batch) != 2:
-            raise ConfigError(f"family=vae trains on ordinary (image, label) shards, got a batch of {len(batch)} "
-                              f"tensors (paired shards?); point data.shards at shards of single images")
-        x, y = batch
+        x, y = ctx.batch()  # single-image shards: check() refused paired ones before any work
         m, lc = self.cfg.model, self.cfg.loss
         h, mu, logvar = ctx.nets["vae"](x, self._labels(y))
         w = kl_weight(ctx.step, lc.beta, lc.kl_warmup_steps)
