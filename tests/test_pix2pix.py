@@ -165,6 +165,7 @@ def test_per_sample_measures_of_the_translation():
     G = UNet(tiny(img_size=32)).eval()
     a, b = torch.rand(3, 3, 32, 32) * 2 - 1, torch.rand(3, 3, 32, 32) * 2 - 1
     m, out = per_sample_measures(G, a, b)
-    assert set(m) == {"l1", "mse", "psnr", "ssim"} and all(v.shape == (3,) and v.dtype == torch.float64 for v in m.values())
+    assert set(m) == {"l1", "mse", "psnr", "ssim"}
+    assert all(v.shape == (3,) and v.dtype == torch.float64 for v in m.values())
     torch.testing.assert_close(m["l1"], (out - b).abs().flatten(1).mean(1).double())
     torch.testing.assert_close(m["psnr"], psnr_per_sample(G(a), b))

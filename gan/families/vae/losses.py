@@ -92,7 +92,8 @@ def neg_elbo_bits_per_dim(x: torch.Tensor, h: torch.Tensor, mu: torch.Tensor, lo
     return bits_per_dim(nll, x[0].numel(), "[-1,1]")
 
 
-def recon_per_sample(x: torch.Tensor, h: torch.Tensor, recon: str = "mse", obs_std: float = math.sqrt(0.5)) -> torch.Tensor:
+def recon_per_sample(x: torch.Tensor, h: torch.Tensor, recon: str = "mse",
+                     obs_std: float = math.sqrt(0.5)) -> torch.Tensor:
     """The reconstruction term of ``recon`` (mse or bce), per sample."""
     if recon not in ("mse", "bce"):
         raise ValueError(f"recon '{recon}' is not one of: mse, bce")

@@ -40,7 +40,8 @@ def reconstruction_grid(x: torch.Tensor, recon: torch.Tensor, n: int = 8) -> tor
 
 
 @torch.no_grad()
-def interpolation_grid(vae, x0: torch.Tensor, x1: torch.Tensor, steps: int = 8, y: torch.Tensor | None = None) -> torch.Tensor:
+def interpolation_grid(vae, x0: torch.Tensor, x1: torch.Tensor, steps: int = 8,
+                       y: torch.Tensor | None = None) -> torch.Tensor:
     """One row: x0, decodings of (1 - t) mu(x0) + t mu(x1) for ``steps`` values of t in [0, 1], x1.
     x0, x1: (C, H, W) images; y: their (shared) label for a conditional decoder."""
     if steps < 2:
