@@ -190,7 +190,7 @@ def test_curves_png(tmp_path):
     jsonl.write_text("".join(json.dumps(r) + "\n" for r in rows))
     out = curves_png([json.loads(line) for line in jsonl.read_text().splitlines()], tmp_path / "plots" / "vae.png")
     img = np.asarray(Image.open(out).convert("RGB"))
-    assert img.shape[1] > 2 * img.shape[0]  # four panels side by side
+    assert img.shape[1] > 3 * img.shape[0]  # five panels side by side
     assert len(np.unique(img.reshape(-1, 3), axis=0)) > 10  # something was drawn
     assert not list((tmp_path / "plots").glob(".tmp*"))
 

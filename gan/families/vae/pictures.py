@@ -18,8 +18,10 @@ from gan.io import write_file_atomic
 from gan.viz import to_uint8
 
 # panel -> the metrics.jsonl keys drawn in it (training losses and evaluation measures)
+# (the training term is a sum over pixels, the evaluation's MSE a per-pixel mean: two panels, two scales)
 CURVES = {
-    "Reconstruction": ("Loss/VAE/recon", "Eval/recon_mse"),
+    "Reconstruction term (train)": ("Loss/VAE/recon",),
+    "Reconstruction MSE (eval)": ("Eval/recon_mse",),
     "KL (nats)": ("Loss/VAE/kl", "Eval/kl"),
     "PSNR (dB)": ("Eval/psnr",),
     "SSIM": ("Eval/ssim",),
@@ -76,7 +78,7 @@ def curves_png(rows: list[dict], out: str | Path, title: str = "") -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(CURVES), figsize=(4 * len(CURVES), 3.2), squeeze=False)
+    fig, axes = plt.subplots(1, len(CURVES), figsize=(3.6 * len(CURVES), 3.2), squeeze=False)
     for ax, (panel, keys) in zip(axes.flat, CURVES.items()):
         drawn = False
         for key in keys:
