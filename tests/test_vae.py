@@ -282,3 +282,31 @@ def test_per_sample_measures_of_the_vae():
     # a Gaussian of std sqrt(1/2) is far wider than a pixel bin (2/255): its bits/dim stay well above 0
     assert (m["bits_per_dim"] > 0).all()
     assert "bits_per_dim" not in per_sample_measures(VAE(tiny(recon="bce")).eval(), x)
+
+
+@pytest.mark.slow
+def test_vae_family_on_two_gloo_ranks(tmp_path, tiny_shards):
+    """launch/train.py under torchrun on 2 gloo ranks: the conditional VAE (BatchNorm buffers included)
+    stays identical on both ranks, and both ranks' images are counted."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    recipe = tmp_path / "vae.yaml"
+    recipe.write_text("family: vae\nmodel: {channels: 8, latent_dim: 16, conditional: true}\n"
+                      "loss: {kl_warmup_steps: 4}\noptim: {lr_g: 0.001, betas_g: [0.9, 0.999]}\n"
+                      "data: {num_workers: 1, shuffle_buffer: 64}\ncheckpoint: {every: 3}\n"
+                      "log: {every: 1, sample_every: 3, samples_per_class: 2, progress: false, with: ''}\n"
+                      "train: {max_steps: 6, batch_size: 8, mixed_precision: 'no'}\n")
+    run = tmp_path / "run"
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                        "launch/train.py", "--config", str(recipe), "--run-dir", str(run), f"data.shards={tiny_shards}"],
+                       cwd=REPO, capture_output=True, text=True, timeout=300,
+                       env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "replica check: vae and vae_ema identical on all 2 ranks" in r.stdout
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["Progress/kimg"] == pytest.approx(6 * 8 * 2 / 1000)
+    assert [r["step"] for r in rows if "Loss/VAE/recon" in r] == list(range(1, 7))
