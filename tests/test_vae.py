@@ -263,6 +263,22 @@ def test_vae_family_refuses_shards_that_do_not_fit(tmp_path, tiny_shards):
     with pytest.raises(ShardError, match=r"the VAE \(family: vae\) trains on single images.*family: pix2pix"):
         _train(pairs, tmp_path / "run", "train.max_steps=1")
     assert not (tmp_path / "run" / "checkpoints").exists()
+    with pytest.raises(ConfigError, match="metrics.every.*not wired for family=vae"):
+        _train(tiny_shards, tmp_path / "run", "metrics.every=5", "train.max_steps=1")
+
+
+@pytest.mark.parametrize("recipe", ["cifar10_vae.yaml", "fashion_mnist_vae.yaml"])
+def test_recipes_build(recipe):
+    from conftest import REPO
+    from gan.config import load_config
+    from gan.family import build_family
+
+    cfg = load_config(REPO / "configs" / recipe)
+    vae = build_family(cfg).build_networks()["vae"]
+    m = cfg.model
+    assert m.latent_dim == 128 and m.conditional
+    x = torch.zeros(2, m.img_channels, m.img_size, m.img_size)
+    assert vae(x, torch.tensor([0, 1]))[0].shape == x.shape
 
 
 def test_per_sample_measures_of_the_vae():

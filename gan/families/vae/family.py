@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from gan.config import ConfigError
 from gan.families.vae.config import VAEConfig, VAELossConfig
 from gan.families.vae.losses import kl_weight, vae_loss
 from gan.family import Family, OptimSpec, register_family
@@ -29,6 +30,9 @@ class VAEFamily(Family):
         return OptimSpec(o.lr_g, tuple(o.betas_g))
 
     def check(self, manifest=None) -> None:
+        if self.cfg.metrics.every:
+            raise ConfigError("config key 'metrics.every': evaluation during training measures a GAN's samples and "
+                              "is not wired for family=vae yet; set metrics.every=0")
         if manifest is not None:
             from gan.data.manifest import require_single
 
