@@ -137,6 +137,7 @@ def register_family(cls: type[Family]) -> type[Family]:
 def _load_builtin() -> None:
     """The families that ship with the project: one import line each (they register themselves)."""
     import gan.families.gan.family  # noqa: F401
+    import gan.families.vae.family  # noqa: F401
 
 
 def family_names() -> list[str]:

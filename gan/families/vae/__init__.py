@@ -1,0 +1,1 @@
+"""The variational autoencoder family: networks, pure losses, its config section and its pictures."""

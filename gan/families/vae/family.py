@@ -1,0 +1,74 @@
+"""The VAE as a family: one network "vae" (encoder and decoder, gan.families.vae.networks) trained on
+the negative ELBO with a weighted, warmed-up KL term (gan.families.vae.losses), one update per step,
+with an EMA copy for pictures and export. Config sections: ``model`` (VAEConfig) and ``loss``
+(VAELossConfig); the optimizer is the spine's ``optim`` section with ``optim.lr_g`` and
+``optim.betas_g`` (the VAE generates, as G does). Export and serving: prior samples from ``(z, class)``,
+the GAN's signature, with the class ignored unless ``model.conditional``."""
+from __future__ import annotations
+
+import torch
+
+from gan.config import ConfigError
+from gan.families.vae.config import VAEConfig, VAELossConfig
+from gan.families.vae.losses import kl_weight, vae_loss
+from gan.family import Family, OptimSpec, register_family
+
+
+@register_family
+class VAEFamily(Family):
+    name = "vae"
+    sections = {"model": VAEConfig, "loss": VAELossConfig}
+    ema = "vae"
+
+    def build_networks(self) -> dict[str, torch.nn.Module]:
+        from gan.families.vae.networks import VAE
+
+        return {"vae": VAE(self.cfg.model)}
+
+    def optimizer(self, name: str) -> OptimSpec:
+        o = self.cfg.optim
+        return OptimSpec(o.lr_g, tuple(o.betas_g))
+
+    def check(self, manifest=None) -> None:
+        if self.cfg.metrics.every:
+            raise ConfigError("config key 'metrics.every': evaluation during training measures a GAN's samples and "
+                              "is not wired for family=vae yet; set metrics.every=0")
+        if manifest is not None:
+            from gan.data.manifest import require_single
+
+            m = self.cfg.model
+            require_single(manifest, "the VAE (family: vae)")  # paired shards: name the paired families
+            manifest.check(dataset=self.cfg.data.dataset or None, channels=m.img_channels, size=m.img_size,
+                           num_classes=m.num_classes if m.conditional else None)
+
+    def _labels(self, y: torch.Tensor) -> torch.Tensor | None:
+        return y if self.cfg.model.conditional else None
+
+    def train_step(self, ctx) -> None:
+        x, y = ctx.batch()  # single-image shards: check() refused paired ones before any work
+        m, lc = self.cfg.model, self.cfg.loss
+        h, mu, logvar = ctx.nets["vae"](x, self._labels(y))
+        w = kl_weight(ctx.step, lc.beta, lc.kl_warmup_steps)
+        ctx.update("vae", *vae_loss(x, h, mu, logvar, w, m.recon, lc.obs_std))
+
+    def _prior(self, n: int, seed: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+        gen = torch.Generator().manual_seed(seed)
+        z = torch.randn(n, self.cfg.model.latent_dim, generator=gen)
+        return z.to(device), (torch.arange(n) % self.cfg.model.num_classes).to(device)
+
+    def pictures(self, net: torch.nn.Module, device) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Prior samples of ``net`` (the EMA VAE) on fixed noise: ``log.samples_per_class`` per class, one
+        row each, with a conditional decoder; otherwise ``log.samples_per_class`` samples in one grid."""
+        k, m = self.cfg.log.samples_per_class, self.cfg.model
+        classes = m.num_classes if m.conditional else 1
+        z, _ = self._prior(k * classes, self.cfg.train.seed, device)
+        y = torch.arange(classes, device=device).repeat_interleave(k)
+        return self.generate(net, z, y), y, classes
+
+    def generate(self, net: torch.nn.Module, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] decoded from latents z (and classes y, used by a conditional decoder)."""
+        return net.to_image(net.decode(z, self._labels(y)))
+
+    def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(z, y)``: z float32 (batch, model.latent_dim) from N(0, I), y int64 class indices."""
+        return self._prior(batch, seed, "cpu")
