@@ -1,4 +1,4 @@
-"""Never lose a run (issue 10, part B): exact resume with loader workers (also after kill -9), every
+"""Never lose a run: exact resume with loader workers (also after kill -9), every
 rank exits, a stalled peer or a dead launcher ends the run, divergence stops it, damaged shards are
 named, and the command line refuses bad input before any work. Real shards, real processes, real gloo."""
 from __future__ import annotations
