@@ -71,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-real", type=int, default=10000)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--aoti", action="store_true", help="also the fp32 .pt2 compiled by AOTInductor "
+                   "(torch._inductor.aoti_compile_and_package: minutes, needs a C++ compiler); not an export option "
+                   "unless it measures faster")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from gan.data import class_names
@@ -103,6 +106,15 @@ def main(argv=None) -> int:
         d = Path(args.out_dir) / f"{fmt}-{q}"
         export(args.run, d, fmt, q)
         variants[f"{NAMES[fmt]} {label[q]}"] = Artifact(d, threads=1)
+    if args.aoti:
+        t = time.perf_counter()
+        try:
+            prog = torch.export.load(str(Path(args.out_dir) / "export-none" / "generator.pt2"))
+            pkg = torch._inductor.aoti_compile_and_package(prog, package_path=str(Path(args.out_dir) / "aoti.pt2"))
+            variants["torch.export (.pt2) fp32, AOTInductor"] = torch._inductor.aoti_load_package(pkg)
+            print(f"AOTInductor compile: {time.perf_counter() - t:.0f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 (report why, e.g. no C++ compiler)
+            variants["torch.export (.pt2) fp32, AOTInductor"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     ref = None
     print(f"run {args.run}: {m.name}, step {loaded.step}, {args.num_samples} samples, batch {args.batch}")
     print("| variant | ms/image | max abs diff vs eager fp32 | mean abs diff | cls_acc | cls_fd |\n"
