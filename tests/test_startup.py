@@ -83,3 +83,5 @@ def test_multiprocess_launch_on_cpu_as_written(tmp_path, tiny_shards, launcher):
             in r.stdout)
     assert "replica check: G, D and G_ema identical on all 2 ranks" in r.stdout
     assert "finished at step 2" in r.stdout
+    if launcher[0] == "accelerate":  # it starts one process on a machine without GPUs: the trainer starts two
+        assert "accelerate launch started 1 process of 2 (no GPU or other accelerator found)" in r.stdout
