@@ -2,7 +2,8 @@
 """What export formats, bf16 and int8 do to a run's generator on this CPU: ms per image (batch --batch,
 median of --repeats forward passes, one thread), max and mean |difference| from the eager fp32 generator,
 and cls_acc / cls_fd of --num-samples class-balanced samples (gan.metrics' offline CIFAR-10 classifier;
-the same z for every variant). bf16: eager autocast and the TorchScript export (--quantize bf16). int8:
+the same z for every variant). Formats: the torch.export program (.pt2, the default), ONNX and
+TorchScript (deprecated). bf16: eager autocast and the .pt2 / TorchScript exports (--quantize bf16). int8:
 dynamic (torch, onnxruntime) and static (onnxruntime's, --quantize int8-static; and torch.ao's FX on
 each quantized engine).
 
@@ -19,6 +20,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
+
+NAMES = {"export": "torch.export (.pt2)", "torchscript": "TorchScript", "onnx": "ONNX"}
 
 
 def timed(fn, z, y, repeats):
@@ -67,6 +71,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--max-real", type=int, default=10000)
     p.add_argument("--out-dir", required=True)
+    p.add_argument("--aoti", action="store_true", help="also the fp32 .pt2 compiled by AOTInductor "
+                   "(torch._inductor.aoti_compile_and_package: minutes, needs a C++ compiler); not an export option "
+                   "unless it measures faster")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     from gan.data import class_names
@@ -92,12 +99,22 @@ def main(argv=None) -> int:
             variants[f"eager int8 static (torch FX, {engine})"] = fx_static_int8(G, engine, m.z_dim, m.num_classes)
         except Exception as e:  # noqa: BLE001 (report why, e.g. a forward torch.fx cannot trace)
             variants[f"eager int8 static (torch FX, {engine})"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
-    label = {"none": "fp32", "int8": "int8 dynamic", "int8-static": "int8 static", "bf16": "bf16 (autocast, traced)"}
-    for fmt, q in (("torchscript", "none"), ("torchscript", "int8"), ("torchscript", "bf16"), ("onnx", "none"),
-                   ("onnx", "int8"), ("onnx", "int8-static")):
+    label = {"none": "fp32", "int8": "int8 dynamic", "int8-static": "int8 static", "bf16": "bf16 (autocast)"}
+    for fmt, q in (("export", "none"), ("export", "int8"), ("export", "bf16"), ("torchscript", "none"),
+                   ("torchscript", "int8"), ("torchscript", "bf16"), ("onnx", "none"), ("onnx", "int8"),
+                   ("onnx", "int8-static")):
         d = Path(args.out_dir) / f"{fmt}-{q}"
         export(args.run, d, fmt, q)
-        variants[f"{fmt} {label[q]}"] = Artifact(d, threads=1)
+        variants[f"{NAMES[fmt]} {label[q]}"] = Artifact(d, threads=1)
+    if args.aoti:
+        t = time.perf_counter()
+        try:
+            prog = torch.export.load(str(Path(args.out_dir) / "export-none" / "generator.pt2"))
+            pkg = torch._inductor.aoti_compile_and_package(prog, package_path=str(Path(args.out_dir) / "aoti.pt2"))
+            variants["torch.export (.pt2) fp32, AOTInductor"] = torch._inductor.aoti_load_package(pkg)
+            print(f"AOTInductor compile: {time.perf_counter() - t:.0f} s", flush=True)
+        except Exception as e:  # noqa: BLE001 (report why, e.g. no C++ compiler)
+            variants["torch.export (.pt2) fp32, AOTInductor"] = f"{type(e).__name__}: {str(e).splitlines()[0][:80]}"
     ref = None
     print(f"run {args.run}: {m.name}, step {loaded.step}, {args.num_samples} samples, batch {args.batch}")
     print("| variant | ms/image | max abs diff vs eager fp32 | mean abs diff | cls_acc | cls_fd |\n"

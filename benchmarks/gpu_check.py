@@ -20,16 +20,16 @@ a part that doesn't fit is listed as skipped with the reason (nothing is silentl
 On a CPU it degrades to a smoke run of the same parts (one recipe, tiny steps, 2 workers,
 a few training steps): the report's structure, not figures.
 
-What the GPU machine lacks, and how to carry it (the device tool carries up to 8 git-ignored
-paths, 64 MiB in all; its Python is 3.12 with torch 2.11, torchvision 0.26, accelerate 1.15,
-safetensors, pyyaml, numpy, pillow, matplotlib, tensorboard, tqdm already installed):
+What a GPU machine without a package index may lack, and how to bring it (assumed there: Python
+3.12 with torch 2.11, torchvision 0.26, accelerate 1.15, safetensors, pyyaml, numpy, pillow,
+matplotlib, tensorboard, tqdm already installed):
   - webdataset, braceexpand, torch-fidelity (+ its own small needs): wheels, downloaded here by
     `bash benchmarks/prepare_gpu.sh` into local/gpu/wheels (pip download --python-version 3.12);
   - the CIFAR-10 images: local/gpu/cifar10-jpeg.tar.gz (19 MB, copied by the same script from
-    ../shared/data); the 50k raw shards are 150 MB, too big to carry, so they are built there
+    ../shared/data); the 50k raw shards are 150 MB, so they are built there instead
     (python -m data_shards ensure-cifar10, about a minute on 16 cores).
-`bash benchmarks/gpu_check.sh OUT` does all of it on the GPU machine (install the wheels into
-/tmp/site, build the shards, run this script); see docs/benchmarks.md for the one device call.
+On a GPU machine, `make gpu-bundle`, then `bash benchmarks/gpu_check.sh OUT` does all of it (install the
+wheels into /tmp/site, build the shards, run this script); see docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -52,7 +52,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 DEFAULT_RECIPE = "configs/cifar10_cdcgan.yaml"
 NEEDED = {"webdataset": "webdataset", "braceexpand": "braceexpand", "yaml": "pyyaml", "safetensors": "safetensors",
           "matplotlib": "matplotlib"}
-FIX_PACKAGES = ("carry them as wheels: `bash benchmarks/prepare_gpu.sh` here (writes local/gpu/wheels), then "
+FIX_PACKAGES = ("bring them as wheels: `make gpu-bundle` where pip works (writes local/gpu/wheels), then "
                 "there `python3 -m pip install --no-index --no-deps --target /tmp/site local/gpu/wheels/*.whl` "
                 "and PYTHONPATH=/tmp/site (benchmarks/gpu_check.sh does both)")
 FIX_SHARDS = ("build them: `python -m data_shards ensure-cifar10 --out DIR --root /nonexistent --shared "
@@ -228,9 +228,9 @@ def deepspeed_support() -> str | None:
     from gan.config import TrainConfig
 
     if "backend" not in TrainConfig.__dataclass_fields__:
-        return "this checkout has no DeepSpeed support yet (no train.backend key; issue 'DeepSpeed')"
+        return "this checkout has no DeepSpeed support (no train.backend key)"
     if importlib.util.find_spec("deepspeed") is None:
-        return "deepspeed is not installed (pip install deepspeed, or carry its wheel)"
+        return "deepspeed is not installed (pip install deepspeed, or bring its wheel)"
     return None
 
 

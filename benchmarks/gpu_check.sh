@@ -12,7 +12,7 @@ OUT=${1:?usage: bash benchmarks/gpu_check.sh OUT [BUNDLE]}
 BUNDLE=${2:-local/gpu}
 T0=$(date +%s)
 PY=${PYTHON:-python3}
-[ -d "$BUNDLE/wheels" ] || { echo "gpu_check.sh: no $BUNDLE/wheels: run bash benchmarks/prepare_gpu.sh where pip works, and carry $BUNDLE" >&2; exit 2; }
+[ -d "$BUNDLE/wheels" ] || { echo "gpu_check.sh: no $BUNDLE/wheels: run make gpu-bundle (bash benchmarks/prepare_gpu.sh) where pip works, and copy $BUNDLE here" >&2; exit 2; }
 "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$BUNDLE"/wheels/*.whl
 export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 SHARDS=/tmp/cifar10-train

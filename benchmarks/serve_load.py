@@ -13,7 +13,7 @@ the others.
 Each client has its own HTTP connection (its own httpx client): one shared httpx pool of 64 connections
 spends most of its time scanning the pool (httpcore), which made the clients the bottleneck.
 
-    python benchmarks/serve_load.py --artifact artifacts/cdcgan-ts --requests-per-client 16 [--pin]
+    python benchmarks/serve_load.py --artifact artifacts/cdcgan --requests-per-client 16 [--pin]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 # CPU serving image: the package, CPU-only torch, FastAPI + uvicorn, onnxruntime.
 #   docker build -f docker/serve.Dockerfile -t gan-serve .
-#   docker run --rm -p 8000:8000 -v $PWD/artifacts/cdcgan-ts:/model:ro gan-serve --artifact /model
+#   docker run --rm -p 8000:8000 -v $PWD/artifacts/cdcgan:/model:ro gan-serve --artifact /model
 #   docker run --rm -p 8000:8000 -v $PWD/runs/cdcgan:/run:ro gan-serve --run /run
 FROM python:3.11-slim
 WORKDIR /app

@@ -11,7 +11,7 @@ The non-finite *policy* (skip or stop, counts, messages) is :mod:`gan.guard`'s, 
 Why ``deepspeed.initialize`` and not Accelerate's multiple-plugin API: two engines are first class
 there (each keeps its own backward/step), the plain Accelerator keeps doing what it does for DDP
 (process group, device, RNG and custom-object checkpointing) and is identical for both backends,
-``ACCELERATE_USE_CPU=1`` keeps working for CPU tests, and neither ``transformers`` (Accelerate's
+the CPU (gloo) keeps working for CPU tests, and neither ``transformers`` (Accelerate's
 plugin selection imports it) nor an API Accelerate marks experimental is needed; ``accelerator.backward``
 would drive only the last prepared engine anyway.
 
@@ -285,11 +285,11 @@ def build_backend(cfg: Config, accelerator, precision: str):
     import torch.distributed as dist
 
     if dist.is_initialized() and dist.get_world_size() != accelerator.num_processes:
-        # torchrun on a CPU-only machine without ACCELERATE_USE_CPU=1: Accelerate starts the process
-        # group yet reports one process, so every rank would train alone into the same run directory.
+        # gan.startup.choose_cpu keeps this from happening on a machine without an accelerator; should a device
+        # Accelerate doesn't know start the process group anyway, every rank would train alone: refuse.
         raise ConfigError(f"torch.distributed has {dist.get_world_size()} processes but Accelerate sees "
-                          f"{accelerator.num_processes} ({accelerator.distributed_type}); on a machine without "
-                          f"GPUs set ACCELERATE_USE_CPU=1 (or use accelerate launch --cpu)")
+                          f"{accelerator.num_processes} ({accelerator.distributed_type}); to train on the CPU "
+                          f"set ACCELERATE_USE_CPU=1 (or use accelerate launch --cpu)")
     if cfg.train.backend == "deepspeed":
         return DeepSpeedBackend(cfg, accelerator, precision)
     return DDPBackend(cfg, accelerator)

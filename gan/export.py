@@ -1,7 +1,9 @@
-"""Portable artifacts of a run's EMA generator: TorchScript or ONNX (optionally int8), plus
-``artifact.json`` saying what the model needs. Loads without this package: ``torch.jit.load`` or
-``onnxruntime.InferenceSession`` of ``artifact.json['file']``; inputs ``z`` float32 (N, z_dim) and
-``y`` int64 (N,), output float32 (N, C, H, W) in [-1, 1].
+"""Portable artifacts of a run's EMA generator: a torch.export program (``.pt2``, the default), ONNX,
+or TorchScript (deprecated by torch; still written on request and loaded with a warning), optionally
+int8 or bf16, plus ``artifact.json`` saying what the model needs. Loads without this package:
+``torch.export.load(artifact.json['file']).module()``, ``onnxruntime.InferenceSession`` or
+``torch.jit.load``; inputs ``z`` float32 (N, z_dim) and ``y`` int64 (N,) with any batch size N (a dynamic
+dimension), output float32 (N, C, H, W) in [-1, 1].
 
 Spectral-norm parametrizations are baked into plain weights first (eval mode: the stored power-
 iteration vectors, exactly what the eager eval-mode G computes).
@@ -9,14 +11,17 @@ iteration vectors, exactly what the eager eval-mode G computes).
 int8: ``int8`` is dynamic quantization (torch: Linear layers only; onnxruntime: MatMul/Gemm weights).
 ``int8-static`` (ONNX only) is onnxruntime's static quantization of the whole graph, convolutions
 included, calibrated on the generator's own inputs (z ~ N(0, 1), every class): no data set needed.
-``bf16`` (TorchScript only) is the generator traced under CPU autocast to bfloat16 (inputs and output
+``bf16`` (torch.export or TorchScript) is the generator captured under CPU autocast to bfloat16 (inputs and output
 stay float32); fast where the CPU has bf16 instructions (AVX512-BF16 / AMX), slow where it emulates them.
 What each does to speed and images: docs/benchmarks.md.
 """
 from __future__ import annotations
 
 import json
+import logging
+import sys
 import warnings
+import zipfile
 from pathlib import Path
 
 import torch
@@ -25,10 +30,11 @@ from gan.data import class_names
 from gan.io import sha256_file, write_json_atomic
 from gan.rundir import RunDir
 
-FORMATS = ("torchscript", "onnx")
+FORMATS = ("export", "onnx", "torchscript")  # the first is the default
 QUANTIZE = ("none", "int8", "int8-static", "bf16")
 CALIBRATION = {"batches": 16, "batch_size": 64, "seed": 1234}  # int8-static: (z, y) batches it calibrates on
-FILES = {"torchscript": "generator.pt", "onnx": "generator.onnx"}
+FILES = {"export": "generator.pt2", "torchscript": "generator.pt", "onnx": "generator.onnx"}
+MAX_BATCH = 4096  # the dynamic batch dimension's upper bound (torch.export and ONNX)
 ARTIFACT_JSON = "artifact.json"
 # measured max |eager - artifact| is far below this (docs/benchmarks.md); fp32 reorderings only
 PARITY_TOL = {"none": 1e-4, "int8": None, "int8-static": None, "bf16": None}
@@ -106,6 +112,60 @@ def example_inputs(z_dim: int, num_classes: int, n: int = 4, seed: int = 0) -> t
     return torch.randn(n, z_dim, generator=g), torch.arange(n) % num_classes
 
 
+def _batch_dim() -> dict:
+    batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
+    return {"z": {0: batch}, "y": {0: batch}}
+
+
+def save_program(G, z, y, path: Path) -> None:
+    """A torch.export program with a dynamic batch dimension, written atomically."""
+    prog = torch.export.export(G, (z, y), dynamic_shapes=_batch_dim())
+    tmp = path.with_name(f".tmp-{path.name}")
+    torch.export.save(prog, str(tmp))
+    tmp.replace(path)
+
+
+def check_program_file(path: Path) -> None:
+    """Refuse, with the fix, what torch.export.load would meet with a logged traceback: a file that is not
+    a .pt2 archive (a TorchScript file in particular) or one written with another export schema version."""
+    from torch._export.serde.schema import SCHEMA_VERSION
+
+    again = "export it again with `python launch/export.py --run RUN --out DIR`"
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = zf.namelist()
+            fmt = next((n for n in names if n.endswith("/archive_format") or n == "archive_format"), None)
+            if fmt is None or zf.read(fmt).strip() != b"pt2":
+                if any(n.endswith("/constants.pkl") or "/code/" in n for n in names):
+                    raise ExportError(f"{path} is a TorchScript file, not a torch.export program (.pt2): its "
+                                      f"artifact.json must say \"format\": \"torchscript\", or {again}")
+                raise ExportError(f"{path} is not a torch.export program (no pt2 archive_format); {again}")
+            model = next((n for n in names if "/models/" in n and n.endswith(".json")), None)
+            info = json.loads(zf.read(model)) if model else {}
+    except (zipfile.BadZipFile, OSError, json.JSONDecodeError) as e:
+        raise ExportError(f"{path} is not a torch.export program ({e}); {again}") from None
+    version = info.get("schema_version") or {}
+    if version.get("major") != SCHEMA_VERSION[0]:
+        raise ExportError(f"{path} was written by torch {info.get('torch_version', '?')} with export schema "
+                          f"{version.get('major')}.{version.get('minor')}; this torch ({torch.__version__}) reads "
+                          f"schema {SCHEMA_VERSION[0]}.x: {again}")
+
+
+def load_program(path: Path, device: torch.device) -> torch.nn.Module:
+    check_program_file(path)
+    log = logging.getLogger("torch.export")
+    level, log.level = log.level, logging.ERROR  # torch logs a traceback before it raises: our message says it
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # e.g. torch.frombuffer of the read-only weights
+            return torch.export.load(str(path)).module().to(device)
+    except Exception as e:  # noqa: BLE001 (deserialization raises many types)
+        raise ExportError(f"{path} is not a loadable torch.export program ({str(e).splitlines()[0]}); "
+                          f"export it again") from None
+    finally:
+        log.level = level
+
+
 def save_torchscript(G, z, y, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
@@ -124,12 +184,11 @@ def calibration_inputs(z_dim: int, num_classes: int) -> list[dict]:
 
 
 def save_onnx(G, z, y, path: Path, quantize: str, num_classes: int = 1) -> None:
-    batch = torch.export.Dim("batch", min=1, max=4096)
     tmp = path.with_name(f".tmp-{path.name}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(G, (z, y), input_names=["z", "y"], output_names=["images"],
-                                 dynamic_shapes={"z": {0: batch}, "y": {0: batch}}, dynamo=True, verbose=False)
+                                 dynamic_shapes=_batch_dim(), dynamo=True, verbose=False)
     prog.save(str(tmp))
     if quantize != "none":
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic as ort_qd, quantize_static
@@ -153,9 +212,9 @@ def save_onnx(G, z, y, path: Path, quantize: str, num_classes: int = 1) -> None:
     tmp.replace(path)
 
 
-def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "none",
+def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quantize: str = "none",
            checkpoint: str | None = None, best: bool = False) -> dict:
-    """Write ``out_dir/generator.{pt,onnx}`` + ``artifact.json``; check the artifact against the eager
+    """Write ``out_dir/generator.{pt2,onnx,pt}`` + ``artifact.json``; check the artifact against the eager
     G on fresh inputs (another batch size than the trace) and record the max abs difference."""
     from gan.metrics import load_generator
 
@@ -167,14 +226,14 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
         raise ExportError("--quantize int8-static needs --format onnx (onnxruntime's static int8); torch's static "
                           "int8 of transposed convolutions was wrong (x86 engine) or slower (fbgemm): "
                           "docs/benchmarks.md")
-    if quantize == "bf16" and fmt != "torchscript":
-        raise ExportError("--quantize bf16 needs --format torchscript (traced under CPU autocast); onnxruntime's "
-                          "CPU provider has no bf16 convolutions")
+    if quantize == "bf16" and fmt == "onnx":
+        raise ExportError("--quantize bf16 needs --format export or torchscript (captured under CPU autocast); "
+                          "onnxruntime's CPU provider has no bf16 convolutions")
     loaded = load_generator(run_dir, pick_weights(run_dir, checkpoint, best), "cpu")
     cfg, m = loaded.cfg, loaded.cfg.model
     base = bake(loaded.G)
     G = base  # ONNX int8 variants are quantized by onnxruntime after the fp32 export
-    if fmt == "torchscript" and quantize == "int8":
+    if fmt != "onnx" and quantize == "int8":
         G = quantize_dynamic(base)
     elif quantize == "bf16":
         G = Bf16Autocast(base)
@@ -182,7 +241,8 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str, quantize: str = "
     out.mkdir(parents=True, exist_ok=True)
     path = out / FILES[fmt]
     z, y = example_inputs(m.z_dim, m.num_classes, 4)
-    (save_torchscript if fmt == "torchscript" else lambda *a: save_onnx(*a, quantize, m.num_classes))(G, z, y, path)
+    save = {"export": save_program, "torchscript": save_torchscript}.get(fmt)
+    (save or (lambda *a: save_onnx(*a, quantize, m.num_classes)))(G, z, y, path)
     art = Artifact(out, expect_sha=False, meta={"format": fmt, "file": path.name})
     zc, yc = example_inputs(m.z_dim, m.num_classes, 7, seed=1)
     with torch.no_grad():
@@ -214,7 +274,7 @@ class Artifact:
             p = d / ARTIFACT_JSON
             if not p.is_file():
                 raise ExportError(f"{d} is not an exported artifact (no {ARTIFACT_JSON}); make one with "
-                                  f"`python launch/export.py --run RUN --format torchscript|onnx --out {d}`")
+                                  f"`python launch/export.py --run RUN --out {d}`")
             try:
                 meta = json.loads(p.read_text())
             except (OSError, json.JSONDecodeError) as e:
@@ -229,9 +289,15 @@ class Artifact:
             raise ExportError(f"{self.path} does not match the sha256 in {ARTIFACT_JSON} (damaged or replaced); "
                               f"export again")
         self.meta, self.format, self.device = meta, fmt, torch.device(device)
-        if fmt == "torchscript":
+        if fmt == "export":
+            self.module = load_program(self.path, self.device)
+        elif fmt == "torchscript":
+            print(f"warning: {self.path} is TorchScript, which torch deprecates; export it again as a torch.export "
+                  f"program (the default of launch/export.py)", file=sys.stderr, flush=True)
             try:
-                self.module = torch.jit.load(str(self.path), map_location=self.device).eval()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # torch.jit.load's own deprecation warning: said above
+                    self.module = torch.jit.load(str(self.path), map_location=self.device).eval()
             except RuntimeError as e:
                 raise ExportError(f"{self.path} is not a loadable TorchScript file ({str(e).splitlines()[0]})") from None
         else:
@@ -247,7 +313,7 @@ class Artifact:
 
     @torch.no_grad()
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.format == "torchscript":
+        if self.format != "onnx":
             return self.module(z.to(self.device), y.to(self.device)).float().cpu()
         out = self.session.run(None, {"z": z.float().cpu().numpy(), "y": y.long().cpu().numpy()})[0]
         return torch.from_numpy(out)

@@ -37,6 +37,7 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
         raise ConfigError(f"run directory {run_dir} is not writable ({e.strerror}); pass --run-dir "
                           f"with a directory you can write to") from None
     check_names(cfg)
+    check_precision(cfg)
     tracker_names(cfg.log.with_)  # an unknown or uninstalled tracker fails here
     manifest = read_manifest(cfg.data.shards)
     build_family(cfg).check(manifest)  # the shards against the family's model
@@ -56,10 +57,30 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+def check_precision(cfg: Config) -> None:
+    """Under DeepSpeed, the precision this launch resolves to is one DeepSpeed's accelerator supports on this
+    device (asked the way ``deepspeed.initialize`` decides: e.g. its CPU accelerator has fp16 only where
+    oneDNN has fp16 kernels). Otherwise both ranks would die inside ``deepspeed.initialize``."""
+    if cfg.train.backend != "deepspeed":
+        return
+    from gan.startup import resolve_precision_source
+
+    precision = resolve_precision_source(cfg.train.mixed_precision)[0]
+    if precision not in ("fp16", "bf16"):
+        return
+    from deepspeed.accelerator import get_accelerator
+
+    acc = get_accelerator()
+    if not (acc.is_fp16_supported() if precision == "fp16" else acc.is_bf16_supported()):
+        other = "bf16 or no" if precision == "fp16" and acc.is_bf16_supported() else "no"
+        raise ConfigError(f"config key 'train.mixed_precision': {precision} is not supported by DeepSpeed's "
+                          f"{acc.device_name()} accelerator on this machine; use train.mixed_precision={other}")
+
+
 def check_names(cfg: Config) -> None:
     """The registered names of the config exist (ConfigError listing the valid ones): the family's
     (the GAN: loss and model) here; the family name and metric names are checked when the config is built."""
     build_family(cfg).check()
 
 
-__all__ = ["preflight", "check_names"]
+__all__ = ["preflight", "check_names", "check_precision"]

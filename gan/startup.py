@@ -65,6 +65,56 @@ def resolve_precision_source(name: str, env: dict | None = None, gpu_bf16: bool 
     return "no", "train.mixed_precision=auto: full precision (no GPU with bf16)"
 
 
+def choose_cpu(env: dict | None = None, accelerator: bool | None = None) -> tuple[bool, str | None]:
+    """(train on the CPU, why) for this launch. ``ACCELERATE_USE_CPU=1`` (what ``accelerate launch --cpu``
+    sets) asks for it; on a machine without a GPU or other accelerator the CPU is the only device, and a
+    multi-process launch (``torchrun``, ``accelerate launch --num_processes N``) then runs with gloo, as
+    written, instead of Accelerate seeing one process in each. (False, None): Accelerate's own choice."""
+    env = os.environ if env is None else env
+    if env.get("ACCELERATE_USE_CPU", "").strip().lower() in ("1", "true", "yes"):
+        return True, "ACCELERATE_USE_CPU=1 asks for the CPU"
+    if accelerator is None:
+        accelerator = torch.accelerator.is_available()
+    if accelerator:
+        return False, None
+    procs = int(env.get("WORLD_SIZE", "1"))
+    return True, "no GPU or other accelerator found" + (f"; {procs} processes with gloo" if procs > 1 else "")
+
+
+def accelerate_launch_processes(ppid: int | None = None) -> int:
+    """How many processes ``accelerate launch`` was asked for when it started this one process itself
+    (its simple launcher: on a machine without GPUs it ignores ``--num_processes N`` unless
+    ``--multi_gpu`` is given); 1 when this process was not started that way. Read from the launcher's
+    own command line, the only place the number is kept."""
+    if os.environ.get("LOCAL_RANK") is not None or "ACCELERATE_USE_CPU" not in os.environ:
+        return 1  # torchrun/elastic worker, or not under accelerate launch (which always sets it)
+    try:
+        argv = Path(f"/proc/{ppid or os.getppid()}/cmdline").read_bytes().decode().split("\0")
+    except OSError:
+        return 1
+    if "launch" not in argv or not any(Path(a).name.startswith("accelerate") for a in argv[:3]):
+        return 1
+    for i, a in enumerate(argv):
+        for flag in ("--num_processes", "--num-processes"):
+            if a == flag and i + 1 < len(argv) and argv[i + 1].isdigit():
+                return int(argv[i + 1])
+            if a.startswith(flag + "=") and a.split("=", 1)[1].isdigit():
+                return int(a.split("=", 1)[1])
+    return 1
+
+
+def cpu_relaunch(argv: list[str]) -> list[str] | None:
+    """The torchrun command that runs ``argv`` (this script and its arguments) on N CPU processes with
+    gloo, when ``accelerate launch --num_processes N`` (N > 1) started it as one process on a machine
+    without an accelerator; None otherwise."""
+    n = accelerate_launch_processes()
+    if n < 2 or not choose_cpu()[0]:
+        return None
+    import sys
+
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(n), *argv]
+
+
 def _params(module: torch.nn.Module) -> str:
     n = sum(p.numel() for p in module.parameters())
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
@@ -75,6 +125,7 @@ def banner(trainer) -> list[str]:
     acc, cfg, m = trainer.accelerator, trainer.cfg, trainer.stream.manifest
     dev = acc.device
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
+    why = f"; {trainer.device_source}" if trainer.device_source else ""
     c, h, w = m.image_shape
     unwrap = acc.unwrap_model
     loader = (f"on the device ({trainer.stream.nbytes / 2**20:,.1f} MiB, data.on_device)" if cfg.data.on_device
@@ -87,7 +138,7 @@ def banner(trainer) -> list[str]:
     return [
         f"run directory: {trainer.run_dir} ({resume})",
         f"devices: {acc.num_processes} x {name}, world size {acc.num_processes} "
-        f"({'single process' if acc.num_processes == 1 else acc.distributed_type.value.lower()})",
+        f"({'single process' if acc.num_processes == 1 else acc.distributed_type.value.lower()}{why})",
         f"precision: {acc.mixed_precision} ({trainer.precision_source})",
         f"models: {nets}; {c}x{h}x{w}, batch {cfg.train.batch_size} per rank",
         f"data: {m.dataset} {m.split}, {m.total:,} images of {c}x{h}x{w}, {classes}, from {m.dir} ({loader})",
@@ -98,7 +149,7 @@ def banner(trainer) -> list[str]:
 def build_accelerator(cfg, run_dir: Path):
     """The run's Accelerator, with the process group's timeout (``train.collective_timeout``), the
     trackers, and the precision resolved into ``cfg.train.mixed_precision`` (what config.yaml and the
-    checkpoints keep). Returns (accelerator, where the precision came from)."""
+    checkpoints keep). Returns (accelerator, where the precision came from, why the CPU or None)."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
@@ -110,7 +161,9 @@ def build_accelerator(cfg, run_dir: Path):
     pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default (600 s), and
     # torch's own default for gloo is 30 min: pass it always
     t.mixed_precision, source = resolve_precision_source(t.mixed_precision)
+    cpu, device_source = choose_cpu()
     acc = Accelerator(
+        cpu=cpu,
         # DeepSpeed's engines do their own precision (gan.backends); Accelerate prepares nothing there
         mixed_precision=t.mixed_precision if t.backend == "ddp" else "no",
         dynamo_backend="inductor" if t.compile else "no",
@@ -124,4 +177,4 @@ def build_accelerator(cfg, run_dir: Path):
     torch.backends.cudnn.benchmark = not t.deterministic
     if t.deterministic:
         torch.use_deterministic_algorithms(True, warn_only=True)
-    return acc, source
+    return acc, source, device_source

@@ -60,8 +60,8 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: str | Path, resume_from: Path | None = None):
         self.cfg, self.run_dir, self.resume_from, self.run = cfg, Path(run_dir), resume_from, RunDir(run_dir)
         t, self.batch_size = cfg.train, cfg.train.batch_size
-        self.accelerator, self.precision_source = build_accelerator(cfg, self.run_dir)  # precision resolved in cfg
-        acc, self.device = self.accelerator, self.accelerator.device
+        self.accelerator, self.precision_source, self.device_source = build_accelerator(cfg, self.run_dir)
+        acc, self.device = self.accelerator, self.accelerator.device  # precision resolved in cfg
         self.rank0 = RankZero(self.run, acc.is_main_process, t.max_steps, cfg.log.progress, accelerator=acc)
 
         set_seed(t.seed)  # identical initial weights on every rank

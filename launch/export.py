@@ -1,17 +1,20 @@
 #!/usr/bin/env python
-"""Export a run's EMA generator as a self-contained artifact (TorchScript or ONNX; optionally int8 or bf16).
+"""Export a run's EMA generator as a self-contained artifact: a torch.export program (.pt2, the default)
+or ONNX; optionally int8 or bf16. (TorchScript, which torch deprecates, is still written with --format
+torchscript.)
 
-    python launch/export.py --run runs/cdcgan --format torchscript --out artifacts/cdcgan-ts
+    python launch/export.py --run runs/cdcgan --out artifacts/cdcgan
     python launch/export.py --run runs/cdcgan --best --format onnx --out artifacts/cdcgan-onnx
-    python launch/export.py --run runs/biggan --format torchscript --quantize int8 --out artifacts/biggan-int8
+    python launch/export.py --run runs/biggan --quantize int8 --out artifacts/biggan-int8
     python launch/export.py --run runs/biggan --format onnx --quantize int8-static --out artifacts/biggan-int8s
-    python launch/export.py --run runs/biggan --format torchscript --quantize bf16 --out artifacts/biggan-bf16
+    python launch/export.py --run runs/biggan --quantize bf16 --out artifacts/biggan-bf16
 
 --quantize int8: dynamic (Linear / MatMul weights only). int8-static (ONNX only): onnxruntime's static
-int8 of the whole graph, calibrated on the generator's own z and classes. bf16 (TorchScript only): traced
-under CPU autocast. On a 2-core x86 VM (AMX) both ran a BigGAN generator faster than fp32 (int8-static
-0.79 vs 1.97 ms/image ONNX fp32; bf16 1.62 vs 3.16 TorchScript fp32) and neither helped the small
-transposed-conv cDCGAN (docs/benchmarks.md, "Export formats and int8 on CPU").
+int8 of the whole graph, calibrated on the generator's own z and classes. bf16 (not ONNX): captured
+under CPU autocast. On a 2-core x86 VM (AMX) both ran a BigGAN generator faster than fp32 (measured
+with TorchScript artifacts: int8-static 0.79 vs 1.97 ms/image ONNX fp32; bf16 1.62 vs 3.16 TorchScript
+fp32) and neither helped the small transposed-conv cDCGAN (docs/benchmarks.md, "Export formats and
+int8 on CPU").
 """
 from __future__ import annotations
 
@@ -22,6 +25,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gan.export import FORMATS, QUANTIZE  # noqa: E402
+
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -29,9 +34,10 @@ def main(argv=None) -> int:
     src = p.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a G_ema.safetensors file")
     src.add_argument("--best", action="store_true", help="RUN/best (the best evaluation during training)")
-    p.add_argument("--format", required=True, choices=("torchscript", "onnx"))
-    p.add_argument("--quantize", default="none", choices=("none", "int8", "int8-static", "bf16"),
-                   help="int8: dynamic; int8-static: ONNX only; bf16: TorchScript only (docs/benchmarks.md)")
+    p.add_argument("--format", default=FORMATS[0], choices=FORMATS,
+                   help="export: a torch.export program, generator.pt2 (default); onnx; torchscript (deprecated)")
+    p.add_argument("--quantize", default="none", choices=QUANTIZE,
+                   help="int8: dynamic; int8-static: ONNX only; bf16: not ONNX (docs/benchmarks.md)")
     p.add_argument("--out", required=True)
     args = p.parse_args(argv)
 

@@ -35,6 +35,13 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    from gan.startup import choose_cpu, cpu_relaunch
+
+    relaunch = cpu_relaunch(sys.argv) if argv is None else None
+    if relaunch:  # `accelerate launch --num_processes N` on a machine without GPUs started one process: start N
+        print(f"accelerate launch started 1 process of {relaunch[5]} ({choose_cpu()[1]}): running them with "
+              f"torchrun on the CPU with gloo", flush=True)
+        os.execv(relaunch[0], relaunch)
     from gan.dist import end_with_launcher
     from gan.stopping import StopRequest
 

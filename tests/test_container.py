@@ -45,7 +45,7 @@ def test_serving_image_builds_and_answers(tmp_path, tiny_shards):
     from gan.export import export
 
     train_debug(tmp_path / "run", tiny_shards, "train.max_steps=5")
-    export(tmp_path / "run", tmp_path / "art", "torchscript")
+    export(tmp_path / "run", tmp_path / "art")
     port = free_port()
     name = f"gan-serve-test-{port}"
     subprocess.run([eng, "run", "-d", "--name", name, "-p", f"127.0.0.1:{port}:8000", "-v", f"{tmp_path / 'art'}:/model:ro",

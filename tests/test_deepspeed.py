@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO
+from conftest import REPO, train_debug
 
 pytest.importorskip("deepspeed")
 
@@ -154,25 +154,56 @@ def test_zero2_preempt_and_exact_resume(tmp_path, tiny_shards):
     assert [k for k in a if not torch.equal(a[k], b[k])] == []
 
 
+def fp16_supported() -> bool:
+    """DeepSpeed's own answer for this machine (its CPU accelerator: oneDNN fp16 kernels, e.g. AVX-512 FP16/AMX)."""
+    from deepspeed.accelerator import get_accelerator
+
+    return bool(get_accelerator().is_fp16_supported())
+
+
 @pytest.mark.slow
-def test_mixed_precision_penalties_offload(tmp_path, tiny_shards):
-    """bf16 (DeepSpeed's bf16) with WGAN-GP, n_dis=2 and self-attention on ZeRO-2; fp16 (dynamic loss scaling, skipped
-    steps counted) with lazy R1, clipping and the optimizer offloaded to the CPU on ZeRO-1."""
+def test_bf16_penalties_attention(tmp_path, tiny_shards):
+    """bf16 (DeepSpeed's bf16) with WGAN-GP, n_dis=2 and self-attention on ZeRO-2."""
     bf16 = tmp_path / "bf16"
     r = train2(bf16, tiny_shards, "train.backend=deepspeed", "train.mixed_precision=bf16", "loss.name=wgan_gp",
                "optim.n_dis=2", "model.attn_res=16", "train.max_steps=3", "log.every=1")  # attention: a 0-dim weight
     assert "replica check" in r.stdout
     assert all("Loss/D/gp" in x and isinstance(x["Loss/G/main"], float) for x in rows(bf16))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not fp16_supported(), reason="DeepSpeed's accelerator reports no fp16 on this machine (on CPU: "
+                    "torch.ops.mkldnn._is_mkldnn_fp16_supported() is false); the refusal is tested instead")
+def test_fp16_loss_scaling_offload(tmp_path, tiny_shards):
+    """fp16 (dynamic loss scaling, skipped steps counted) with lazy R1, clipping and the optimizer offloaded to the
+    CPU on ZeRO-1."""
     fp16 = tmp_path / "fp16"
-    r = train2(fp16, tiny_shards, "train.backend=deepspeed", "deepspeed.stage=1", "train.mixed_precision=fp16",
-               "loss.r1_gamma=1", "loss.r1_every=2", "optim.grad_clip=1.0", "deepspeed.offload_optimizer=true",
-               "train.max_steps=4", "log.every=1", "train.on_nonfinite=stop")
+    train2(fp16, tiny_shards, "train.backend=deepspeed", "deepspeed.stage=1", "train.mixed_precision=fp16",
+           "loss.r1_gamma=1", "loss.r1_every=2", "optim.grad_clip=1.0", "deepspeed.offload_optimizer=true",
+           "train.max_steps=4", "log.every=1", "train.on_nonfinite=stop")
     got = rows(fp16)
     assert any("Loss/D/r1" in x for x in got) and all("Mixed/fp16_skipped" in x for x in got)
     # the loss scale starts at 2^16 and overflows at first: those steps are skipped and counted, not errors
     assert got[0]["Mixed/fp16_skipped"] > 0 and got[-1]["Mixed/fp16_skipped"] < 1
     state = torch.load(ckpt(fp16, 4) / "custom_checkpoint_1.pkl", weights_only=False)
     assert state["fp16_skipped"] > 0 and state["skipped_nonfinite"] == 0
+
+
+def test_fp16_refused_where_unsupported(tmp_path, tiny_shards):
+    """A machine without fp16 (faked for every process of the launch by a sitecustomize that makes oneDNN report
+    no fp16, which is what DeepSpeed's CPU accelerator asks): refused before any work, exit 2, naming bf16 or no;
+    not a ValueError traceback from deepspeed.initialize on each rank."""
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text("import torch\ntorch.ops.mkldnn._is_mkldnn_fp16_supported = lambda: False\n")
+    path = os.pathsep.join(filter(None, [str(hook), os.environ.get("PYTHONPATH")]))
+    run = tmp_path / "run"
+    r = train_debug(run, tiny_shards, "train.backend=deepspeed", "train.mixed_precision=fp16", "train.max_steps=2",
+                    env={**ENV, "PYTHONPATH": path}, check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config key 'train.mixed_precision': fp16 is not supported") and "bf16 or no" in last
+    assert "Traceback" not in r.stderr and not (run / "checkpoints").exists()
 
 
 # ------------------------------------------------------------------ refused, before any work

@@ -24,7 +24,6 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from gan.config import TrainConfig
 from slurm_multinode import ClusterUnavailable, MultiNodeCluster
 from test_slurm import array_job_of, assert_same, checkpoint_contents, task_logs
 
@@ -34,7 +33,6 @@ pytestmark = [pytest.mark.multinode, pytest.mark.slow]
 STEPS = 300  # long enough for a USR2 to land mid-run; a debug step takes milliseconds
 CPU_RANKS = {"GPUS_PER_NODE": "1", "ACCELERATE_USE_CPU": "1"}  # one gloo rank per node
 QUIET = ["checkpoint.every=100000", "log.every=1", "log.sample_every=100000"]  # only the final checkpoint
-HAS_COLLECTIVE_TIMEOUT = "collective_timeout" in TrainConfig.__dataclass_fields__
 BACKENDS = {"ddp": [], "deepspeed": ["train.backend=deepspeed", "deepspeed.stage=2"]}  # what the tests add
 
 
@@ -266,10 +264,9 @@ def test_kill_9_on_one_node_ends_the_other_and_resume_continues(cluster, shards,
     """kill -9 of the training process on node 2: node 1's rank does not hang (gloo sees the peer's
     socket close; train.collective_timeout bounds a silent hang), the job ends failed (no requeue:
     it is not a preemption), and resubmitting with --resume auto continues from the last good
-    checkpoint. The surviving rank's own clear message ("error: ...") comes with
-    train.collective_timeout (issue 'Never lose a run'); without that key that part is xfail."""
+    checkpoint. The surviving rank ends with its own clear message ("error: ...")."""
     run, timeout_s = tmp_path / "run", 30
-    extra = [f"train.collective_timeout={timeout_s}"] if HAS_COLLECTIVE_TIMEOUT else []
+    extra = [f"train.collective_timeout={timeout_s}"]
     job, log = sbatch(cluster, run, shards, "train.max_steps=100000", "checkpoint.every=20", *extra)
     wait_for(final(run, 20), log)
     victims = [p for p in cluster.node_processes(1, "launch/train.py")
@@ -291,9 +288,6 @@ def test_kill_9_on_one_node_ends_the_other_and_resume_continues(cluster, shards,
     text2 = log2.read_text()
     assert f"at step {last}" in text2 and text2.rstrip().endswith("action=done"), text2
     assert json.loads((run / "status.json").read_text())["step"] == last + 10
-    if not HAS_COLLECTIVE_TIMEOUT:
-        pytest.xfail("train.collective_timeout (issue 'Never lose a run', branch i10-proc) is not on this branch: "
-                     "the surviving rank ends with gloo's raw traceback, not a clear message")
     assert re.search(r"^error: .*(collective|rank)", text, re.M), text
 
 

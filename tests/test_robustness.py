@@ -1,4 +1,4 @@
-"""Never lose a run (issue 10, part B): exact resume with loader workers (also after kill -9), every
+"""Never lose a run: exact resume with loader workers (also after kill -9), every
 rank exits, a stalled peer or a dead launcher ends the run, divergence stops it, damaged shards are
 named, and the command line refuses bad input before any work. Real shards, real processes, real gloo."""
 from __future__ import annotations
@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -360,7 +361,13 @@ def test_shard_damaged_mid_run_stops_naming_it_with_workers(tmp_path, shard_copy
     assert r.returncode == 1, r.stdout + r.stderr
     assert "corrupt tar header" in r.stderr and "train-00000" in r.stderr, r.stderr
     assert "python -m data_shards verify" in r.stderr and "UnicodeDecodeError" not in r.stderr
-    assert status(run)["state"] == "failed" and "ShardError" in status(run)["error"]
+    # the error itself, as the worker raised it, not torch's "Caught ShardError in DataLoader worker process N ...
+    # Original Traceback" wrapper: status.json and the last line on stderr name the shard
+    last = r.stderr.strip().splitlines()[-1]
+    assert re.fullmatch(rf"error: {re.escape(str(shard_copy))}/train-00000\d\.tar: corrupt tar header at byte \d+.*", last)
+    error = status(run)["error"]
+    assert status(run)["state"] == "failed" and error.startswith(f"ShardError: {shard_copy}/train-00000"), error
+    assert "\n" not in error and "DataLoader worker" not in error + r.stderr and "Original Traceback" not in error
 
 
 def test_all_zero_shards_never_spin(shard_copy, deadline):

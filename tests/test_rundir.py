@@ -1,6 +1,6 @@
 """The run directory is owned by one run and never loses it: reuse without --resume, a second trainer,
-a stale lock, damaged checkpoints, non-finite weights, changed settings on resume, a full disk
-(issue 10, items 2, 3, 6, 8, 9). Real runs of configs/debug_cpu.yaml on tiny shards."""
+a stale lock, damaged checkpoints, non-finite weights, changed settings on resume, a full disk.
+Real runs of configs/debug_cpu.yaml on tiny shards."""
 from __future__ import annotations
 
 import json

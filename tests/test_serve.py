@@ -7,6 +7,8 @@ import io
 import json
 import subprocess
 import sys
+import zipfile
+from pathlib import Path
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("onnxruntime")
 
-TOL = 1e-4  # fp32 artifacts vs the eager G (measured: 0 for TorchScript, < 1e-6 for ONNX)
+TOL = 1e-4  # fp32 artifacts vs the eager G (measured: 0 for torch.export and TorchScript, < 1e-6 for ONNX)
 
 
 @pytest.fixture(scope="module")
@@ -33,7 +35,7 @@ def artifacts(run_dir, tmp_path_factory):
     from gan.export import export
 
     out = tmp_path_factory.mktemp("artifacts")
-    return {f: (out / f, export(run_dir, out / f, f)) for f in ("torchscript", "onnx")}
+    return {f: (out / f, export(run_dir, out / f, f)) for f in ("export", "onnx", "torchscript")}
 
 
 def eager(run_dir):
@@ -64,16 +66,16 @@ def test_artifacts_load_without_this_package(artifacts, tmp_path):
     """Only torch / onnxruntime + artifact.json: the loaded modules never include gan."""
     script = r"""
 import json, sys, numpy as np, torch, onnxruntime as ort
-ts_dir, onnx_dir = sys.argv[1:3]
-m = json.load(open(ts_dir + "/artifact.json"))
+pt2_dir, onnx_dir = sys.argv[1:3]
+m = json.load(open(pt2_dir + "/artifact.json"))
 z = torch.randn(3, m["z_dim"]); y = torch.tensor([0, 1, 2])
-a = torch.jit.load(ts_dir + "/" + m["file"])(z, y)
+a = torch.export.load(pt2_dir + "/" + m["file"]).module()(z, y)
 s = ort.InferenceSession(onnx_dir + "/generator.onnx", providers=["CPUExecutionProvider"])
 b = s.run(None, {"z": z.numpy(), "y": y.numpy()})[0]
 assert not any(k == "gan" or k.startswith("gan.") for k in sys.modules), "gan was imported"
 print(float(abs(a.numpy() - b).max()))
 """
-    r = subprocess.run([sys.executable, "-I", "-c", script, str(artifacts["torchscript"][0]), str(artifacts["onnx"][0])],
+    r = subprocess.run([sys.executable, "-I", "-c", script, str(artifacts["export"][0]), str(artifacts["onnx"][0])],
                        cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr
     assert float(r.stdout.strip().splitlines()[-1]) <= TOL
@@ -84,13 +86,13 @@ def test_int8_export_runs(run_dir, tmp_path):
 
     G = eager(run_dir)
     z, y = torch.randn(4, G.z_dim), torch.arange(4)
-    for fmt in ("torchscript", "onnx"):
+    for fmt in ("export", "onnx"):
         meta = export(run_dir, tmp_path / fmt, fmt, "int8")
         assert meta["quantize"] == "int8"
         out = Artifact(tmp_path / fmt)(z, y)
         assert torch.isfinite(out).all() and out.shape == (4, 3, 32, 32)
     with pytest.raises(ExportError, match="int8-static needs --format onnx"):
-        export(run_dir, tmp_path / "ts-static", "torchscript", "int8-static")
+        export(run_dir, tmp_path / "pt2-static", "export", "int8-static")
 
 
 @pytest.fixture(scope="module")
@@ -146,17 +148,17 @@ def test_int8_static_onnx_is_quantized_and_close(biggan_run, tmp_path):
     assert mx < 0.5 and mean < 0.05, (mx, mean)
 
 
-def test_bf16_torchscript_runs_in_bf16_and_stays_close(biggan_run, tmp_path):
-    """--quantize bf16: the traced graph keeps the autocast casts (the images differ from fp32 by bf16
+def test_bf16_program_runs_in_bf16_and_stays_close(biggan_run, tmp_path):
+    """--quantize bf16: the exported graph keeps the autocast casts (the images differ from fp32 by bf16
     rounding, not by 0) and stay close; ONNX bf16 is refused with the reason."""
     from gan.export import ExportError, export
 
     run, G = biggan_run
-    meta = export(run, tmp_path / "b", "torchscript", "bf16")
+    meta = export(run, tmp_path / "b", quantize="bf16")
     assert meta["quantize"] == "bf16"
     mx, mean = _diff_to_eager(G, tmp_path / "b")
     assert 1e-4 < mx < 0.25 and mean < 0.02, (mx, mean)
-    with pytest.raises(ExportError, match="bf16 needs --format torchscript"):
+    with pytest.raises(ExportError, match="bf16 needs --format export or torchscript"):
         export(run, tmp_path / "o", "onnx", "bf16")
 
 
@@ -168,7 +170,7 @@ def test_export_cli_errors(run_dir, tmp_path):
     assert r.returncode == 2 and "best/G_ema.safetensors" in r.stderr
     r = subprocess.run(cli + ["--run", str(run_dir), "--quantize", "bf16"], cwd=REPO, capture_output=True, text=True,
                        timeout=120)
-    assert r.returncode == 2 and "bf16 needs --format torchscript" in r.stderr and not (tmp_path / "x").exists()
+    assert r.returncode == 2 and "bf16 needs --format export or torchscript" in r.stderr and not (tmp_path / "x").exists()
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -198,7 +200,7 @@ async def _post_many(url, bodies, accept="image/png"):
 
 @pytest.mark.slow
 def test_endpoints_batching_and_bad_input(artifacts):
-    with running_server("--artifact", str(artifacts["torchscript"][0]), "--max-batch", "64", "--max-wait-ms", "50") as url:
+    with running_server("--artifact", str(artifacts["export"][0]), "--max-batch", "64", "--max-wait-ms", "50") as url:
         assert httpx.get(url + "/health").json() == {"status": "ok"}
         info = httpx.get(url + "/info").json()
         assert info["classes"][3] == {"index": 3, "name": "class3"} and info["step"] == 5
@@ -240,7 +242,7 @@ def test_dynamic_int8_is_served_one_forward_pass_per_request(run_dir, tmp_path):
     (said in /info), and the same seed gives the same images amid concurrent requests."""
     from gan.export import export
 
-    export(run_dir, tmp_path / "int8", "torchscript", "int8")
+    export(run_dir, tmp_path / "int8", quantize="int8")
     with running_server("--artifact", str(tmp_path / "int8"), "--max-batch", "64", "--max-wait-ms", "200") as url:
         batching = httpx.get(url + "/info").json()["batching"]
         assert batching["max_batch"] == 0 and "dynamic int8" in batching["note"], batching
@@ -389,3 +391,50 @@ def test_batcher_encodes_one_batch_while_the_next_runs_forward():
 
     overlapped, second = asyncio.run(main())
     assert overlapped is True and second.item() == 2.0
+
+
+def _rewrite_pt2(src: Path, dst: Path, edit) -> None:
+    """A copy of a .pt2 archive with its model.json passed through ``edit`` (a dict -> dict)."""
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w", zipfile.ZIP_STORED) as zout:
+        for item in zin.infolist():
+            data = zin.read(item)
+            if item.filename.endswith("/models/model.json"):
+                data = json.dumps(edit(json.loads(data))).encode()
+            zout.writestr(item, data)
+
+
+def test_old_and_wrong_program_files_are_clear_errors(artifacts, tmp_path):
+    """A .pt2 from an older export schema, and a TorchScript file where a .pt2 is expected: exit 2 from the
+    server before it binds, one line naming the file and the fix, no traceback (torch's loader would log
+    one before raising). A TorchScript artifact still loads and is served, with one line saying it is
+    deprecated."""
+    from gan.io import sha256_file
+
+    src, meta = artifacts["export"]
+
+    def artifact(name, model_file):
+        d = tmp_path / name
+        d.mkdir()
+        (d / "artifact.json").write_text(json.dumps({**meta, "sha256": sha256_file(model_file), "file": model_file.name}))
+        return d
+
+    old = tmp_path / "generator.pt2"
+    _rewrite_pt2(src / meta["file"], old, lambda j: {**j, "schema_version": {"major": j["schema_version"]["major"] - 1,
+                                                                              "minor": 0}, "torch_version": "2.4.0"})
+    (tmp_path / "ts.pt").write_bytes((artifacts["torchscript"][0] / "generator.pt").read_bytes())
+    cases = [(artifact("old", old), "was written by torch 2.4.0 with export schema"),
+             (artifact("ts-as-pt2", tmp_path / "ts.pt"), "is a TorchScript file, not a torch.export program")]
+    old.rename(tmp_path / "old" / old.name)
+    (tmp_path / "ts.pt").rename(tmp_path / "ts-as-pt2" / "ts.pt")
+    for d, words in cases:
+        r = subprocess.run([sys.executable, "launch/serve.py", "--artifact", str(d), "--port", "1"], cwd=REPO,
+                           capture_output=True, text=True, timeout=120)
+        assert r.returncode == 2 and words in r.stderr and "launch/export.py" in r.stderr, r.stderr
+        assert "Traceback" not in r.stderr, r.stderr
+    ts = artifacts["torchscript"][0]
+    r = subprocess.run([sys.executable, "-c", "import sys, torch; from gan.export import Artifact; "
+                        f"print(Artifact(sys.argv[1])(torch.randn(2, {meta['z_dim']}), torch.tensor([0, 1])).shape)",
+                        str(ts)], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "torch.Size([2, 3, 32, 32])" in r.stdout, r.stderr
+    lines = [x for x in r.stderr.splitlines() if x.strip()]  # torch's own deprecation warnings are not shown too
+    assert len(lines) == 1 and "is TorchScript, which torch deprecates" in lines[0], r.stderr

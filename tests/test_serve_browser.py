@@ -37,7 +37,7 @@ def artifact(tmp_path_factory, tiny_shards):
 
     d = tmp_path_factory.mktemp("browser")
     train_debug(d / "run", tiny_shards, "train.max_steps=5")
-    export(d / "run", d / "ts", "torchscript")
+    export(d / "run", d / "ts")
     return d / "ts"
 
 

@@ -1,9 +1,16 @@
 """The start-up banner and where the mixed precision comes from (gan/startup.py)."""
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
 import yaml
 
-from conftest import train_debug as train
+from conftest import REPO, train_debug as train
 from gan.startup import resolve_precision_source as resolve
 
 FILE = ("fp16", "/home/u/.cache/huggingface/accelerate/default_config.yaml")
@@ -31,7 +38,7 @@ def test_banner_and_resolved_precision_in_config(tmp_path, tiny_shards):
               env={"ACCELERATE_MIXED_PRECISION": "bf16"})
     out = r.stdout
     assert f"run directory: {run} (fresh start)" in out
-    assert "devices: 1 x cpu, world size 1 (single process)" in out
+    assert "devices: 1 x " in out and "world size 1 (single process" in out
     assert "precision: bf16 (accelerate launch --mixed_precision bf16" in out
     assert "models: G cdcgan " in out and " parameters, D " in out
     assert f"data: tiny10 train, 240 images of 3x32x32, 10 classes, from {tiny_shards}" in out
@@ -45,3 +52,36 @@ def test_banner_and_resolved_precision_in_config(tmp_path, tiny_shards):
     # an explicit value that differs from the checkpoint's resolved one is refused (checkpoint.FIXED_ON_RESUME)
     r = train(run, tiny_shards, "train.max_steps=4", "train.mixed_precision=no", resume="auto", check=False)
     assert r.returncode == 2 and "train.mixed_precision: checkpoint 'bf16', now 'no'" in r.stderr
+
+
+def test_cpu_choice_and_why():
+    from gan.startup import choose_cpu
+
+    assert choose_cpu({"ACCELERATE_USE_CPU": "1"}, accelerator=True) == (True, "ACCELERATE_USE_CPU=1 asks for the CPU")
+    assert choose_cpu({"ACCELERATE_USE_CPU": "False"}, accelerator=True) == (False, None)  # accelerate launch's default
+    assert choose_cpu({"WORLD_SIZE": "2"}, accelerator=False) == (
+        True, "no GPU or other accelerator found; 2 processes with gloo")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(torch.accelerator.is_available(), reason="a GPU or other accelerator is present: these "
+                    "launches would use it; the CPU fallback is for machines without one")
+@pytest.mark.parametrize("launcher", [
+    ["torchrun", "--standalone", "--nproc_per_node", "2"],
+    ["accelerate", "launch", "--num_processes", "2"],
+], ids=["torchrun", "accelerate-launch"])
+def test_multiprocess_launch_on_cpu_as_written(tmp_path, tiny_shards, launcher):
+    """torchrun / accelerate launch with 2 processes on a machine without an accelerator train on the CPU with
+    gloo, with no ACCELERATE_USE_CPU in the environment, and the banner says why."""
+    env = {k: v for k, v in os.environ.items() if k != "ACCELERATE_USE_CPU"}
+    cmd = [str(Path(sys.executable).parent / launcher[0]), *launcher[1:], "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir",
+           str(tmp_path / "run"), f"data.shards={tiny_shards}", "train.max_steps=2"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600,
+                       env={**env, "OMP_NUM_THREADS": "1", "HF_HOME": str(tmp_path / "hf")})  # no accelerate config file
+    assert r.returncode == 0, r.stdout + r.stderr[-4000:]
+    assert ("devices: 2 x cpu, world size 2 (multi_cpu; no GPU or other accelerator found; 2 processes with gloo)"
+            in r.stdout)
+    assert "replica check: G, D and G_ema identical on all 2 ranks" in r.stdout
+    assert "finished at step 2" in r.stdout
+    if launcher[0] == "accelerate":  # it starts one process on a machine without GPUs: the trainer starts two
+        assert "accelerate launch started 1 process of 2 (no GPU or other accelerator found)" in r.stdout

@@ -22,7 +22,9 @@ does not depend on how the process was launched and a rank's stream can be rebui
 """
 from __future__ import annotations
 
+import pickle
 import random
+import traceback
 import warnings
 import weakref
 from functools import partial
@@ -107,6 +109,32 @@ def chunk_batches(batch_size: int, batches_per_epoch: int, workers: int) -> int:
     return max(1, min(-(-CHUNK_IMAGES // batch_size), batches_per_epoch // max(1, workers)))
 
 
+class WorkerFailure:
+    """An error raised in a loader worker, carried to the main process as a message and raised there as
+    itself (its own type and message, e.g. a ShardError naming the shard), instead of torch's
+    "Caught X in DataLoader worker process N ... Original Traceback" wrapper around it. The worker's
+    traceback comes along as a note."""
+
+    def __init__(self, error: Exception | None, text: str):
+        self.error, self.text = error, text
+
+    @classmethod
+    def of(cls, e: Exception) -> "WorkerFailure":
+        text = "".join(traceback.format_exception(e))
+        try:
+            pickle.loads(pickle.dumps(e))
+        except Exception:  # an exception that can't travel: its type and message as text
+            return cls(None, text)
+        return cls(e, text)
+
+    def reraise(self):
+        info = f"raised in a data loader worker:\n{self.text}"
+        if self.error is None:
+            raise RuntimeError(f"data loader worker failed: {self.text.strip().splitlines()[-1]}")
+        self.error.add_note(info)
+        raise self.error
+
+
 class _EpochChunks(IterableDataset):
     """One ``iter()`` = this worker's part of one epoch, as messages ``(epoch, j0, images, labels)``:
     ``images`` holds one uint8 (n*B, C, H, W) tensor per image of a sample (one, or a pair's input and
@@ -145,6 +173,15 @@ class _EpochChunks(IterableDataset):
         ).with_epoch(n_batches)
 
     def __iter__(self):
+        if get_worker_info() is None:
+            yield from self._messages()
+            return
+        try:
+            yield from self._messages()
+        except Exception as e:  # to the main process as a message, raised there as itself (WorkerFailure)
+            yield WorkerFailure.of(e)
+
+    def _messages(self):
         epoch = self.start_epoch + self._calls
         skip = self.start_batch if self._calls == 0 else 0
         self._calls += 1
@@ -248,7 +285,10 @@ class TrainStream:
         b = self.batch_size
         while True:
             got = 0
-            for epoch, j0, images, labels in loader:  # one epoch (the first one may start mid-way)
+            for msg in loader:  # one epoch (the first one may start mid-way)
+                if isinstance(msg, WorkerFailure):
+                    msg.reraise()
+                epoch, j0, images, labels = msg
                 if images is None:
                     continue  # a chunk fast-forwarded after load_state_dict
                 if (epoch, j0) != (self._epoch, self._batch):  # the round-robin contract was broken

@@ -50,7 +50,7 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> ServedModel:
     d = Path(directory)
     if not d.is_dir():
         raise ModelError(f"artifact directory not found: {d}. Make one with "
-                         f"`python launch/export.py --run RUN --format torchscript --out {d}`")
+                         f"`python launch/export.py --run RUN --out {d}`")
     try:
         art = Artifact(d, device)
     except ExportError as e:
