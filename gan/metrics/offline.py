@@ -157,3 +157,16 @@ def cls_finish(sums: dict[str, np.ndarray], names: list[str], class_names: list[
         values_real_acc = float(s["real.correct"] / s["real.n"])
         return values, {"real_cls_acc": values_real_acc}
     return values, {}
+
+
+def cls_metrics(images: torch.Tensor, labels: torch.Tensor, names: list[str], class_names: list[str],
+                real_shards: str | Path, classifier: str | Path | None, device, batch_size: int = 256,
+                max_real: int = 0, cache_dir: str | Path | None = None, progress: bool = False) -> tuple[dict, dict]:
+    """cls_acc/cls_fd of uint8 ``images`` drawn for classes ``labels``: (values, details). Collective when
+    several ranks run (each passes its own slice of the samples); in one process, the whole set."""
+    from gan.metrics.collective import all_sum
+
+    part = cls_local(images, labels, names, class_names, real_shards, classifier, device, batch_size, max_real,
+                     cache_dir, progress)
+    values, extra = cls_finish(all_sum(part["sums"]), names, class_names)
+    return values, {**part["details"], **extra}
