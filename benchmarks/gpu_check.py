@@ -12,7 +12,9 @@ Writes DIR/report.md, DIR/report.json and the pictures (throughput.png, loader.p
    GPU consumes for each recipe: the loader must never be the bottleneck;
 4. a short bf16 training run of the default recipe (configs/cifar10_cdcgan.yaml, about half the
    budget): img/s, sec/kimg, the sample grid, cls_acc/cls_fd at its end, peak GPU memory;
-5. one DeepSpeed ZeRO-2 row, only where this checkout has DeepSpeed support (config key
+5. FID of 10k samples timed (whole launch/evaluate.py command, real features cold and cached), with
+   torch-fidelity's weights where torch.hub's cache has them, else a stand-in of the same network;
+6. one DeepSpeed ZeRO-2 row, only where this checkout has DeepSpeed support (config key
    train.backend); otherwise skipped with a note.
 
 Budget: every part has a share of M minutes and starts only if its minimum fits in what is left;
@@ -50,8 +52,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
 DEFAULT_RECIPE = "configs/cifar10_cdcgan.yaml"
-NEEDED = {"webdataset": "webdataset", "braceexpand": "braceexpand", "yaml": "pyyaml", "safetensors": "safetensors",
-          "matplotlib": "matplotlib"}
+NEEDED = {"webdataset": "webdataset", "braceexpand": "braceexpand", "torch_fidelity": "torch-fidelity",
+          "yaml": "pyyaml", "safetensors": "safetensors", "matplotlib": "matplotlib"}
 FIX_PACKAGES = ("bring them as wheels: `make gpu-bundle` where pip works (writes local/gpu/wheels), then "
                 "there `python3 -m pip install --no-index --no-deps --target /tmp/site local/gpu/wheels/*.whl` "
                 "and PYTHONPATH=/tmp/site (benchmarks/gpu_check.sh does both)")
@@ -222,6 +224,50 @@ def evaluate(out: Path, run: dict, gpu: bool) -> dict:
     return {"num_samples": 10000 if gpu else 100, **data["metrics"]}
 
 
+def standin_inception(path: Path) -> Path:
+    """torch-fidelity's Inception-v3 with random values: the same computation as the real weights (so the
+    same time), none of its knowledge (so the FID value means nothing)."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    torch.save(model.state_dict(), path)
+    return path
+
+
+def fid_timing(out: Path, run: dict, gpu: bool, tmp: Path) -> dict:
+    """FID of 10k samples (CPU: 20) against the real shards, timed as the whole launch/evaluate.py command:
+    cold (each rank extracts its real features and caches them) and warm (cached). Uses torch-fidelity's
+    official weights where torch.hub's cache holds them, else a stand-in of the same architecture."""
+    from gan.metrics.fidelity import hub_cache_path
+
+    n = 10000 if gpu else 20
+    weights, official = hub_cache_path(), True
+    if not weights.is_file():
+        weights, official = standin_inception(tmp / "standin-inception.pth"), False
+    res = out / "fid.json"
+    cmd = [sys.executable, "launch/evaluate.py", "--run", run["run_dir"], "--metrics", "fid", "--num-samples", str(n),
+           "--no-tensorboard", "--no-progress", "--out", str(res), "--cache-dir", str(out / "metrics-cache"),
+           "--inception-weights", str(weights)]
+    if not gpu:
+        cmd += ["--max-real", "30", "--batch-size", "10"]
+    times = []
+    for _ in ("cold", "warm"):
+        t = time.perf_counter()
+        r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900)
+        times.append(time.perf_counter() - t)
+        if r.returncode != 0:
+            return {"error": (r.stderr or r.stdout).strip()[-600:]}
+    data = json.loads(res.read_text())
+    return {"num_samples": n, "real": data["details"]["real"]["count"], "cold_s": round(times[0], 1),
+            "warm_s": round(times[1], 1), "official_weights": official, "fid": data["metrics"]["fid"]}
+
+
 # ---------------------------------------------------------------------------- 5. DeepSpeed
 def deepspeed_support() -> str | None:
     """Why there is no ZeRO-2 row, or None where this checkout supports DeepSpeed."""
@@ -331,6 +377,19 @@ def markdown(report: dict) -> str:
                   f"{_f(tr['peak_memory_gib'], '{:.2f} GiB')} | {metrics} |"]
         if tr.get("samples"):
             lines += ["", f"![samples]({tr['samples']})"]
+    fid = report["fid"]
+    lines += ["", "## FID-10k timing (launch/evaluate.py --metrics fid, whole command)", ""]
+    if "skipped" in fid:
+        lines.append(f"Skipped: {fid['skipped']}")
+    elif "error" in fid:
+        lines.append(f"Failed: {fid['error']}")
+    else:
+        w = "official weights" if fid["official_weights"] else "stand-in weights (same network, random values: the " \
+                                                               "time is FID's, the value means nothing)"
+        lines += [f"{fid['num_samples']:,} samples against {fid['real']:,} real images; {w}.", "",
+                  "| samples | cold s (real features extracted) | warm s (real features cached) | fid |",
+                  "| --- | --- | --- | --- |",
+                  f"| {fid['num_samples']:,} | {fid['cold_s']:.1f} | {fid['warm_s']:.1f} | {fid['fid']:.3g} |"]
     ds = report["deepspeed"]
     lines += ["", "## DeepSpeed ZeRO-2", ""]
     if "skipped" in ds:
@@ -403,7 +462,8 @@ def main(argv=None) -> int:
         ds_why = deepspeed_support()
         eval_reserve = 75.0 if gpu else 20.0
         ds_reserve = 0.0 if ds_why else (90.0 if gpu else 20.0)
-        seconds = min(240.0, budget.left() - eval_reserve - ds_reserve - (30 if gpu else 5))
+        fid_reserve = 90.0 if gpu else 20.0
+        seconds = min(240.0, budget.left() - eval_reserve - fid_reserve - ds_reserve - (30 if gpu else 5))
         if seconds >= (60 if gpu else 2):
             report["train"] = train_run(out, shards, seconds, gpu, precision)
             print(f"  {report['train']['steps']} steps, {_f(report['train']['img_per_s'])} img/s", flush=True)
@@ -413,6 +473,13 @@ def main(argv=None) -> int:
             report["train"] = skipped(f"budget: {budget.left():.0f} s left, the run needs "
                                       f"{(60 if gpu else 2) + eval_reserve + ds_reserve:.0f}")
             report["eval"] = skipped("no training run")
+        print("  FID-10k timing", flush=True)
+        if "skipped" in report["train"]:
+            report["fid"] = skipped("no training run")
+        elif not budget.fits(fid_reserve):
+            report["fid"] = skipped(f"budget: {budget.left():.0f} s left, FID-10k needs about {fid_reserve:.0f}")
+        else:
+            report["fid"] = fid_timing(out, report["train"], gpu, tmp)
         print("[5/5] DeepSpeed ZeRO-2", flush=True)
         if ds_why:
             report["deepspeed"] = skipped(ds_why)
@@ -427,7 +494,7 @@ def main(argv=None) -> int:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
         report["elapsed_s"] = round(time.perf_counter() - budget.t0, 1)
-        for k in ("environment", "throughput", "loader", "train", "eval", "deepspeed"):
+        for k in ("environment", "throughput", "loader", "train", "eval", "fid", "deepspeed"):
             report.setdefault(k, {"skipped": "not reached (an earlier part failed)"})
         report["pictures"] = pictures(out, report) + ([report["train"]["samples"]] if report["train"].get("samples") else [])
         (out / "report.json").write_text(json.dumps(report, indent=2, default=str))

@@ -12,12 +12,14 @@ the run's shards (data.shards; never a download).
         --metrics cls_acc,cls_fd --out floor.json
 
 Writes RUN/metrics.json (merged with earlier evaluations, atomically) and TensorBoard scalars
-Eval/<name> at the checkpoint's step; prints the values as JSON. Several processes split the
-generation; rank 0 computes the metrics while the others wait.
+Eval/<name> at the checkpoint's step; prints the values as JSON. Several processes split the work:
+each generates and measures its own slice, and only statistics cross processes. A process that dies
+ends the others with an error after the run's train.collective_timeout.
 """
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import sys
 from pathlib import Path
@@ -27,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gan.checkpoint import CheckpointError  # noqa: E402
 from gan.config import ConfigError  # noqa: E402
 from gan.data import ShardError  # noqa: E402
+from gan.dist import PeerError  # noqa: E402
 from gan.metrics.names import valid_list  # noqa: E402
 from gan.rundir import RunDir  # noqa: E402
 
@@ -104,11 +107,17 @@ def main(argv=None) -> int:
             return 0
 
         from accelerate import Accelerator
+        from accelerate.utils import InitProcessGroupKwargs
 
         from gan.metrics import evaluate_generator, load_generator, log_tensorboard, merge_metrics_json
 
-        acc = Accelerator()
+        from gan.metrics.run import run_config
+
         run = Path(args.run)
+        # a rank that dies or stalls ends every rank after the run's train.collective_timeout (PeerError)
+        pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=run_config(run).train.collective_timeout))
+        pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default
+        acc = Accelerator(kwargs_handlers=[pg])
         loaded = load_generator(run, args.checkpoint, acc.device)
         cfg = loaded.cfg
         req = _request(args, args.real_shards or cfg.data.shards)
@@ -130,6 +139,9 @@ def main(argv=None) -> int:
     except (ConfigError, ShardError, CheckpointError) as e:  # MetricError is a ConfigError
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except PeerError as e:  # another rank died or stalled during evaluation
+        print(f"error: {e}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

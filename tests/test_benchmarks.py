@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import math
 import os
 import subprocess
 import sys
@@ -50,6 +51,9 @@ def test_gpu_check_on_cpu_writes_the_whole_report(tmp_path):
     tr = rep["train"]
     assert tr["outcome"] == "finished" and tr["steps"] == 4 and tr["img_per_s"] > 0 and tr["sec_per_kimg"] > 0
     assert 0 <= rep["eval"]["cls_acc"] <= 1 and rep["eval"]["cls_fd"] > 0
+    fid = rep["fid"]  # the FID-10k row: 20 samples on a CPU, stand-in weights (no official file here)
+    assert fid["num_samples"] == 20 and fid["real"] == 30 and fid["official_weights"] is False
+    assert fid["cold_s"] > 0 and fid["warm_s"] > 0 and math.isfinite(fid["fid"])
     from gan.config import TrainConfig
 
     if "backend" not in TrainConfig.__dataclass_fields__:
@@ -58,7 +62,7 @@ def test_gpu_check_on_cpu_writes_the_whole_report(tmp_path):
         assert pic in rep["pictures"] and (out / pic).stat().st_size > 1000
     md = (out / "report.md").read_text()
     for heading in ("## Environment", "## Training-step throughput", "## Loader vs GPU consumption",
-                    "## Short fp32 training run of the default recipe", "## DeepSpeed ZeRO-2"):
+                    "## Short fp32 training run of the default recipe", "## FID-10k timing", "## DeepSpeed ZeRO-2"):
         assert heading in md
     assert "| cdcgan | 1 |" in md and "cls_acc" in md and "![samples](samples.png)" in md
 

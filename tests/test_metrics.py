@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -153,12 +154,12 @@ def test_committed_classifier_is_small_and_labelled():
 
 
 def test_generation_is_balanced_and_world_size_independent():
-    from gan.metrics.collective import balanced_labels, eval_noise, generate_gathered, rank_range
+    from gan.metrics.collective import balanced_labels, eval_noise, generate_slice, rank_range
 
     assert balanced_labels(25, 10).bincount().tolist() == [3] * 5 + [2] * 5
     assert [rank_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 8), (8, 10)]
     G = lambda z, y: torch.tanh(z[:, :3, None, None].expand(-1, 3, 4, 4) + y[:, None, None, None])  # noqa: E731
-    images, labels = generate_gathered(G, 7, 5, 3, seed=1, batch_size=3, device="cpu")
+    images, labels = generate_slice(G, 7, 5, 3, seed=1, batch_size=3, device="cpu")
     assert images.dtype == torch.uint8 and images.shape == (7, 3, 4, 4) and labels.tolist() == [0, 1, 2, 0, 1, 2, 0]
     assert torch.equal(eval_noise(7, 5, 1), eval_noise(7, 5, 1))
 
@@ -218,9 +219,39 @@ def test_real_against_itself_is_the_floor(tiny_shards, tiny_classifier, tmp_path
     assert res["metrics"]["cls_acc"] == pytest.approx(res["details"]["offline"]["real_cls_acc"])
 
 
+def _reference_cls(run: Path, classifier: Path, shards: Path, n: int) -> dict:
+    """cls_acc and cls_fd as one process computed them before evaluation was split over ranks: every
+    sample's features at once, np.cov, the Frechet distance (per class too)."""
+    from gan.metrics.classifier import load_classifier
+    from gan.metrics.collective import balanced_labels, eval_noise, generate
+    from gan.metrics.core import EVAL_SEED
+    from gan.metrics.frechet import frechet_distance, gaussian_stats
+    from gan.metrics.offline import classify
+    from gan.metrics.realdata import load_shard_images
+    from gan.metrics.run import load_generator
+
+    g = load_generator(run)
+    m = g.cfg.model
+    y = balanced_labels(n, m.num_classes)
+    images = generate(g.G, eval_noise(n, m.z_dim, EVAL_SEED), y, 8, "cpu")
+    model = load_classifier(classifier)[0]
+    feats, preds = classify(model, images, 8, "cpu")
+    real_images, real_labels = load_shard_images(shards)
+    real_feats, _ = classify(model, real_images, 64, "cpu")
+    out = {"cls_acc": float((preds == y).double().mean()),
+           "cls_fd": frechet_distance(*gaussian_stats(feats), *gaussian_stats(real_feats))}
+    for k, name in enumerate(CLASSES):
+        out[f"cls_acc/{name}"] = float((preds[y == k] == k).double().mean())
+        out[f"cls_fd/{name}"] = frechet_distance(*gaussian_stats(feats[y == k]),
+                                                 *gaussian_stats(real_feats[real_labels == k]))
+    return out
+
+
 @pytest.mark.slow
-def test_two_process_gloo_evaluation(run_copy, tiny_classifier, tmp_path):
-    """torchrun, 2 CPU processes (gloo): generation split and gathered, rank 0 computes, same numbers as 1 process."""
+def test_two_process_gloo_evaluation(run_copy, tiny_classifier, tiny_shards, tmp_path):
+    """torchrun, 2 CPU processes (gloo): each rank measures its own slice and only sums cross ranks; 1 and 2
+    processes give the values of the one-process computation on all samples at once (rel. 1e-5), and a
+    second evaluation reads each rank's real statistics from the cache."""
     common = ["--metrics", "cls_acc,cls_fd", "--num-samples", 45, "--batch-size", 8, "--classifier", tiny_classifier,
               "--no-tensorboard"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -232,7 +263,60 @@ def test_two_process_gloo_evaluation(run_copy, tiny_classifier, tmp_path):
     assert two["details"]["processes"] == 2
     one = evaluate("--run", run_copy, "--out", tmp_path / "one.json", *common, env=_env(tmp_path))
     assert one.returncode == 0, one.stderr
-    assert json.loads((tmp_path / "one.json").read_text())["metrics"] == pytest.approx(two["metrics"], rel=1e-5)
+    one = json.loads((tmp_path / "one.json").read_text())["metrics"]
+    ref = _reference_cls(run_copy, tiny_classifier, tiny_shards, 45)
+    assert set(one) == set(two["metrics"]) == set(ref)
+    assert one == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
+    # real statistics: one cache entry per slice (the whole set for 1 rank, two halves for 2 ranks)
+    assert len(list((tmp_path / "cache").glob("cls-*.npz"))) == 3
+
+
+@pytest.mark.slow
+def test_a_rank_that_dies_during_evaluation_ends_every_rank(run_copy, tmp_path):
+    """Rank 1 dies in the middle of its part (a per-sample measure that exits): rank 0 does not wait for
+    it but ends with the PeerError training uses, naming what happened."""
+    script = tmp_path / "die.py"
+    script.write_text(
+        "import os, sys, torch\n"
+        f"sys.path.insert(0, {str(ROOT)!r}); sys.path.insert(0, {str(ROOT / 'tests')!r})\n"
+        "from gan.metrics.per_sample import register\n"
+        "def die(images, labels):\n"
+        "    if os.environ['RANK'] == '1':\n"
+        "        os._exit(3)\n"
+        "    return images.float().mean((1, 2, 3))\n"
+        "register('die', die, higher_is_better=True)\n"
+        "from conftest import load_cli\n"
+        "sys.exit(load_cli('evaluate').main(sys.argv[1:]))\n")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           "--run-dir", str(run_copy), "--metrics", "die", "--num-samples", "20", "--no-tensorboard"]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
+                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    assert r.returncode != 0
+    assert re.search(r"error: rank 0 during evaluation: another rank died", r.stderr), r.stderr
+    assert not (run_copy / "metrics.json").exists()
+
+
+def test_per_sample_measures_are_means_over_every_sample(run_copy, tmp_path, monkeypatch):
+    """A registered per-sample measure is a metric name; its value is the float64 mean over all samples."""
+    from gan.metrics import names, per_sample
+    from gan.metrics.collective import balanced_labels, eval_noise, generate
+    from gan.metrics.core import EVAL_SEED, EvalRequest, evaluate_generator
+    from gan.metrics.run import load_generator
+
+    monkeypatch.setattr(per_sample, "MEASURES", {})
+    monkeypatch.setattr(names, "METRICS", dict(names.METRICS))
+    monkeypatch.setattr(names, "HIGHER_IS_BETTER", set(names.HIGHER_IS_BETTER))
+    per_sample.register("brightness", lambda x, y: x.double().mean((1, 2, 3)), higher_is_better=True)
+    with pytest.raises(ValueError, match="taken"):
+        per_sample.register("fid", lambda x, y: x, higher_is_better=False)
+    g = load_generator(run_copy)
+    m = g.cfg.model
+    req = EvalRequest(names="brightness", num_samples=13, real_shards=g.cfg.data.shards, batch_size=4)
+    values, _ = evaluate_generator(g.G, m.z_dim, m.num_classes, m.img_channels, m.img_size, req, "cpu")
+    images = generate(g.G, eval_noise(13, m.z_dim, EVAL_SEED), balanced_labels(13, m.num_classes), 13, "cpu")
+    assert values == {"brightness": pytest.approx(float(images.double().mean()), rel=1e-12)}
+    assert names.better("brightness", 2.0, 1.0)
+    assert per_sample.means({"a": torch.tensor([1.0, 2.0, 4.0])}) == {"a": pytest.approx(7 / 3)}
 
 
 # ---------------------------------------------------------------------------- torch-fidelity path
@@ -253,7 +337,7 @@ def test_inception_path_with_standin_weights(run_copy, standin_inception, tmp_pa
     assert det["extractor"]["name"] == "inception-v3-compat" and det["extractor"]["official"] is False
     assert det["weights_path"] == str(standin_inception) and det["real"]["count"] == 30
     assert entry["details"]["kid"]["kid_subset_size"] == 10 and entry["details"]["isc"]["isc_splits"] == 2
-    cached = list((tmp_path / "cache" / "fidelity").glob("real-*-inception-v3-compat-*.pt"))
+    cached = list((tmp_path / "cache").glob("inception-*.npz"))
     assert cached, "real features are cached under the manifest + extractor key"
 
 

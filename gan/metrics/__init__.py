@@ -3,8 +3,10 @@ and offline metrics with a committed CIFAR-10 classifier (cls_acc, cls_fd).
 
     from gan.metrics import EvalRequest, evaluate_generator, evaluate_during_training, MetricError
 
-* :func:`evaluate_generator` (collective): class-balanced samples of G split over the ranks, gathered
-  to rank 0, which computes while the others wait; every rank gets the same (values, details).
+* :func:`evaluate_generator` (collective): class-balanced samples of G split over the ranks; each rank
+  runs every extractor on its own slice, only float64 statistics (or feature rows where a metric needs
+  them) cross ranks, and every rank gets the same (values, details).
+* Per-sample measures (L1, PSNR, SSIM, ...): :mod:`gan.metrics.per_sample` (``register``, ``means``).
 * :func:`evaluate_during_training` (collective): the trainer's hook, configured by ``cfg.metrics``.
 * :func:`load_generator`, :func:`merge_metrics_json`, :func:`log_tensorboard`: what launch/evaluate.py uses.
 * Metric names and which way is better: :mod:`gan.metrics.names` (light: gan.config imports it).

@@ -1,65 +1,25 @@
-"""Evaluation across ranks: generation split over ranks and gathered to rank 0, work done on rank 0
-while the others wait, and the outcome (or rank 0's error) handed to every rank.
+"""Evaluation across ranks: each rank generates and measures its own contiguous slice of the samples,
+and only statistics cross ranks (float64 sums, or feature rows where a metric needs the samples
+themselves). No rank computes while the others wait.
 
-Every function here is a collective when ``torch.distributed`` is initialised with more than one
-process: every rank must call it, in the same order. Nothing here may sit in a rank-0-only branch.
+Every function here that says "collective" must be called by every rank, in the same order; nothing
+here may sit in a rank-0-only branch. A rank that dies or stalls in one of them ends every other rank
+with :class:`gan.dist.PeerError` (after the process group's timeout, ``train.collective_timeout``).
 """
 from __future__ import annotations
 
-import datetime as _dt
-import os
-import pickle
+import contextlib
 
+import numpy as np
 import torch
 import torch.distributed as dist
 
-from gan.dist import world_size
+from gan.dist import PeerError, peer_failure, world_size
 from gan.viz import to_uint8
-
-# How long the other ranks wait for rank 0's metric computation (real-data features on a CPU can take
-# hours the first time). They wait in a gloo group of their own, so NCCL's watchdog is not involved.
-WAIT_S = float(os.environ.get("GAN_METRICS_WAIT_S", 6 * 3600))
-_groups: dict = {}
 
 
 def rank() -> int:
     return dist.get_rank() if world_size() > 1 else 0
-
-
-def _wait_group():
-    world = dist.group.WORLD
-    key = id(world)
-    if key not in _groups:  # collective: every rank creates it at the same call
-        _groups.clear()
-        _groups[key] = dist.new_group(backend="gloo", timeout=_dt.timedelta(seconds=WAIT_S))
-    return _groups[key]
-
-
-def on_rank0(fn, *args, **kwargs):
-    """Collective. Run ``fn`` on rank 0 only; every rank returns its result (which must pickle),
-    or raises rank 0's exception (the same type where it can be sent, else RuntimeError)."""
-    if world_size() == 1:
-        return fn(*args, **kwargs)
-    group = _wait_group()
-    payload = [None]
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            payload[0] = ("ok", fn(*args, **kwargs))
-        except Exception as e:  # noqa: BLE001 - handed to every rank, then re-raised
-            error = e
-            try:
-                pickle.dumps(e)
-                payload[0] = ("error", e)
-            except Exception:  # noqa: BLE001
-                payload[0] = ("error", RuntimeError(f"{type(e).__name__}: {e}"))
-    dist.broadcast_object_list(payload, src=0, group=group)
-    kind, value = payload[0]
-    if kind == "error":
-        if error is not None:
-            raise error
-        raise value
-    return value
 
 
 def balanced_labels(n: int, num_classes: int) -> torch.Tensor:
@@ -77,6 +37,11 @@ def rank_range(n: int, r: int, w: int) -> tuple[int, int]:
     return min(r * per, n), min((r + 1) * per, n)
 
 
+def my_range(n: int) -> tuple[int, int]:
+    """This rank's contiguous slice [lo, hi) of ``n`` items (rank order = index order)."""
+    return rank_range(n, rank(), world_size())
+
+
 @torch.no_grad()
 def generate(G: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, batch_size: int, device,
              progress: bool = False) -> torch.Tensor:
@@ -90,41 +55,102 @@ def generate(G: torch.nn.Module, z: torch.Tensor, y: torch.Tensor, batch_size: i
     return torch.cat(out) if out else torch.zeros(0, dtype=torch.uint8)
 
 
-@torch.no_grad()
-def generate_gathered(G: torch.nn.Module, n: int, z_dim: int, num_classes: int, seed: int, batch_size: int,
-                      device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Collective. ``n`` class-balanced samples of G, split over the ranks in contiguous slices and
-    gathered (in chunks of ``batch_size``, so memory stays bounded) to rank 0, which gets
-    ``(uint8 images (n, C, H, W), labels (n,))`` in index order; the other ranks get None.
-    Sample i uses noise row i and class i % num_classes whatever the world size."""
-    z, y = eval_noise(n, z_dim, seed), balanced_labels(n, num_classes)
+def generate_slice(G: torch.nn.Module, n: int, z_dim: int, num_classes: int, seed: int, batch_size: int,
+                   device, progress: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Not a collective. This rank's slice of ``n`` class-balanced samples of G: ``(uint8 images, labels)``.
+    Sample i uses noise row i and class i % num_classes whatever the world size, so the slices of all
+    ranks, in rank order, are the samples one process would draw."""
+    lo, hi = my_range(n)
+    z, y = eval_noise(n, z_dim, seed)[lo:hi], balanced_labels(n, num_classes)[lo:hi]
+    return generate(G, z, y, batch_size, device, progress and rank() == 0), y
+
+
+# ---------------------------------------------------------------------------- exchanging statistics
+
+
+def _device() -> torch.device:
+    """Where a collective's tensors must live: the GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def peer_errors():
+    """A collective that failed because another rank died or stalled raises :class:`PeerError`, in words."""
+    try:
+        yield
+    except RuntimeError as e:
+        why = peer_failure(e) if world_size() > 1 else None
+        if why is None or isinstance(e, PeerError):
+            raise
+        raise PeerError(f"rank {rank()} during evaluation: {why}. The other rank's log says why. "
+                        f"[{str(e).splitlines()[0]}]") from None
+
+
+def everywhere(fn, *args, **kwargs):
+    """Collective. Run ``fn`` on every rank; if it raised on any rank, raise on every rank: a rank's own
+    exception where it failed, else a :class:`MetricError` naming the rank and its error. Local work
+    (file checks, feature extraction) goes through here, so that no rank enters a collective that a
+    failed rank will never join."""
+    from gan.metrics.errors import MetricError
+
+    error, out = None, None
+    try:
+        out = fn(*args, **kwargs)
+    except Exception as e:  # noqa: BLE001 - shared with every rank, then re-raised
+        error = e
+    if world_size() == 1:
+        if error is not None:
+            raise error
+        return out
+    mine = None if error is None else f"{type(error).__name__}: {error}"
+    every = [None] * world_size()
+    with peer_errors():
+        dist.all_gather_object(every, mine)
+    if error is not None:
+        raise error
+    failed = [(r, msg) for r, msg in enumerate(every) if msg is not None]
+    if failed:
+        r, msg = failed[0]
+        raise MetricError(f"evaluation failed on rank {r}: {msg}")
+    return out
+
+
+def all_sum(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Collective. Every array summed over the ranks in float64, in one all-reduce. Every rank must pass
+    the same keys and shapes; every rank gets the same sums."""
+    keys = sorted(arrays)
+    flat = [np.asarray(arrays[k], np.float64) for k in keys]
+    if world_size() == 1:
+        return dict(zip(keys, flat))
+    buf = torch.from_numpy(np.concatenate([a.ravel() for a in flat]) if flat else np.zeros(0))
+    buf = buf.to(_device())
+    with peer_errors():
+        dist.all_reduce(buf)
+    buf = buf.cpu().numpy()
+    out, at = {}, 0
+    for k, a in zip(keys, flat):
+        out[k] = buf[at:at + a.size].reshape(a.shape)
+        at += a.size
+    return out
+
+
+def all_rows(x: np.ndarray) -> np.ndarray:
+    """Collective. The rows of every rank's ``x`` (N_r, ...) concatenated in rank order (dtype kept;
+    row counts may differ). For metrics that need the samples themselves (IS, KID, precision/recall)."""
+    x = np.ascontiguousarray(x)
     w = world_size()
     if w == 1:
-        return generate(G, z, y, batch_size, device, progress), y
-    from tqdm import tqdm
-
-    r = dist.get_rank()
-    lo, hi = rank_range(n, r, w)
-    per = -(-n // w)
-    chunks = -(-per // batch_size)
-    out = None
-    for k in tqdm(range(chunks), desc=f"generate ({w} ranks)", unit="batch", disable=not progress or r != 0,
-                  dynamic_ncols=True):
-        a, b = min(lo + k * batch_size, hi), min(lo + (k + 1) * batch_size, hi)
-        part = G(z[a:b].to(device), y[a:b].to(device)).float() if b > a else None
-        if part is None:  # keep the collective shape-uniform: a dummy forward gives C, H, W
-            part = G(z[:1].to(device), y[:1].to(device)).float()[:0]
-        img = ((part.clamp(-1, 1) + 1) * 127.5).round_().to(torch.uint8)
-        buf = torch.zeros((batch_size, *img.shape[1:]), dtype=torch.uint8, device=img.device)
-        buf[:len(img)] = img
+        return x
+    dev = _device()
+    with peer_errors():
+        counts = torch.tensor([len(x)], dtype=torch.int64, device=dev)
+        every = [torch.zeros_like(counts) for _ in range(w)]
+        dist.all_gather(every, counts)
+        counts = [int(c) for c in every]
+        buf = torch.zeros((max(counts), *x.shape[1:]), dtype=torch.from_numpy(x[:0]).dtype, device=dev)
+        buf[:len(x)] = torch.from_numpy(x).to(dev)
         bufs = [torch.empty_like(buf) for _ in range(w)]
         dist.all_gather(bufs, buf)
-        if r == 0:
-            if out is None:
-                out = torch.empty((n, *img.shape[1:]), dtype=torch.uint8)
-            for src in range(w):
-                slo, shi = rank_range(n, src, w)
-                sa, sb = min(slo + k * batch_size, shi), min(slo + (k + 1) * batch_size, shi)
-                if sb > sa:
-                    out[sa:sb] = bufs[src][:sb - sa].cpu()
-    return (out, y) if r == 0 else None
+    return np.concatenate([b[:c].cpu().numpy() for b, c in zip(bufs, counts)])

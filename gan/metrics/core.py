@@ -1,4 +1,5 @@
-"""One evaluation: check the request, generate across ranks, compute on rank 0, hand out the result."""
+"""One evaluation: check the request; each rank generates and measures its own slice; statistics are summed
+across ranks and every rank finishes with the same values."""
 from __future__ import annotations
 
 import dataclasses
@@ -31,7 +32,7 @@ class EvalRequest:
     cache_dir: str = ""
     seed: int = EVAL_SEED
     verbose: bool = False
-    progress: bool = False  # rank 0: progress bars on stderr for generation and feature extraction
+    progress: bool = False  # rank 0: progress bars on stderr for generation and feature extraction (its slice)
 
     def __post_init__(self):
         try:
@@ -73,25 +74,59 @@ def preflight(req: EvalRequest, num_classes: int, channels: int, size: int) -> d
     return out
 
 
-def compute(images: torch.Tensor, labels: torch.Tensor, req: EvalRequest, resolved: dict, device) -> tuple[dict, dict]:
-    """Rank 0: every requested metric on uint8 ``images`` drawn for classes ``labels``."""
-    from gan.metrics.fidelity import fidelity_metrics
-    from gan.metrics.offline import cls_metrics
+def _local(images: torch.Tensor, labels: torch.Tensor, req: EvalRequest, resolved: dict, device) -> tuple:
+    """Not a collective. Every requested metric's extractor on this rank's slice: (sums, rows, details)."""
+    from gan.metrics import per_sample
+    from gan.metrics.fidelity import fidelity_local
+    from gan.metrics.offline import cls_local
 
-    values, details = {}, {}
-    t0 = time.perf_counter()
+    progress = req.progress and collective.rank() == 0
+    parts = []
     if any(n in FIDELITY for n in req.names):
-        v, d = fidelity_metrics(images, req.names, req.real_shards, Path(resolved["inception_weights"]), device,
-                                req.batch_size, req.kid_subset_size, req.isc_splits, req.max_real,
-                                req.cache_dir or None, req.verbose or req.progress)
+        parts.append(fidelity_local(images, req.names, req.real_shards, Path(resolved["inception_weights"]), device,
+                                    req.batch_size, req.max_real, req.cache_dir or None,
+                                    (req.verbose or req.progress) and progress))
+    if any(n.startswith("cls_") for n in req.names):
+        parts.append(cls_local(images, labels, req.names, resolved["classes"], req.real_shards, req.classifier,
+                               device, req.batch_size, req.max_real, req.cache_dir or None, progress))
+    sums, rows = per_sample.local_sums(req.names, images, labels), {}
+    for part in parts:
+        sums.update(part["sums"])
+        rows.update(part.get("rows", {}))
+    return sums, rows, [part["details"] for part in parts]
+
+
+def _finish(sums: dict, rows: dict, local_details: list, req: EvalRequest, resolved: dict) -> tuple[dict, dict]:
+    """Every rank, from what crossed ranks: the values (the same on every rank) and the details."""
+    from gan.metrics import per_sample
+    from gan.metrics.fidelity import fidelity_finish
+    from gan.metrics.offline import cls_finish
+
+    values, details = per_sample.finish(sums, req.names), {}
+    local_details = iter(local_details)
+    if any(n in FIDELITY for n in req.names):
+        next(local_details)
+        v, d = fidelity_finish(sums, rows, req.names, Path(resolved["inception_weights"]), req.kid_subset_size,
+                               req.isc_splits)
         values.update(v)
         details["inception"] = d
     if any(n.startswith("cls_") for n in req.names):
-        v, d = cls_metrics(images, labels, req.names, resolved["classes"], req.real_shards, req.classifier,
-                           device, max(req.batch_size, 1), req.max_real, req.cache_dir or None, req.progress)
+        v, d = cls_finish(sums, req.names, resolved["classes"])
         values.update(v)
-        details["offline"] = d
-    details.update({"num_samples": int(len(images)), "real": resolved["real"], "metrics": req.names,
+        details["offline"] = {**next(local_details), **d}
+    return values, details
+
+
+def compute(local, req: EvalRequest, resolved: dict, num_samples: int) -> tuple[dict, dict]:
+    """Collective. ``local()`` (this rank's part, see :func:`_local`) on every rank at once, then one
+    float64 all-reduce of the sums (and a gather of the feature rows IS/KID/precision-recall need);
+    every rank finishes alike and returns the same ``(values, details)``."""
+    t0 = time.perf_counter()
+    sums, rows, local_details = collective.everywhere(local)
+    sums = collective.all_sum(sums)
+    rows = {k: collective.all_rows(rows[k]) for k in sorted(rows)}
+    values, details = _finish(sums, rows, local_details, req, resolved)
+    details.update({"num_samples": int(num_samples), "real": resolved["real"], "metrics": req.names,
                     "seconds": round(time.perf_counter() - t0, 2)})
     return values, details
 
@@ -99,24 +134,31 @@ def compute(images: torch.Tensor, labels: torch.Tensor, req: EvalRequest, resolv
 def evaluate_generator(G: torch.nn.Module, z_dim: int, num_classes: int, channels: int, size: int,
                        req: EvalRequest, device) -> tuple[dict, dict]:
     """Collective (every rank calls it). Checks, then ``req.num_samples`` class-balanced samples of
-    ``G`` split over the ranks, gathered to rank 0, which computes the metrics while the others wait.
-    Every rank returns the same ``(values, details)`` or raises the same error."""
+    ``G``: each rank generates its own slice and runs every metric's extractor on it (and on its slice
+    of the real images); only statistics cross ranks. Every rank returns the same ``(values, details)``
+    or raises (a failed rank's error on every rank; :class:`gan.dist.PeerError` if a rank died)."""
     check_counts(req, num_classes)  # pure: every rank fails alike, before any collective
-    resolved = collective.on_rank0(preflight, req, num_classes, channels, size)
-    was_training = G.training
-    G.eval()
-    try:
-        gathered = collective.generate_gathered(G, req.num_samples, z_dim, num_classes, req.seed,
-                                                req.batch_size, device, progress=req.progress)
-    finally:
-        G.train(was_training)
-    return collective.on_rank0(lambda: compute(gathered[0], gathered[1], req, resolved, device))
+    resolved = collective.everywhere(preflight, req, num_classes, channels, size)
+
+    def local():
+        was_training = G.training
+        G.eval()
+        try:
+            images, labels = collective.generate_slice(G, req.num_samples, z_dim, num_classes, req.seed,
+                                                       req.batch_size, device, progress=req.progress)
+        finally:
+            G.train(was_training)
+        return _local(images, labels, req, resolved, device)
+
+    return compute(local, req, resolved, req.num_samples)
 
 
 def evaluate_images(images: torch.Tensor, labels: torch.Tensor, req: EvalRequest, device) -> tuple[dict, dict]:
-    """One process: the metrics of given uint8 images (e.g. the test split, for the real-data floor)."""
+    """The metrics of given uint8 images (e.g. the test split, for the real-data floor). Collective when
+    several ranks run: each passes all the images and measures its own slice."""
     req.num_samples = len(images)
     num_classes = int(read_manifest(req.real_shards).num_classes)
     check_counts(req, num_classes)
-    resolved = preflight(req, num_classes, images.shape[1], images.shape[2])
-    return compute(images, labels, req, resolved, device)
+    resolved = collective.everywhere(preflight, req, num_classes, images.shape[1], images.shape[2])
+    lo, hi = collective.my_range(len(images))
+    return compute(lambda: _local(images[lo:hi], labels[lo:hi], req, resolved, device), req, resolved, len(images))

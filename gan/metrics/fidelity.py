@@ -1,11 +1,14 @@
 """FID, IS, KID and precision/recall through torch-fidelity 0.4 and its Inception-v3 feature extractor.
 
-* Generated images go in as a ``Dataset`` of uint8 (3, H, W) tensors (``input1``), never as
-  torch-fidelity's generative-model input: with ``input1_model_num_classes > 0`` that path calls
-  ``np.int``, which NumPy >= 1.24 no longer has.
-* Real images are the shard set's (``input2``), read lazily: torch-fidelity looks its feature cache
-  up first (``input2_cache_name`` = a key of the shard manifest + the weights file's sha256 + the
-  real-image count), so a cache hit reads no shard.
+* Generated images go in as a ``Dataset`` of uint8 (3, H, W) tensors, never as torch-fidelity's
+  generative-model input: with ``input1_model_num_classes > 0`` that path calls ``np.int``, which
+  NumPy >= 1.24 no longer has.
+* Each rank extracts features of its own slice of the samples and of the real images with
+  torch-fidelity's extractor; the metrics are then computed by torch-fidelity's own functions on every
+  rank from what crossed ranks: float64 feature moments for FID, the feature rows for IS, KID and
+  precision/recall. A rank's real features are cached (``inception-<key>.npz``; key = the shard
+  manifest with its checksums + the weights file's sha256 + the layers + the real-image slice), so a
+  cache hit reads no shard.
 * The weights are always given to torch-fidelity as a local file (``feature_extractor_weights_path``):
   ``--inception-weights PATH``, else torch.hub's cached copy, else (with internet) one download into
   that cache, checked against its sha256 prefix. Offline, :func:`resolve_inception_weights` says which
@@ -13,18 +16,20 @@
   the download attempt.
 * Precision/recall use the same Inception pool features (2048-d) as FID/KID, so one weights file
   serves every metric (torch-fidelity's default for prc would be VGG-16, a second download).
-* torch-fidelity has no torch.distributed inside: call this on one rank (see ``collective.on_rank0``).
+* torch-fidelity has no torch.distributed inside: gan.metrics.collective moves the statistics.
 """
 from __future__ import annotations
 
 import os
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gan.metrics.cache import DEFAULT_CACHE, cache_key, file_sha256
+from gan.metrics.cache import StatsCache, cache_key, file_sha256
 from gan.metrics.errors import MetricError
+from gan.metrics.frechet import moments, moments_to_gaussian
 from gan.metrics.realdata import load_shard_images
 
 EXTRACTOR = "inception-v3-compat"
@@ -142,51 +147,127 @@ class ImagesDataset(Dataset):
         return x.expand(3, -1, -1).contiguous() if x.shape[0] == 1 else x
 
 
-class ShardImagesDataset(Dataset):
-    """The images of a shard set (the first ``max_real`` if > 0), loaded on first access."""
-
-    def __init__(self, shards_dir: str | Path, max_real: int = 0):
-        self.shards_dir, self.max_real = shards_dir, max_real
-        self._ds = None
-
-    def _load(self) -> ImagesDataset:
-        if self._ds is None:
-            self._ds = ImagesDataset(load_shard_images(self.shards_dir, self.max_real)[0])
-        return self._ds
-
-    def __len__(self) -> int:
-        return len(self._load())
-
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return self._load()[i]
+_extractors: dict = {}
+_DIMS = {"2048": 2048, "logits_unbiased": 1008}
 
 
-def fidelity_metrics(fake: torch.Tensor, names: list[str], real_shards: str | Path, weights: Path,
-                     device: torch.device, batch_size: int = 64, kid_subset_size: int = 1000,
-                     isc_splits: int = 10, max_real: int = 0, cache_dir: str | Path | None = None,
-                     verbose: bool = False) -> tuple[dict, dict]:
-    """Rank 0 only. ``fake``: uint8 (N, C, H, W). Returns (values, details) with keys fid, isc, isc_std,
-    kid, kid_std, precision, recall, f_score (those asked for)."""
-    import torch_fidelity
+def layer_for(metric: str) -> str:
+    """torch-fidelity's feature layer for ``metric`` (fid, isc, kid, prc) of our extractor."""
+    from torch_fidelity.utils import resolve_feature_layer_for_metric
+    return resolve_feature_layer_for_metric(metric, feature_extractor=EXTRACTOR)
+
+
+def _extractor(weights: Path, layers: tuple[str, ...], cuda: bool):
+    from torch_fidelity.utils import create_feature_extractor
+
+    key = (str(weights), file_sha256(weights), layers, cuda)
+    if key not in _extractors:
+        _extractors.clear()
+        _extractors[key] = create_feature_extractor(EXTRACTOR, list(layers), cuda=cuda, verbose=False,
+                                                    feature_extractor_weights_path=str(weights))
+    return _extractors[key]
+
+
+def features(images: torch.Tensor, layers: tuple[str, ...], weights: Path, device, batch_size: int,
+             progress: bool = False) -> dict[str, np.ndarray]:
+    """torch-fidelity's Inception features of uint8 (N, C, H, W) ``images``, per layer, float32 (N, D)."""
+    from torch_fidelity.utils import get_featuresdict_from_dataset
+
+    if len(images) == 0:  # a rank with no samples adds nothing
+        return {k: np.zeros((0, _DIMS[k]), np.float32) for k in layers}
+    cuda = torch.device(device).type == "cuda"
+    out = get_featuresdict_from_dataset(ImagesDataset(images), _extractor(weights, layers, cuda), batch_size, cuda,
+                                        True, progress)
+    return {k: v.numpy() for k, v in out.items()}
+
+
+def _needs(names: list[str]) -> tuple[set, set]:
+    """(layers whose rows must be gathered, layers whose moments suffice)."""
+    rows = {layer_for(n) for n in names if n in ("isc", "kid", "prc")}
+    return rows, ({layer_for("fid")} if "fid" in names else set())
+
+
+def real_features(real_shards: str | Path, layers: tuple[str, ...], weights: Path, device, batch_size: int,
+                  max_real: int = 0, cache_dir: str | Path | None = None, progress: bool = False) -> dict:
+    """Inception features of this rank's slice of the real images, computed once and cached under a key of
+    the shards' checksums, the extractor (weights sha256, layers) and the slice."""
+    from gan.metrics.collective import rank, rank_range, world_size
+    from gan.metrics.realdata import real_count
+
+    lo, hi = rank_range(real_count(real_shards, max_real), rank(), world_size())
+    key = cache_key(real_shards, {**weights_identity(weights), "layers": list(layers)}, max_real=max_real,
+                    slice=[lo, hi])
+    cache = StatsCache(Path(cache_dir) if cache_dir else None)
+    hit = cache.load("inception", key)
+    if hit is not None and set(hit) >= set(layers):
+        return {k: hit[k] for k in layers}
+    images = load_shard_images(real_shards, max_real)[0][lo:hi]
+    out = features(images, layers, weights, device, batch_size, progress)
+    cache.save("inception", key, out, {"shards": str(real_shards), "weights": str(weights), "slice": [lo, hi]})
+    return out
+
+
+def fidelity_local(fake: torch.Tensor, names: list[str], real_shards: str | Path, weights: Path, device,
+                   batch_size: int = 64, max_real: int = 0, cache_dir: str | Path | None = None,
+                   progress: bool = False) -> dict:
+    """Not a collective. This rank's part of fid/isc/kid/prc from its slice of the samples (uint8 ``fake``)
+    and of the real images: ``{"sums": ..., "rows": ..., "details": ...}``. FID needs only float64 moments
+    (as torchmetrics' FID syncs them); IS, KID and precision/recall need the feature rows themselves
+    (as stylegan2-ada's FeatureStats keeps them)."""
+    names = [n for n in names if n in ("fid", "isc", "kid", "prc")]
+    if not names:
+        return {"sums": {}, "rows": {}, "details": {}}
+    rows, summed = _needs(names)
+    fake_f = features(fake, tuple(sorted(rows | summed)), weights, device, batch_size, progress)
+    real_layers = tuple(sorted({layer_for(n) for n in names if n in ("fid", "kid", "prc")}))
+    real_f = real_features(real_shards, real_layers, weights, device, batch_size, max_real, cache_dir,
+                           progress) if real_layers else {}
+    sums, out_rows = {}, {}
+    for layer in summed:
+        sums.update(moments(fake_f[layer], f"inc.fake.{layer}."))
+        sums.update(moments(real_f[layer], f"inc.real.{layer}."))
+    for layer in rows:
+        out_rows[f"inc.fake.{layer}"] = fake_f[layer]
+        if layer in real_f:
+            out_rows[f"inc.real.{layer}"] = real_f[layer]
+    return {"sums": sums, "rows": out_rows, "details": {}}
+
+
+def fidelity_finish(sums: dict, rows: dict, names: list[str], weights: Path, kid_subset_size: int = 1000,
+                    isc_splits: int = 10) -> tuple[dict, dict]:
+    """Every rank, from the sums and rows of all ranks: fid, isc, isc_std, kid, kid_std, precision, recall,
+    f_score (those asked for), with torch-fidelity's own formulas and defaults (seeds included)."""
+    from torch_fidelity.metric_fid import fid_statistics_to_metric
+    from torch_fidelity.metric_isc import isc_featuresdict_to_metric
+    from torch_fidelity.metric_kid import kid_featuresdict_to_metric
+    from torch_fidelity.metric_prc import prc_featuresdict_to_metric
 
     names = [n for n in names if n in ("fid", "isc", "kid", "prc")]
     if not names:
         return {}, {}
-    ident = weights_identity(weights)
-    binary = any(n in names for n in ("fid", "kid", "prc"))
-    cache_root = Path(cache_dir) if cache_dir else DEFAULT_CACHE
-    kwargs = dict(input1=ImagesDataset(fake), cuda=torch.device(device).type == "cuda", batch_size=batch_size,
-                  isc="isc" in names, fid="fid" in names, kid="kid" in names, prc="prc" in names,
-                  feature_extractor=EXTRACTOR, feature_extractor_weights_path=str(weights),
-                  isc_splits=isc_splits, kid_subset_size=kid_subset_size, save_cpu_ram=True,
-                  cache=True, cache_root=str(cache_root / "fidelity"), verbose=verbose)
-    real_key = None
-    if binary:
-        real_key = "real-" + cache_key(real_shards, ident, max_real=max_real)
-        kwargs.update(input2=ShardImagesDataset(real_shards, max_real), input2_cache_name=real_key)
-    raw = torch_fidelity.calculate_metrics(**kwargs)
+    raw = {}
+    if "fid" in names:
+        stat = {}
+        for side in ("fake", "real"):
+            p = f"inc.{side}.{layer_for('fid')}."
+            mu, sigma = moments_to_gaussian(sums[p + "n"], sums[p + "s"], sums[p + "ss"])
+            stat[side] = {"mu": mu, "sigma": sigma}
+        raw.update(fid_statistics_to_metric(stat["fake"], stat["real"], False))
+
+    def fd(side, metric):
+        layer = layer_for(metric)
+        return {layer: torch.from_numpy(rows[f"inc.{side}.{layer}"])}
+
+    if "isc" in names:
+        raw.update(isc_featuresdict_to_metric(fd("fake", "isc"), layer_for("isc"), isc_splits=isc_splits,
+                                              verbose=False))
+    if "kid" in names:
+        raw.update(kid_featuresdict_to_metric(fd("fake", "kid"), fd("real", "kid"), layer_for("kid"),
+                                              kid_subset_size=kid_subset_size, verbose=False))
+    if "prc" in names:
+        raw.update(prc_featuresdict_to_metric(fd("fake", "prc"), fd("real", "prc"), layer_for("prc"), verbose=False))
     values = {_KEYS[k]: float(v) for k, v in raw.items() if k in _KEYS}
-    details = {"extractor": ident, "weights_path": str(weights), "real_cache": real_key,
+    details = {"extractor": weights_identity(weights), "weights_path": str(weights),
                "kid_subset_size": kid_subset_size if "kid" in names else None,
                "isc_splits": isc_splits if "isc" in names else None,
                "prc_features": "inception-v3 pool3 (2048)" if "prc" in names else None}

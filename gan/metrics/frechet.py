@@ -27,3 +27,19 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     eig = np.linalg.eigvals(s1 @ s2)
     tr_covmean = np.sqrt(np.clip(eig.real, 0.0, None)).sum()
     return float(diff @ diff + np.trace(s1) + np.trace(s2) - 2.0 * tr_covmean)
+
+
+def moments(features: torch.Tensor | np.ndarray, prefix: str = "") -> dict[str, np.ndarray]:
+    """The sums a Gaussian is made of, float64: count ``n``, feature sum ``s`` (D,) and outer-product sum
+    ``ss`` (D, D). Sums of several parts (ranks, classes) add up; :func:`moments_to_gaussian` finishes."""
+    f = features.detach().cpu().double().numpy() if torch.is_tensor(features) else np.asarray(features, np.float64)
+    return {prefix + "n": np.array(float(len(f))), prefix + "s": f.sum(axis=0), prefix + "ss": f.T @ f}
+
+
+def moments_to_gaussian(n, s, ss) -> tuple[np.ndarray, np.ndarray]:
+    """Mean and unbiased covariance (as ``np.cov``) from :func:`moments`' sums. Needs n >= 2."""
+    n = float(n)
+    if n < 2:
+        raise ValueError(f"need at least 2 feature vectors for a covariance, got {n:g}")
+    mu = np.asarray(s, np.float64) / n
+    return mu, (np.asarray(ss, np.float64) - n * np.outer(mu, mu)) / (n - 1)

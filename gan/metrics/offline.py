@@ -6,8 +6,10 @@
   feature space (256-d), overall and per class (``cls_fd/<class>``). Its scale is this network's own:
   it is not FID and is comparable only with values from the same classifier file and sample count.
 
-Real statistics (mean/covariance overall and per class) are cached on disk under a key of the shard
-manifest, the classifier file's sha256 and the real-image count.
+Each rank classifies its own slice of the samples and of the real images; only float64 sums (feature
+sum, outer-product sum, count, overall and per class; correct predictions) cross ranks. A rank's
+real-image sums are cached on disk under a key of the shard manifest (the shards' checksums), the
+classifier file's sha256, the real-image count and the rank's slice.
 """
 from __future__ import annotations
 
@@ -19,7 +21,7 @@ import torch
 from gan.metrics.cache import StatsCache, cache_key, file_sha256
 from gan.metrics.classifier import DEFAULT_WEIGHTS, ClassifierError, load_classifier, read_classifier_info
 from gan.metrics.errors import MetricError
-from gan.metrics.frechet import frechet_distance, gaussian_stats
+from gan.metrics.frechet import frechet_distance, moments, moments_to_gaussian
 from gan.metrics.realdata import load_shard_images
 
 _models: dict = {}
@@ -69,61 +71,102 @@ def classify(model: torch.nn.Module, images: torch.Tensor, batch_size: int, devi
     return torch.cat(feats), torch.cat(preds)
 
 
-def real_stats(real_shards: str | Path, path: Path, device, batch_size: int, max_real: int = 0,
-               cache_dir: str | Path | None = None, progress: bool = False) -> dict:
-    """Mean/covariance of the real images' classifier features: overall ("mu", "sigma") and per class
-    ("mu_k", "sigma_k" stacked over classes), plus "count_k" and the real accuracy "acc"."""
-    key = cache_key(real_shards, {"name": "cls-resnet9", "sha256": file_sha256(path)}, max_real=max_real)
+def class_sums(feats: torch.Tensor, preds: torch.Tensor, labels: torch.Tensor, num_classes: int,
+               prefix: str) -> dict[str, np.ndarray]:
+    """float64 sums of one part of a sample set (one rank's slice): feature moments overall and per class
+    ("<prefix>n", "s", "ss"; "n_k", "s_k", "ss_k" stacked over classes) and correct predictions ("correct",
+    "correct_k"). Sums of parts add up to the sums of the whole."""
+    f = feats.double()
+    labels = labels.cpu().long()
+    onehot = torch.nn.functional.one_hot(labels, num_classes).double()  # (N, K)
+    hit = (preds == labels).double()
+    out = moments(f, prefix)
+    out.update({prefix + "n_k": onehot.sum(0).numpy(), prefix + "s_k": (onehot.T @ f).numpy(),
+                prefix + "ss_k": np.stack([(f[labels == k].T @ f[labels == k]).numpy() for k in range(num_classes)]),
+                prefix + "correct": np.array(float(hit.sum())), prefix + "correct_k": (onehot.T @ hit).numpy()})
+    return out
+
+
+def _features(path: Path, images: torch.Tensor, batch_size: int, device, progress: bool):
+    if images.shape[1] == 1:
+        images = images.expand(-1, 3, -1, -1)
+    model = _classifier(path, device)
+    if len(images) == 0:  # a rank with no samples (fewer samples than ranks) adds zeros
+        return torch.zeros(0, model.feature_dim, dtype=torch.float64), torch.zeros(0, dtype=torch.long)
+    return classify(model, images, batch_size, device, progress)
+
+
+def real_sums(real_shards: str | Path, path: Path, num_classes: int, device, batch_size: int, max_real: int = 0,
+              cache_dir: str | Path | None = None, progress: bool = False) -> dict[str, np.ndarray]:
+    """:func:`class_sums` of this rank's slice of the real images ("real." keys), computed once and cached
+    under a key of the shards' checksums, the classifier file's sha256, and the slice."""
+    from gan.metrics.collective import rank_range, rank, world_size
+    from gan.metrics.realdata import real_count
+
+    lo, hi = rank_range(real_count(real_shards, max_real), rank(), world_size())
+    key = cache_key(real_shards, {"name": "cls-resnet9", "sha256": file_sha256(path)}, max_real=max_real,
+                    slice=[lo, hi], num_classes=num_classes)
     cache = StatsCache(Path(cache_dir) if cache_dir else None)
     hit = cache.load("cls", key)
-    if hit is not None:
-        return hit
+    if hit is not None and set(hit) >= {"real.n", "real.ss_k"}:
+        return {k: v for k, v in hit.items() if k.startswith("real.")}
     images, labels = load_shard_images(real_shards, max_real)
-    feats, preds = classify(_classifier(path, device), images, batch_size, device, progress)
-    num_classes = int(labels.max()) + 1
-    mu, sigma = gaussian_stats(feats)
-    d = feats.shape[1]
-    mu_k, sigma_k, count_k = np.zeros((num_classes, d)), np.zeros((num_classes, d, d)), np.zeros(num_classes)
-    for k in range(num_classes):
-        sel = feats[labels == k]
-        count_k[k] = len(sel)
-        if len(sel) >= 2:
-            mu_k[k], sigma_k[k] = gaussian_stats(sel)
-    out = {"mu": mu, "sigma": sigma, "mu_k": mu_k, "sigma_k": sigma_k, "count_k": count_k,
-           "acc": np.array(float((preds == labels).double().mean()))}
-    cache.save("cls", key, out, {"shards": str(real_shards), "classifier": str(path), "max_real": max_real})
+    feats, preds = _features(path, images[lo:hi], batch_size, device, progress)
+    out = class_sums(feats, preds, labels[lo:hi], num_classes, "real.")
+    cache.save("cls", key, out, {"shards": str(real_shards), "classifier": str(path), "max_real": max_real,
+                                 "slice": [lo, hi]})
     return out
+
+
+def cls_local(images: torch.Tensor, labels: torch.Tensor, names: list[str], class_names: list[str],
+              real_shards: str | Path, classifier: str | Path | None, device, batch_size: int = 256,
+              max_real: int = 0, cache_dir: str | Path | None = None, progress: bool = False) -> dict:
+    """Not a collective. This rank's part of cls_acc/cls_fd: ``{"sums": {...}, "details": {...}}`` from its
+    slice of the samples (uint8 ``images`` drawn for classes ``labels``) and of the real images."""
+    names = [n for n in names if n in ("cls_acc", "cls_fd")]
+    if not names:
+        return {"sums": {}, "details": {}}
+    path = classifier_path(classifier)
+    info = check_classifier(path, class_names)
+    feats, preds = _features(path, images, batch_size, device, progress)
+    sums = class_sums(feats, preds, labels, len(class_names), "fake.")
+    if "cls_fd" in names:
+        sums.update(real_sums(real_shards, path, len(class_names), device, batch_size, max_real, cache_dir,
+                              progress))
+    return {"sums": {f"cls.{k}": v for k, v in sums.items()}, "details": {"classifier": info}}
+
+
+def cls_finish(sums: dict[str, np.ndarray], names: list[str], class_names: list[str]) -> dict:
+    """Every rank, from the sums over all ranks (:func:`cls_local`'s, added up): the metric values."""
+    names = [n for n in names if n in ("cls_acc", "cls_fd")]
+    s = {k[4:]: v for k, v in sums.items() if k.startswith("cls.")}
+    values, per_class = {}, class_names if len(class_names) > 1 else []  # no class rows for one class
+    if "cls_acc" in names:
+        values["cls_acc"] = float(s["fake.correct"] / s["fake.n"])
+        for k, name in enumerate(per_class):
+            if s["fake.n_k"][k] > 0:
+                values[f"cls_acc/{name}"] = float(s["fake.correct_k"][k] / s["fake.n_k"][k])
+    if "cls_fd" in names:
+        real = moments_to_gaussian(s["real.n"], s["real.s"], s["real.ss"])
+        values["cls_fd"] = frechet_distance(*moments_to_gaussian(s["fake.n"], s["fake.s"], s["fake.ss"]), *real)
+        for k, name in enumerate(per_class):
+            if s["fake.n_k"][k] >= 2 and s["real.n_k"][k] >= 2:
+                fake_k = moments_to_gaussian(s["fake.n_k"][k], s["fake.s_k"][k], s["fake.ss_k"][k])
+                real_k = moments_to_gaussian(s["real.n_k"][k], s["real.s_k"][k], s["real.ss_k"][k])
+                values[f"cls_fd/{name}"] = frechet_distance(*fake_k, *real_k)
+        values_real_acc = float(s["real.correct"] / s["real.n"])
+        return values, {"real_cls_acc": values_real_acc}
+    return values, {}
 
 
 def cls_metrics(images: torch.Tensor, labels: torch.Tensor, names: list[str], class_names: list[str],
                 real_shards: str | Path, classifier: str | Path | None, device, batch_size: int = 256,
                 max_real: int = 0, cache_dir: str | Path | None = None, progress: bool = False) -> tuple[dict, dict]:
-    """Rank 0 only. ``images`` uint8 (N, C, H, W) drawn for classes ``labels``. Returns (values, details)."""
-    names = [n for n in names if n in ("cls_acc", "cls_fd")]
-    if not names:
-        return {}, {}
-    path = classifier_path(classifier)
-    info = check_classifier(path, class_names)
-    if images.shape[1] == 1:
-        images = images.expand(-1, 3, -1, -1)
-    feats, preds = classify(_classifier(path, device), images, batch_size, device, progress)
-    labels = labels.cpu()
-    values = {}
-    if "cls_acc" in names:
-        values["cls_acc"] = float((preds == labels).double().mean())
-        for k, name in enumerate(class_names if len(class_names) > 1 else []):  # no class rows for one class
-            sel = labels == k
-            if sel.any():
-                values[f"cls_acc/{name}"] = float((preds[sel] == k).double().mean())
-    details = {"classifier": info}
-    if "cls_fd" in names:
-        real = real_stats(real_shards, path, device, batch_size, max_real, cache_dir, progress)
-        mu, sigma = gaussian_stats(feats)
-        values["cls_fd"] = frechet_distance(mu, sigma, real["mu"], real["sigma"])
-        for k, name in enumerate(class_names if len(class_names) > 1 else []):
-            sel = feats[labels == k]
-            if len(sel) >= 2 and real["count_k"][k] >= 2:
-                mk, sk = gaussian_stats(sel)
-                values[f"cls_fd/{name}"] = frechet_distance(mk, sk, real["mu_k"][k], real["sigma_k"][k])
-        details["real_cls_acc"] = float(real["acc"])
-    return values, details
+    """cls_acc/cls_fd of uint8 ``images`` drawn for classes ``labels``: (values, details). Collective when
+    several ranks run (each passes its own slice of the samples); in one process, the whole set."""
+    from gan.metrics.collective import all_sum
+
+    part = cls_local(images, labels, names, class_names, real_shards, classifier, device, batch_size, max_real,
+                     cache_dir, progress)
+    values, extra = cls_finish(all_sum(part["sums"]), names, class_names)
+    return values, {**part["details"], **extra}

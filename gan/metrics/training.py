@@ -1,7 +1,7 @@
 """Evaluation during training: the trainer's hook, and the best-checkpoint / early-stopping bookkeeping.
 
 Every rank calls :func:`evaluate_during_training` at the same step; generation is split over the
-ranks, rank 0 computes, and every rank gets the same dict back, so every rank takes the same
+ranks, each rank measures its own slice, and every rank gets the same dict back, so every rank takes the same
 best / early-stop decision (:func:`update_best` is pure and deterministic).
 """
 from __future__ import annotations
