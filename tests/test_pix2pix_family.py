@@ -111,6 +111,21 @@ def test_exact_resume_with_workers(tmp_path, pairs):
     assert all(torch.equal(ema[0][k], ema[1][k]) for k in ema[0])
 
 
+def test_shards_that_do_not_fit_the_model_are_refused_before_any_work(tmp_path, pairs, tiny_shards):
+    from gan.data import ShardError
+
+    run = tmp_path / "run"
+    with pytest.raises(ShardError, match=r"data.shards: .* 3-channel inputs, but the config expects 1 "
+                                         r"\(model.in_channels\)\. Set model.in_channels=3"):
+        _fit(_config(pairs, "model.in_channels=1", "train.max_steps=1"), run)
+    with pytest.raises(ShardError, match=r"model.img_size"):
+        _fit(_config(pairs, "model.img_size=64", "model.d_layers=2", "train.max_steps=1"), run)
+    with pytest.raises(ShardError, match=r"pix2pix \(family: pix2pix\) trains on \(input, target\) pairs.*"
+                                         r"data_shards build --source paired"):
+        _fit(_config(pairs, f"val.shards={tiny_shards}", "train.max_steps=1"), run)
+    assert not (run / "checkpoints").exists()
+
+
 def _train_cli(run, shards, *overrides, resume=None, ranks=1, timeout=300):
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)] \
         if ranks > 1 else [sys.executable]
