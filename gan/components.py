@@ -70,6 +70,9 @@ class Sampler:
     def sample(self, step: int) -> None:
         if not self.rank0.enabled:  # rank-0-only work with no collective inside
             return
+        grid = self.family.picture_grid(self.ema.model, self.device)
+        if grid is not None:
+            return self.rank0.picture(step, grid)
         images, labels, rows = self.family.pictures(self.ema.model, self.device)
         self.rank0.samples(step, images, labels, rows, self.cfg.log.samples_per_class, self.class_names)
 

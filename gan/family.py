@@ -113,6 +113,11 @@ class Family:
         inputs every time (seed them from ``train.seed`` with a local torch.Generator)."""
         raise NotImplementedError
 
+    def picture_grid(self, net: torch.nn.Module, device) -> torch.Tensor | None:
+        """A picture laid out by the family instead of :meth:`pictures`' per-class grid (pix2pix's input |
+        output | target rows): uint8 (C, H, W), rank 0, under no_grad. None (the default): use :meth:`pictures`."""
+        return None
+
     def generate(self, net: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from the exported network and its inputs (see :meth:`example_inputs`)."""
         return net(*inputs)
@@ -137,6 +142,7 @@ def register_family(cls: type[Family]) -> type[Family]:
 def _load_builtin() -> None:
     """The families that ship with the project: one import line each (they register themselves)."""
     import gan.families.gan.family  # noqa: F401
+    import gan.families.pix2pix.family  # noqa: F401
     import gan.families.vae.family  # noqa: F401
 
 

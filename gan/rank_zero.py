@@ -88,11 +88,17 @@ class RankZero:
         """A per-class grid (rows = classes, named) of images in [-1, 1]: PNG file + tracker image."""
         if not self.enabled:
             return
-        from gan.trackers import log_images
-
         grid = class_grid(images.float().cpu(), labels.cpu(), num_classes, per_class)
         if class_names and num_classes > 1:
             grid = with_labels(grid, rows=list(zip(cell_centres(num_classes, images.shape[2]), class_names)))
+        self.picture(step, grid)
+
+    def picture(self, step: int, grid: torch.Tensor) -> None:
+        """A uint8 (C, H, W) picture of the EMA network: PNG file + tracker image."""
+        if not self.enabled:
+            return
+        from gan.trackers import log_images
+
         save_png(grid, self.run.sample_png(step))
         log_images(self._trackers, "Samples/ema", grid, step)
 
