@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from typing import ClassVar, Iterator, Protocol
+from typing import ClassVar, Protocol
 
 import torch
 

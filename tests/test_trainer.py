@@ -266,8 +266,8 @@ def test_nonfinite_skip_policy_counts(tmp_path, tiny_shards):
 
     t = _trainer(tmp_path, tiny_shards, "train.max_steps=6", "train.on_nonfinite=skip", "train.max_skipped=2",
                  "log.every=1")
-    d_loss = t.loss.d_loss
-    t.loss.d_loss = lambda *a: (lambda loss, stats: (loss * float("nan"), stats))(*d_loss(*a))  # every D update
+    d_loss = t.family.loss.d_loss
+    t.family.loss.d_loss = lambda *a: (lambda loss, stats: (loss * float("nan"), stats))(*d_loss(*a))  # every D update
     with pytest.raises(NonFiniteError, match="3 in this run"):  # skipped twice, stopped at the third
         t.fit()
     assert t.state.skipped_nonfinite == 3 and t.state.step == 3
@@ -284,7 +284,7 @@ def test_nonfinite_update_is_skipped_exactly(tmp_path, tiny_shards, optim):
     update never ran (fused Adam/AdamW skip it on the device, RMSprop on the host), and the run goes on."""
     t = _trainer(tmp_path, tiny_shards, "train.max_steps=3", "train.on_nonfinite=skip", "log.every=1",
                  f"optim.name={optim}")
-    d_loss, step, seen = t.loss.d_loss, t.train_step, {}
+    d_loss, step, seen = t.family.loss.d_loss, t.train_step, {}
 
     def poisoned(D, *args):  # the second step's D update gets a NaN loss
         loss, stats = d_loss(D, *args)
@@ -298,7 +298,7 @@ def test_nonfinite_update_is_skipped_exactly(tmp_path, tiny_shards, optim):
         if t.state.step == 2:
             seen["after"] = ([p.detach().clone() for p in t.nets["D"].parameters()], _tensors_of(t.backend.optimizers["D"]))
 
-    t.loss.d_loss, t.train_step = poisoned, train_step
+    t.family.loss.d_loss, t.train_step = poisoned, train_step
     from gan.optim import is_fused
     assert is_fused(t.backend.optimizers["D"]) == (optim != "rmsprop")  # the path under test
     assert t.fit() == "finished"
