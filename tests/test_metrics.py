@@ -287,7 +287,10 @@ def test_a_rank_that_dies_during_evaluation_ends_every_rank(run_copy, tmp_path):
         "register('die', die, higher_is_better=True)\n"
         "from conftest import load_cli\n"
         "sys.exit(load_cli('evaluate').main(sys.argv[1:]))\n")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+    # torchrun SIGTERMs the surviving rank when it sees rank 1 gone; under load that could come before rank 0
+    # reaches its collective and reports. A slow monitor leaves rank 0 the time to end by itself.
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--monitor-interval", "15",
+           "--nproc_per_node", "2", str(script),
            "--run-dir", str(run_copy), "--metrics", "die", "--num-samples", "20", "--no-tensorboard"]
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300,
                        env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
