@@ -62,6 +62,19 @@ def train_debug(run_dir, shards, *overrides, resume=None, env=None, timeout=300,
     return r
 
 
+def fit_in_process(cfg, run, resume=None) -> list[dict]:
+    """Train ``cfg`` into ``run`` in this process through the trainer (preflight, fit, close), as
+    launch/train.py does; it must finish. Returns the rows of the run's metrics.jsonl."""
+    from gan.trainer import Trainer, preflight
+
+    t = Trainer(cfg, run, preflight(cfg, run, resume))
+    try:
+        assert t.fit() == "finished"
+    finally:
+        t.close()
+    return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
 def ddp_data_check(shards, out, *args) -> list[dict]:
     """tests/ddp_data_check.py on 2 gloo ranks (torchrun) over ``shards``, batch 16, 3 epochs, plus ``args``;
     returns each rank's JSON report (what its stream yielded)."""

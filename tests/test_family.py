@@ -16,6 +16,8 @@ from gan.config import ConfigError, _check, load_config
 from gan.family import FAMILIES, Family, OptimSpec, build_family, get_family, register_family
 from gan.rundir import parts_of, required_files
 
+from conftest import fit_in_process
+
 
 @dataclasses.dataclass
 class ToyModelConfig:
@@ -89,21 +91,11 @@ def test_checkpoint_parts_are_named_after_the_networks():
         "random_states_0.pkl"]
 
 
-def _fit(cfg, run, resume=None):
-    from gan.trainer import Trainer, preflight
-
-    t = Trainer(cfg, run, preflight(cfg, run, resume))
-    try:
-        assert t.fit() == "finished"
-    finally:
-        t.close()
-
-
 def test_a_new_family_trains_checkpoints_and_resumes_exactly(tmp_path, tiny_shards, toy):
     from gan.checkpoint import CheckpointError, check_resume, read_meta
 
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _fit(toy_config(tiny_shards, "train.max_steps=4"), straight)
+    fit_in_process(toy_config(tiny_shards, "train.max_steps=4"), straight)
     meta = read_meta(straight / "checkpoints" / "step-00000004")
     assert (meta["family"], meta["nets"], meta["ema"]) == ("toy", ["ae"], True)
     assert set(meta["parts"]) == {"ae", "opt_ae", "ema", "train_state", "sched_ae"}
@@ -112,8 +104,8 @@ def test_a_new_family_trains_checkpoints_and_resumes_exactly(tmp_path, tiny_shar
     assert all("GradNorm/ae" in r and "LR/ae" in r for r in rows if "Loss/ae/mse" in r)
     assert (straight / "export" / "G_ema.safetensors").is_file()  # the EMA network's export
 
-    _fit(toy_config(tiny_shards, "train.max_steps=2"), resumed)
-    _fit(toy_config(tiny_shards, "train.max_steps=4"), resumed, resume="auto")
+    fit_in_process(toy_config(tiny_shards, "train.max_steps=2"), resumed)
+    fit_in_process(toy_config(tiny_shards, "train.max_steps=4"), resumed, resume="auto")
     a = load_file(straight / "checkpoints" / "step-00000004" / "model.safetensors")
     b = load_file(resumed / "checkpoints" / "step-00000004" / "model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

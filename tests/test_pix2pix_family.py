@@ -15,7 +15,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
-from conftest import REPO, train_debug
+from conftest import REPO, fit_in_process, train_debug
 from test_paired import inverted_pairs
 
 SMALL = ["model.img_size=32", "model.g_channels=4", "model.d_channels=4", "val.pictures=3", "train.batch_size=8",
@@ -37,17 +37,6 @@ def _config(shards, *overrides):
     return load_config(None, ["family=pix2pix", f"data.shards={shards}", *SMALL, *overrides])
 
 
-def _fit(cfg, run, resume=None):
-    from gan.trainer import Trainer, preflight
-
-    t = Trainer(cfg, run, preflight(cfg, run, resume))
-    try:
-        assert t.fit() == "finished"
-    finally:
-        t.close()
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
 def _checkpoint(run: Path, step: int) -> Path:
     return run / "checkpoints" / f"step-{step:08d}"
 
@@ -61,7 +50,7 @@ def test_pix2pix_trains_on_the_spine(tmp_path, pairs):
     from gan.family import build_family
 
     cfg = _config(pairs, "train.max_steps=4", f"val.shards={pairs.parent / 'val'}")
-    rows = [r for r in _fit(cfg, tmp_path) if "Loss/G/l1" in r]
+    rows = [r for r in fit_in_process(cfg, tmp_path) if "Loss/G/l1" in r]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     for r in rows:
         for k in ("Loss/G/l1", "Loss/G/total", "GradNorm/G", "GradNorm/D", "LR/G", "LR/D"):
@@ -93,9 +82,9 @@ def test_pix2pix_trains_on_the_spine(tmp_path, pairs):
 def test_exact_resume_with_workers(tmp_path, pairs):
     """2 + 2 steps (resumed from the checkpoint at 2) give the same G, D, optimizers and EMA as 4 straight."""
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    _fit(_config(pairs, "train.max_steps=4"), straight)
-    _fit(_config(pairs, "train.max_steps=2"), resumed)
-    _fit(_config(pairs, "train.max_steps=4"), resumed, resume="auto")
+    fit_in_process(_config(pairs, "train.max_steps=4"), straight)
+    fit_in_process(_config(pairs, "train.max_steps=2"), resumed)
+    fit_in_process(_config(pairs, "train.max_steps=4"), resumed, resume="auto")
     a, b = _checkpoint(straight, 4), _checkpoint(resumed, 4)
     files = sorted(p.name for p in a.iterdir() if p.suffix in (".safetensors", ".bin"))
     assert {"model.safetensors", "model_1.safetensors", "optimizer.bin", "optimizer_1.bin"} <= set(files)
@@ -117,12 +106,12 @@ def test_shards_that_do_not_fit_the_model_are_refused_before_any_work(tmp_path, 
     run = tmp_path / "run"
     with pytest.raises(ShardError, match=r"data.shards: .* 3-channel inputs, but the config expects 1 "
                                          r"\(model.in_channels\)\. Set model.in_channels=3"):
-        _fit(_config(pairs, "model.in_channels=1", "train.max_steps=1"), run)
+        fit_in_process(_config(pairs, "model.in_channels=1", "train.max_steps=1"), run)
     with pytest.raises(ShardError, match=r"model.img_size"):
-        _fit(_config(pairs, "model.img_size=64", "model.d_layers=2", "train.max_steps=1"), run)
+        fit_in_process(_config(pairs, "model.img_size=64", "model.d_layers=2", "train.max_steps=1"), run)
     with pytest.raises(ShardError, match=r"pix2pix \(family: pix2pix\) trains on \(input, target\) pairs.*"
                                          r"data_shards build --source paired"):
-        _fit(_config(pairs, f"val.shards={tiny_shards}", "train.max_steps=1"), run)
+        fit_in_process(_config(pairs, f"val.shards={tiny_shards}", "train.max_steps=1"), run)
     assert not (run / "checkpoints").exists()
 
 

@@ -211,20 +211,15 @@ def test_config_refuses_bad_values(cls, kw, match):
 
 
 def _train(shards, run, *overrides):
+    from conftest import fit_in_process
     from gan.config import load_config
-    from gan.trainer import Trainer, preflight
 
     cfg = load_config(None, ["family=vae", f"data.shards={shards}", "data.num_workers=1", "train.batch_size=16",
                              "train.mixed_precision=no", "log.progress=false", "log.with=", "log.every=1",
                              "log.sample_every=10", "checkpoint.every=10", "log.samples_per_class=2",
                              "model.channels=8", "model.latent_dim=16", "optim.lr_g=2e-3", "optim.betas_g=[0.9,0.999]",
                              *overrides])
-    t = Trainer(cfg, run, preflight(cfg, run, None))
-    try:
-        assert t.fit() == "finished"
-    finally:
-        t.close()
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    return fit_in_process(cfg, run)
 
 
 @pytest.mark.parametrize("shards,overrides", [
