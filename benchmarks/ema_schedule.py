@@ -110,17 +110,22 @@ def run_seed(args, seed: int, at: list[int]) -> dict:
     return record
 
 
+def _cell(v: list[float]) -> str:
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.1f} ± {sd:.1f} ({min(v):.1f} to {max(v):.1f})"
+
+
 def report(records: list[dict], at: list[int]) -> str:
-    lines = ["| step | " + " | ".join(GENERATORS) + " | rampup better than warmup |", "|---" * (len(GENERATORS) + 2) + "|"]
+    """Mean ± sample std (min to max) over seeds; the last two columns are paired, per seed, on the
+    same trajectory: EMA minus raw G (negative: the EMA is better)."""
+    lines = ["| step | " + " | ".join(GENERATORS) + " | warmup − raw G | rampup − raw G | rampup < warmup |",
+             "|---" * (len(GENERATORS) + 4) + "|"]
     for s in at:
         rows = [r["fd"][str(s)] for r in records if str(s) in r["fd"]]
         if not rows:
             continue
-        cells = []
-        for name in GENERATORS:
-            v = [r[name] for r in rows]
-            sd = statistics.stdev(v) if len(v) > 1 else 0.0
-            cells.append(f"{statistics.mean(v):.1f} ± {sd:.1f} ({min(v):.1f}-{max(v):.1f})")
+        cells = [_cell([r[name] for r in rows]) for name in GENERATORS]
+        cells += [_cell([r[f"EMA {k}"] - r["raw G"] for r in rows]) for k in ("warmup", "rampup")]
         wins = sum(r["EMA rampup"] < r["EMA warmup"] for r in rows)
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {wins}/{len(rows)} seeds |")
     return "\n".join(lines)
