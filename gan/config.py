@@ -88,10 +88,22 @@ class OptimConfig:
 
 @dataclass
 class EMAConfig:
-    decay: float = 0.999
-    warmup_steps: int = 1000  # decay ramps as min(decay, (1+s)/(10+s)) until then
+    """How the EMA generator follows G (gan.ema). ``rampup``: the EMA's half-life is
+    ``min(half_life_kimg * 1000, rampup * images seen)`` images (stylegan2-ada's ema_kimg/ema_rampup), so
+    an early EMA tracks G closely and a late one averages over ``half_life_kimg``. ``warmup``: the decay
+    ramps as ``min(decay, (1+n)/(10+n))`` for ``warmup_steps`` updates, then is ``decay``."""
+    schedule: str = "rampup"  # rampup | warmup
+    half_life_kimg: float = 44.3  # rampup: the longest half-life, in thousands of G images (44.3 = decay 0.999 at batch 64)
+    rampup: float = 0.05  # rampup: half-life as a fraction of the images seen so far (0 = always half_life_kimg)
+    decay: float = 0.999  # warmup: the decay per update after warm-up
+    warmup_steps: int = 1000  # warmup: decay ramps as min(decay, (1+s)/(10+s)) until then
 
     def __post_init__(self):
+        _check(self.schedule in ("rampup", "warmup"), "ema.schedule", f"'{self.schedule}' is not one of: rampup, warmup")
+        _check(math.isfinite(self.half_life_kimg) and self.half_life_kimg >= 0, "ema.half_life_kimg",
+               "must be a number >= 0 (0 = the EMA is a copy of G)")
+        _check(math.isfinite(self.rampup) and 0 <= self.rampup <= 1, "ema.rampup",
+               "must be in [0, 1] (a fraction of the images seen; 0 = no ramp-up)")
         _check(0 <= self.decay < 1, "ema.decay", "must be in [0, 1)")
         _check(self.warmup_steps >= 0, "ema.warmup_steps", "must be >= 0")
 

@@ -10,24 +10,48 @@ from gan.config import EMAConfig
 
 
 class EMA:
-    """Holds an eval-mode copy of G. Parameters follow ``decay``; buffers (BatchNorm statistics)
-    are copied. During warm-up the decay ramps as ``min(decay, (1 + n) / (10 + n))`` so the early,
-    random weights are forgotten quickly. It lives on every rank (identical there, since G's weights
-    are), which keeps checkpoint loading symmetric and lets any rank sample without a broadcast."""
+    """Holds an eval-mode copy of G. Parameters follow ``ema = decay * ema + (1 - decay) * G`` after every
+    G update; buffers (BatchNorm statistics) are copied. The decay comes from ``cfg.schedule``:
+
+    - ``rampup`` (stylegan2-ada): a half-life of ``min(half_life_kimg * 1000, rampup * images_seen)``
+      images, i.e. ``decay = 0.5 ** (images / half_life)`` for an update of ``images`` G images. The
+      first update copies G, an early EMA trails G by a small fraction of training, and a late one
+      averages over ``half_life_kimg``; the same settings mean the same thing at any batch size.
+    - ``warmup``: ``min(decay, (1 + n) / (10 + n))`` for the first ``warmup_steps`` updates, then ``decay``.
+
+    It lives on every rank (identical there, since G's weights are), which keeps checkpoint loading
+    symmetric and lets any rank sample without a broadcast. Its state (weights, updates, images seen)
+    is checkpointed, so a resumed run continues the same schedule."""
 
     def __init__(self, model: nn.Module, cfg: EMAConfig):
         self.cfg = cfg
         self.model = copy.deepcopy(model).eval().requires_grad_(False)
         self.num_updates = 0
+        self.images_seen: int | None = 0  # G images before this update, all ranks; None: from an old checkpoint
 
-    def decay_now(self) -> float:
+    def half_life(self) -> float:
+        """``rampup``: the half-life, in images, of the next update."""
+        cap = self.cfg.half_life_kimg * 1000
+        seen = self.images_seen or 0
+        return min(cap, self.cfg.rampup * seen) if self.cfg.rampup > 0 else cap
+
+    def decay_now(self, images: int) -> float:
+        """The decay of the next update, which averages in ``images`` G images (the global batch)."""
+        if self.cfg.schedule == "rampup":
+            h = self.half_life()
+            return 0.5 ** (images / h) if h > 0 else 0.0
         if self.num_updates < self.cfg.warmup_steps:
             return min(self.cfg.decay, (1 + self.num_updates) / (10 + self.num_updates))
         return self.cfg.decay
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        decay = self.decay_now()
+    def update(self, model: nn.Module, images: int) -> None:
+        """One EMA step after a G update on ``images`` generated images (batch size x ranks)."""
+        if images < 1:
+            raise ValueError(f"images must be >= 1 (the G batch of this update, all ranks), got {images}")
+        if self.images_seen is None:  # an old checkpoint counted updates only; the batch is fixed over a run
+            self.images_seen = self.num_updates * images
+        decay = self.decay_now(images)
         ema_p = [p for p in self.model.parameters()]
         src_p = [p.detach().to(e.dtype) for e, p in zip(ema_p, model.parameters())]
         torch._foreach_lerp_(ema_p, src_p, 1.0 - decay)
@@ -35,10 +59,13 @@ class EMA:
         if buffers:
             torch._foreach_copy_(buffers, list(model.buffers()))
         self.num_updates += 1
+        self.images_seen += images
 
     def state_dict(self) -> dict:
-        return {"model": self.model.state_dict(), "num_updates": self.num_updates}
+        return {"model": self.model.state_dict(), "num_updates": self.num_updates, "images_seen": self.images_seen}
 
     def load_state_dict(self, state: dict) -> None:
         self.model.load_state_dict(state["model"])
         self.num_updates = int(state["num_updates"])
+        seen = state.get("images_seen")  # absent in checkpoints written before the count was kept
+        self.images_seen = None if seen is None else int(seen)

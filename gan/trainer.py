@@ -126,8 +126,9 @@ class Trainer:
         self.family.train_step(self)
         for sched in self.schedulers.values():
             sched.step()
-        if self.ema is not None:
-            self.ema.update(self.backend.unwrap(self.nets[self.family.ema]))
+        if self.ema is not None:  # one G update on the global batch
+            self.ema.update(self.backend.unwrap(self.nets[self.family.ema]),
+                            images=self.cfg.train.batch_size * self.accelerator.num_processes)
         self.state.step += 1
         self.state.images_seen += self._drawn * self.cfg.train.batch_size * self.accelerator.num_processes
         self.state.data = self.stream.state_dict()

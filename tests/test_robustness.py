@@ -113,14 +113,20 @@ def alive(pid: int) -> bool:
 def test_exact_resume_with_loader_workers(tmp_path, tiny_shards):
     """data.num_workers=2 (the recipes use 4): 4 steps + --resume auto + 4 steps == 8 straight, bit for
     bit. The DataLoader drew its workers' base seed from the global torch RNG when its iterator was
-    made, after a resume had restored that RNG, so the noise of the two runs differed."""
-    common = ["checkpoint.every=4", "data.num_workers=2", "data.hflip=true", "data.translate=0.125"]
+    made, after a resume had restored that RNG, so the noise of the two runs differed. The EMA runs the
+    rampup schedule with a ramp steep enough to weigh every step, so its decay depends on the images
+    seen, which the checkpoint holds and the resumed run continues from."""
+    common = ["checkpoint.every=4", "data.num_workers=2", "data.hflip=true", "data.translate=0.125",
+              "ema.schedule=rampup", "ema.rampup=0.5"]
     straight, split = tmp_path / "straight", tmp_path / "split"
     train(straight, tiny_shards, "train.max_steps=8", *common)
     train(split, tiny_shards, "train.max_steps=4", *common)
     r = train(split, tiny_shards, "train.max_steps=8", *common, resume="auto")
     assert "at step 4" in r.stdout
     assert_same_run(straight, split, 8)
+    ema = torch.load(ckpt(split, 8) / json.loads((ckpt(split, 8) / "meta.json").read_text())["parts"]["ema"],
+                     weights_only=False)
+    assert (ema["num_updates"], ema["images_seen"]) == (8, 8 * 8)  # debug_cpu: batch 8, one rank
 
 
 def test_kill9_at_a_random_moment_then_resume_is_exact(tmp_path, tiny_shards):

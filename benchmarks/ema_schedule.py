@@ -1,0 +1,169 @@
+#!/usr/bin/env python
+"""The EMA generator's schedules compared on one training trajectory: the classifier-feature Frechet
+distance (``cls_fd``, gan.metrics) of the raw G, of the EMA G under the ``warmup`` schedule (decay
+ramped as (1+n)/(10+n) for 1,000 updates, then 0.999) and under the ``rampup`` schedule (half-life
+min(half_life_kimg, 0.05 x images seen)), at given steps, for several seeds.
+
+    python benchmarks/ema_schedule.py --seeds 0,1,2 --at 500,1500,5000 --out runs/ema_schedule
+    # or one process per seed, then the table:
+    python benchmarks/ema_schedule.py --seeds 1 ... &  ...;  python benchmarks/ema_schedule.py --report-only ...
+
+Each seed is ONE run of the recipe (gan.trainer.Trainer.train_step); both EMAs are shadows of that
+same G, updated after every G step, so the three generators differ only in the averaging. The
+warmup EMA is the trainer's own (the recipe's EMA settings are replaced by ``--warmup-decay``/
+``--warmup-steps``); the rampup one is a second shadow. Evaluation (``--num-samples`` class-balanced
+samples on the fixed evaluation noise, the offline classifier) is not training: it does not touch G,
+D or their optimizers. Writes OUT/seed-S.json after every evaluation and OUT/ema_schedule.md at the end.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+from gan.config import EMAConfig, load_config  # noqa: E402
+from gan.ema import EMA  # noqa: E402
+
+GENERATORS = ("raw G", "EMA warmup", "EMA rampup")
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--config", default="configs/cifar10_cdcgan.yaml")
+    p.add_argument("--shards", default="data/shards/cifar10-train")
+    p.add_argument("--seeds", default="0,1,2")
+    p.add_argument("--at", default="500,1500,5000", help="steps at which to evaluate (the run ends at the last)")
+    p.add_argument("--batch-size", type=int, default=0, help="train.batch_size (0 = the recipe's)")
+    p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--max-real", type=int, default=10000, help="real images for the reference statistics (0 = all)")
+    p.add_argument("--prepare", action="store_true", help="only compute (and cache) the real statistics")
+    p.add_argument("--warmup-decay", type=float, default=0.999)
+    p.add_argument("--warmup-steps", type=int, default=1000)
+    p.add_argument("--half-life-kimg", type=float, default=0.0,
+                   help="rampup cap (0 = the warmup decay's half-life at this batch: ln 0.5 / ln decay steps)")
+    p.add_argument("--rampup", type=float, default=0.05)
+    p.add_argument("--time-steps", type=int, default=0, help="only time this many training steps and exit")
+    p.add_argument("--out", default="runs/ema_schedule")
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
+    p.add_argument("--report-only", action="store_true", help="only the table, from OUT/seed-*.json")
+    p.add_argument("set", nargs="*", help="more config overrides, key=value")
+    return p.parse_args(argv)
+
+
+def build(args, seed: int, run_dir: Path):
+    from gan.trainer import Trainer
+
+    over = [f"data.shards={args.shards}", f"train.seed={seed}", "log.progress=false", "metrics.every=0",
+            "ema.schedule=warmup", f"ema.decay={args.warmup_decay}", f"ema.warmup_steps={args.warmup_steps}",
+            *([f"train.batch_size={args.batch_size}"] if args.batch_size else []), *args.set]
+    cfg = load_config(ROOT / args.config, over)
+    trainer = Trainer(cfg, run_dir)
+    images = cfg.train.batch_size * trainer.accelerator.num_processes
+    cap = args.half_life_kimg or math.log(0.5) / math.log(args.warmup_decay) * images / 1000
+    rampup = EMA(trainer.backend.unwrap(trainer.nets["G"]), EMAConfig(schedule="rampup", half_life_kimg=cap, rampup=args.rampup))
+    return cfg, trainer, rampup, images, cap
+
+
+def cls_fd(G, cfg, args, device) -> float:
+    from gan.metrics.core import EvalRequest, evaluate_generator
+
+    m = cfg.model
+    req = EvalRequest(names=["cls_fd"], num_samples=args.num_samples, real_shards=args.shards,
+                      batch_size=200, max_real=args.max_real, cache_dir=str(ROOT / args.out / "cache"))
+    values, _ = evaluate_generator(G, m.z_dim, m.num_classes, m.img_channels, m.img_size, req, device)
+    return float(values["cls_fd"])
+
+
+def run_seed(args, seed: int, at: list[int]) -> dict:
+    out = ROOT / args.out
+    cfg, trainer, rampup, images, cap = build(args, seed, out / f"run-seed-{seed}")
+    G = trainer.backend.unwrap(trainer.nets["G"])
+    record = {"seed": seed, "config": args.config, "batch_size": cfg.train.batch_size, "images_per_step": images,
+              "warmup": {"decay": args.warmup_decay, "warmup_steps": args.warmup_steps},
+              "rampup": {"half_life_kimg": round(cap, 3), "rampup": args.rampup}, "num_samples": args.num_samples,
+              "fd": {}, "train_seconds": 0.0}
+    step, t_train = 0, 0.0
+    for target in at:
+        t0 = time.perf_counter()
+        while step < target:
+            trainer.train_step()
+            rampup.update(G, images)
+            step += 1
+        t_train += time.perf_counter() - t0
+        fds = {name: cls_fd(g, cfg, args, trainer.device)
+               for name, g in zip(GENERATORS, (G, trainer.ema.model, rampup.model))}
+        record["fd"][str(step)] = fds
+        record["train_seconds"] = round(t_train, 1)
+        print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in fds.items())
+              + f" ({t_train / step:.3f} s/step)", flush=True)
+        (out / f"seed-{seed}.json").write_text(json.dumps(record, indent=1))
+    trainer.stream.close()
+    return record
+
+
+def _cell(v: list[float]) -> str:
+    sd = statistics.stdev(v) if len(v) > 1 else 0.0
+    return f"{statistics.mean(v):.1f} ± {sd:.1f} ({min(v):.1f} to {max(v):.1f})"
+
+
+def report(records: list[dict], at: list[int]) -> str:
+    """Mean ± sample std (min to max) over seeds; the last two columns are paired, per seed, on the
+    same trajectory: EMA minus raw G (negative: the EMA is better)."""
+    lines = ["| step | " + " | ".join(GENERATORS) + " | warmup − raw G | rampup − raw G | rampup < warmup |",
+             "|---" * (len(GENERATORS) + 4) + "|"]
+    for s in at:
+        rows = [r["fd"][str(s)] for r in records if str(s) in r["fd"]]
+        if not rows:
+            continue
+        cells = [_cell([r[name] for r in rows]) for name in GENERATORS]
+        cells += [_cell([r[f"EMA {k}"] - r["raw G"] for r in rows]) for k in ("warmup", "rampup")]
+        wins = sum(r["EMA rampup"] < r["EMA warmup"] for r in rows)
+        lines.append(f"| {s} | " + " | ".join(cells) + f" | {wins}/{len(rows)} seeds |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    out = ROOT / args.out
+    out.mkdir(parents=True, exist_ok=True)
+    if args.prepare:  # before one process per seed, so that they do not all compute the same statistics
+        from gan.metrics.offline import classifier_path, real_stats
+
+        real_stats(args.shards, classifier_path(None), torch.device("cpu"), 200, args.max_real, str(out / "cache"))
+        return 0
+    if args.time_steps:
+        cfg, trainer, rampup, images, _ = build(args, 0, out / "run-timing")
+        G = trainer.backend.unwrap(trainer.nets["G"])
+        trainer.train_step()  # start-up: loader workers, first allocations
+        t0 = time.perf_counter()
+        for _ in range(args.time_steps):
+            trainer.train_step()
+            rampup.update(G, images)
+        dt = (time.perf_counter() - t0) / args.time_steps
+        print(f"{dt:.3f} s/step at batch {cfg.train.batch_size}")
+        trainer.stream.close()
+        return 0
+    at = sorted(int(s) for s in args.at.split(","))
+    if args.report_only:  # e.g. after one process per seed
+        records = [json.loads((out / f"seed-{s}.json").read_text()) for s in args.seeds.split(",")]
+    else:
+        records = [run_seed(args, int(s), at) for s in args.seeds.split(",")]
+    table = report(records, at)
+    (out / "ema_schedule.md").write_text(table + "\n")
+    print(table)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
