@@ -4,10 +4,9 @@ Components own their mechanics (torchtitan's layout): the backend the optimizer 
 (gan.backends: DDP or DeepSpeed), the guard the one non-finite/divergence policy (gan.guard), the
 logger, sampler, evaluator and checkpointer their own timing (gan.components), the stop policy
 signals, the time budget and early stopping (gan.stopping), rank 0 all writing (gan.rank_zero).
-The model family (gan.family; the GAN in gan/families/gan/) owns the networks, their optimizer
-settings and the order of updates in a step; the trainer knows networks only by name and hands the
-family itself as the step context (``nets``, ``step``, ``batch()``, ``update()``, ``frozen()``). The
-checks before any work live in gan.preflight.
+The model family (gan.family) owns the networks, their optimizer settings and the order of updates in
+a step; the trainer knows networks only by name and is the family's step context (``nets``, ``step``,
+``batch()``, ``update()``, ``frozen()``). The checks before any work live in gan.preflight.
 """
 from __future__ import annotations
 
@@ -62,6 +61,7 @@ class Trainer:
         t, self.batch_size = cfg.train, cfg.train.batch_size
         self.accelerator, self.precision_source, self.device_source = build_accelerator(cfg, self.run_dir)
         acc, self.device = self.accelerator, self.accelerator.device  # precision resolved in cfg
+        self.global_batch = t.batch_size * acc.num_processes  # images per drawn batch, all ranks
         self.rank0 = RankZero(self.run, acc.is_main_process, t.max_steps, cfg.log.progress, accelerator=acc)
 
         set_seed(t.seed)  # identical initial weights on every rank
@@ -126,11 +126,10 @@ class Trainer:
         self.family.train_step(self)
         for sched in self.schedulers.values():
             sched.step()
-        if self.ema is not None:  # one G update on the global batch
-            self.ema.update(self.backend.unwrap(self.nets[self.family.ema]),
-                            images=self.cfg.train.batch_size * self.accelerator.num_processes)
+        if self.ema is not None:  # one update of the EMA'd network per step, on the global batch
+            self.ema.update(self.backend.unwrap(self.nets[self.family.ema]), images=self.global_batch)
         self.state.step += 1
-        self.state.images_seen += self._drawn * self.cfg.train.batch_size * self.accelerator.num_processes
+        self.state.images_seen += self._drawn * self.global_batch
         self.state.data = self.stream.state_dict()
 
     # ------------------------------------------------------------------ the loop
@@ -196,5 +195,5 @@ class Trainer:
         StopRequest.uninstall()
 
 
-__all__ = ["Trainer", "TrainState", "StopRequest", "NonFiniteError", "DivergenceError", "PeerError", "check_names",
-           "preflight", "ShardError", "ConfigError"]
+__all__ = ["Trainer", "TrainState", "StopRequest", "NonFiniteError", "DivergenceError", "PeerError", "preflight",
+           "check_names", "ShardError", "ConfigError"]
