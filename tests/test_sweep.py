@@ -287,7 +287,6 @@ def test_train_sbatch_forwards_usr2_and_stops_cleanly_outside_slurm(tmp_path):
 def test_train_sbatch_repeats_a_stop_request_that_came_during_start_up(tmp_path):
     py = fake_python(tmp_path)
     run = tmp_path / "run"
-    t0 = time.time()
     p = subprocess.Popen(["bash", "slurm/train.sbatch", "--config", str(DEBUG), "--run-dir", str(run)],
                          cwd=ROOT, env=clean_env(GAN_PYTHON=str(py), GPUS_PER_NODE="0", FAKE_INIT_S="1.5",
                                                  GAN_RESIGNAL_S="1"),
@@ -296,7 +295,7 @@ def test_train_sbatch_repeats_a_stop_request_that_came_during_start_up(tmp_path)
     p.send_signal(signal.SIGUSR2)
     out, _ = p.communicate(timeout=30)
     assert p.returncode == 0 and json.loads((run / "status.json").read_text())["state"] == "preempted", out
-    assert time.time() - t0 < 10 and out.count("USR2: asking") == 1
+    assert out.count("USR2: asking") == 1  # the fake trains until stopped: "preempted" shows the repeat arrived
 
 
 def test_train_sbatch_needs_a_run_dir_and_reports_failures(tmp_path):
