@@ -31,7 +31,6 @@ model: {channels: 8, latent_dim: 16, conditional: true}
 loss: {kl_warmup_steps: 4}
 optim: {lr_g: 0.001, betas_g: [0.9, 0.999]}
 data: {num_workers: 2, shuffle_buffer: 64, hflip: true}
-ema: {decay: 0.9, warmup_steps: 2}
 checkpoint: {every: 4, keep: 3}
 log: {every: 1, sample_every: 100, samples_per_class: 2, progress: false, with: ''}
 train: {max_steps: 4, batch_size: 8, mixed_precision: 'no', stop_check_every: 1}
