@@ -2,7 +2,10 @@
 """The EMA generator's schedules compared on one training trajectory: the classifier-feature Frechet
 distance (``cls_fd``, gan.metrics) of the raw G, of the EMA G under the ``warmup`` schedule (decay
 ramped as (1+n)/(10+n) for 1,000 updates, then 0.999) and under the ``rampup`` schedule (half-life
-min(half_life_kimg, 0.05 x images seen)), at given steps, for several seeds.
+min(half_life_kimg, 0.05 x images seen)), at given steps, for several seeds. Two more columns:
+the rampup EMA and the raw G with their BatchNorm running statistics recomputed for their own
+weights (gan.ema.recompute_bn on ``--bn-batches`` batches of 256 fixed-seed z and balanced classes, on
+copies: the training and the shadows are untouched).
 
     python benchmarks/ema_schedule.py --seeds 0,1,2 --at 500,1500,5000 --out runs/ema_schedule
     # or one process per seed, then the table:
@@ -31,9 +34,9 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from gan.config import EMAConfig, load_config  # noqa: E402
-from gan.ema import EMA  # noqa: E402
+from gan.ema import EMA, recompute_bn  # noqa: E402
 
-GENERATORS = ("raw G", "EMA warmup", "EMA rampup")
+GENERATORS = ("raw G", "EMA warmup", "EMA rampup", "EMA rampup, BN recomputed", "raw G, BN recomputed")
 
 
 def parse_args(argv=None):
@@ -51,6 +54,7 @@ def parse_args(argv=None):
     p.add_argument("--half-life-kimg", type=float, default=0.0,
                    help="rampup cap (0 = the warmup decay's half-life at this batch: ln 0.5 / ln decay steps)")
     p.add_argument("--rampup", type=float, default=0.05)
+    p.add_argument("--bn-batches", type=int, default=8, help="batches of 256 for the recomputed BN statistics")
     p.add_argument("--time-steps", type=int, default=0, help="only time this many training steps and exit")
     p.add_argument("--out", default="runs/ema_schedule")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -83,6 +87,17 @@ def cls_fd(G, cfg, args, device) -> float:
     return float(values["cls_fd"])
 
 
+def with_bn_recomputed(net, cfg, args, device):
+    """A copy of ``net`` with its BatchNorm statistics recomputed on fixed-seed noise (256 per batch)."""
+    import copy
+
+    m, gen = cfg.model, torch.Generator().manual_seed(0)
+    net = copy.deepcopy(net)
+    recompute_bn(net, [(torch.randn(256, m.z_dim, generator=gen).to(device), (torch.arange(256) % m.num_classes).to(device))
+                       for _ in range(args.bn_batches)])
+    return net
+
+
 def run_seed(args, seed: int, at: list[int]) -> dict:
     out = ROOT / args.out
     cfg, trainer, rampup, images, cap = build(args, seed, out / f"run-seed-{seed}")
@@ -100,7 +115,9 @@ def run_seed(args, seed: int, at: list[int]) -> dict:
             step += 1
         t_train += time.perf_counter() - t0
         fds = {name: cls_fd(g, cfg, args, trainer.device)
-               for name, g in zip(GENERATORS, (G, trainer.ema.model, rampup.model))}
+               for name, g in zip(GENERATORS, (G, trainer.ema.model, rampup.model,
+                                               with_bn_recomputed(rampup.model, cfg, args, trainer.device),
+                                               with_bn_recomputed(G, cfg, args, trainer.device)))}
         record["fd"][str(step)] = fds
         record["train_seconds"] = round(t_train, 1)
         print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in fds.items())
@@ -116,16 +133,19 @@ def _cell(v: list[float]) -> str:
 
 
 def report(records: list[dict], at: list[int]) -> str:
-    """Mean ± sample std (min to max) over seeds; the last two columns are paired, per seed, on the
-    same trajectory: EMA minus raw G (negative: the EMA is better)."""
-    lines = ["| step | " + " | ".join(GENERATORS) + " | warmup − raw G | rampup − raw G | rampup < warmup |",
-             "|---" * (len(GENERATORS) + 4) + "|"]
+    """Mean ± sample std (min to max) over seeds, then paired differences, per seed on the same
+    trajectory: each other generator minus the raw G (negative: it is better), and how many seeds the
+    rampup EMA beats the warmup one. Generators missing from a record (older runs) are left out."""
+    names = [n for n in GENERATORS if all(n in r["fd"][s] for r in records for s in r["fd"])]
+    diffs = [n for n in names if n != "raw G"]
+    lines = ["| step | " + " | ".join(names + [f"{n} − raw G" for n in diffs]) + " | rampup < warmup |",
+             "|---" * (len(names) + len(diffs) + 2) + "|"]
     for s in at:
         rows = [r["fd"][str(s)] for r in records if str(s) in r["fd"]]
         if not rows:
             continue
-        cells = [_cell([r[name] for r in rows]) for name in GENERATORS]
-        cells += [_cell([r[f"EMA {k}"] - r["raw G"] for r in rows]) for k in ("warmup", "rampup")]
+        cells = [_cell([r[name] for r in rows]) for name in names]
+        cells += [_cell([r[n] - r["raw G"] for r in rows]) for n in diffs]
         wins = sum(r["EMA rampup"] < r["EMA warmup"] for r in rows)
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {wins}/{len(rows)} seeds |")
     return "\n".join(lines)

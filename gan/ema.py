@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterable
 
 import torch
 import torch.nn as nn
@@ -69,3 +70,30 @@ class EMA:
         self.num_updates = int(state["num_updates"])
         seen = state.get("images_seen")  # absent in checkpoints written before the count was kept
         self.images_seen = None if seen is None else int(seen)
+
+
+@torch.no_grad()
+def recompute_bn(model: nn.Module, inputs: Iterable[tuple]) -> bool:
+    """Replace the BatchNorm running statistics of ``model`` by the exact (cumulative) mean and variance
+    over forward passes on ``inputs`` (each an argument tuple), as torch.optim.swa_utils.update_bn does:
+    statistics that belong to ``model``'s own weights, e.g. averaged ones. Only the BatchNorm layers run
+    in train mode; the model's modes and momenta are restored. Returns False (and runs nothing) when the
+    model has no BatchNorm with running statistics."""
+    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    if not bns:
+        return False
+    modes = {m: m.training for m in model.modules()}
+    momenta = {bn: bn.momentum for bn in bns}
+    for bn in bns:
+        bn.reset_running_stats()
+        bn.momentum = None  # cumulative average over the batches
+        bn.train()
+    try:
+        for args in inputs:
+            model(*args)
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+        for bn, momentum in momenta.items():
+            bn.momentum = momentum
+    return True

@@ -1,6 +1,7 @@
 """The EMA generator's schedules (gan.ema): the rampup half-life follows the images seen and is capped,
 the first update copies G, the batch size does not change what the settings mean, and the state
-(weights, updates, images seen) resumes exactly, also from a checkpoint that predates the count."""
+(weights, updates, images seen) resumes exactly, also from a checkpoint that predates the count; BatchNorm
+statistics recomputed for a model's own weights are the exact ones, deterministic and side-effect free."""
 from __future__ import annotations
 
 import copy
@@ -10,7 +11,7 @@ import torch
 import torch.nn as nn
 
 from gan.config import ConfigError, EMAConfig, load_config
-from gan.ema import EMA
+from gan.ema import EMA, recompute_bn
 
 
 def net(value: float) -> nn.Module:
@@ -130,3 +131,35 @@ def test_update_needs_the_images_of_the_step():
 def test_bad_ema_settings_name_the_key(override, key):
     with pytest.raises(ConfigError, match=f"'{key}'"):
         load_config("configs/debug_cpu.yaml", [override])
+
+
+def bn_net() -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(3, 4), nn.BatchNorm1d(4, momentum=0.3), nn.Dropout(0.5), nn.Linear(4, 2))
+
+
+def test_recompute_bn_gives_the_exact_statistics_of_the_models_own_weights():
+    m = bn_net().eval()
+    m[1].running_mean.fill_(7.0)  # stale statistics, e.g. copied from other weights
+    gen = torch.Generator().manual_seed(1)
+    batches = [(torch.randn(16, 3, generator=gen) * 3 + 1,) for _ in range(3)]
+    rng = torch.get_rng_state()
+    assert recompute_bn(m, batches)
+    assert torch.equal(torch.get_rng_state(), rng)  # the global RNG (training's) is untouched
+    with torch.no_grad():
+        h = [m[0](x) for (x,) in batches]
+    torch.testing.assert_close(m[1].running_mean, torch.stack([b.mean(0) for b in h]).mean(0))
+    torch.testing.assert_close(m[1].running_var, torch.stack([b.var(0) for b in h]).mean(0))  # unbiased, as BN
+    assert not any(mod.training for mod in m.modules()) and m[1].momentum == 0.3  # modes and momentum restored
+    before = {k: v.clone() for k, v in m.state_dict().items()}
+    m[1].running_var.fill_(5.0)
+    recompute_bn(m, batches)  # deterministic: the same inputs give the same statistics
+    for k, v in m.state_dict().items():
+        assert torch.equal(v, before[k]), k
+
+
+def test_recompute_bn_keeps_a_training_model_training_and_skips_models_without_batchnorm():
+    m = bn_net().train()
+    assert recompute_bn(m, [(torch.randn(8, 3),)]) and all(mod.training for mod in m.modules())
+    plain = nn.Linear(3, 2)
+    assert not recompute_bn(plain, [(torch.randn(8, 3),)])
