@@ -368,7 +368,7 @@ def class_indices(samples: list[Sample], values: list, classes_file: str,
     empty = [names[k] for k in range(len(names)) if k not in present]
     if empty:
         fix = (f"remove those names from --classes {classes_file}" if kinds == {str} else
-               f"labels are class indices 0..K-1, so renumber them without gaps"
+               "labels are class indices 0..K-1, so renumber them without gaps"
                + (f" and list only those classes in --classes {classes_file}" if classes_file else "")
                + ", or pass --label-key none for one class")
         raise InputError(f"{len(empty)} of {len(names)} classes have no samples ({', '.join(map(str, empty[:5]))}"

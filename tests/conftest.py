@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -73,6 +74,30 @@ def fit_in_process(cfg, run, resume=None) -> list[dict]:
     finally:
         t.close()
     return [json.loads(line) for line in (Path(run) / "metrics.jsonl").read_text().splitlines()]
+
+
+def preempt_one_rank(proc: subprocess.Popen, run, timeout: float = 300) -> tuple[str, str]:
+    """Once ``proc`` (torchrun of launch/train.py, stdout/stderr piped) has logged a step into ``run``,
+    send SIGUSR2 to ONE of its ranks (the ranks must agree among themselves) and wait for the end.
+    Returns (stdout, stderr); the process is killed if anything goes wrong."""
+    import time
+
+    import psutil
+
+    try:
+        deadline = time.time() + timeout
+        while not (Path(run) / "metrics.jsonl").is_file():  # training is under way
+            assert proc.poll() is None and time.time() < deadline, "no step was logged"
+            time.sleep(0.05)
+        # torchrun's own children are the ranks (their loader workers, forked, share the command line)
+        ranks = [p for p in psutil.Process(proc.pid).children() if "launch/train.py" in " ".join(p.cmdline())]
+        assert len(ranks) == 2, ranks
+        ranks[-1].send_signal(signal.SIGUSR2)
+        return proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
 
 
 def ddp_data_check(shards, out, *args) -> list[dict]:

@@ -9,17 +9,15 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, train_debug
+from conftest import REPO, preempt_one_rank, train_debug
 
 pytest.importorskip("deepspeed")
 
@@ -113,12 +111,6 @@ def test_zero_trains_and_matches_ddp(fp32_runs):
         assert {k: (v.shape, v.dtype) for k, v in e_ddp.items()} == {k: (v.shape, v.dtype) for k, v in e_ds.items()}
 
 
-def _workers(proc) -> list:
-    import psutil
-
-    return [p for p in psutil.Process(proc.pid).children(recursive=True) if "launch/train.py" in " ".join(p.cmdline())]
-
-
 @pytest.mark.slow
 def test_zero2_preempt_and_exact_resume(tmp_path, tiny_shards):
     """SIGUSR2 to one rank: both ranks agree, checkpoint the engines' partitioned states and exit 0
@@ -130,18 +122,7 @@ def test_zero2_preempt_and_exact_resume(tmp_path, tiny_shards):
     train2(straight, tiny_shards, *steps)
     proc = subprocess.Popen(cmd2(pre, tiny_shards, *steps), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, env={**os.environ, **ENV})
-    try:
-        deadline = time.time() + 300
-        while time.time() < deadline and not (pre / "metrics.jsonl").exists():  # training is under way
-            time.sleep(0.05)
-        workers = _workers(proc)
-        assert len(workers) == 2, workers
-        workers[-1].send_signal(signal.SIGUSR2)  # one rank only: the ranks must agree among themselves
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = preempt_one_rank(proc, pre)
     assert proc.returncode == 0, err[-6000:]
     status = json.loads((pre / "status.json").read_text())
     assert status["state"] == "preempted" and 0 < status["step"] < 30, (status, out)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from conftest import REPO
+from conftest import REPO, preempt_one_rank
 from test_robustness import assert_same_run, ckpt, status, wait_for
 from test_rundir import snapshot, steps_logged
 
@@ -71,11 +70,6 @@ def last_logged(run_dir) -> int:
         return steps_logged(run_dir)[-1]
     except (ValueError, IndexError):  # a line being written
         return 0
-
-
-def workers(proc) -> list:
-    # torchrun's own children: the ranks (their loader workers, forked, share the command line)
-    return [p for p in psutil.Process(proc.pid).children() if "launch/train.py" in " ".join(p.cmdline())]
 
 
 # ---------------------------------------------------------------------------- DeepSpeed ZeRO-1 and ZeRO-2
@@ -165,16 +159,7 @@ def test_vae_preempt_then_kill9_then_resume_is_exact(tmp_path, recipe, tiny_shar
     # the machine; the end is chosen after the kill
     proc = subprocess.Popen(cmd(recipe, run, tiny_shards, "train.max_steps=1000"), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env={**os.environ, **ENV})
-    try:
-        wait_for(lambda: (run / "metrics.jsonl").is_file(), 300, "the first logged step", proc)
-        ranks = workers(proc)
-        assert len(ranks) == 2, ranks
-        ranks[-1].send_signal(signal.SIGUSR2)  # one rank only: the ranks must agree among themselves
-        out, err = proc.communicate(timeout=300)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.communicate()
+    out, err = preempt_one_rank(proc, run)
     assert proc.returncode == 0, err[-6000:]
     st = status(run)
     assert st["state"] == "preempted" and 0 < st["step"] < 1000, (st, out)
