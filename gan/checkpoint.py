@@ -22,7 +22,7 @@ from safetensors.torch import save as safetensors_bytes
 
 from gan.dist import any_rank
 from gan.io import write_file_atomic, write_json_atomic
-from gan.rundir import (EMA_WEIGHTS, META, NETS, CheckpointError, RunDir, RunDirError,  # noqa: F401
+from gan.rundir import (EMA_WEIGHTS, META, NETS, ema_weights_name, CheckpointError, RunDir, RunDirError,  # noqa: F401
                         part_file, parts_of, step_of, read_meta, seal, verify)
 
 # Settings a resume can't change: the data stream position, the per-rank RNG states and the optimizer
@@ -185,14 +185,28 @@ def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
     return [f"{k}: {saved[k]!r} -> {v!r}" for k, v in ours.items() if k in saved and saved[k] != v]
 
 
-def export_generator(out_dir: str | Path, g_ema, model_cfg: dict, step: int) -> None:
-    """Rank 0: a small inference export, EMA G weights (safetensors) + the model config to build it.
-    No pickled modules: ``gan.families.gan.models.build_models(ModelConfig(**model.json['model']))`` rebuilds it."""
+def export_generator(out_dir: str | Path, ema_net, model_cfg: dict, step: int, family: str = "gan",
+                     net: str = "G") -> None:
+    """Rank 0: a small inference export, the EMA copy of network ``net`` (safetensors, ``<net>_ema.safetensors``)
+    + ``model.json`` (family, network, model config, step) to rebuild it. No pickled modules:
+    ``gan.metrics.load_generator`` rebuilds it through the family (``build_networks()[net]``)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().cpu().contiguous() for k, v in g_ema.state_dict().items()}
-    write_file_atomic(out / EMA_WEIGHTS, safetensors_bytes(state, metadata={"step": str(step)}))
-    write_json_atomic(out / "model.json", {"model": model_cfg, "step": step})
+    state = {k: v.detach().cpu().contiguous() for k, v in ema_net.state_dict().items()}
+    write_file_atomic(out / ema_weights_name(net), safetensors_bytes(state, metadata={"step": str(step)}))
+    write_json_atomic(out / "model.json", {"family": family, "net": net, "model": model_cfg, "step": step})
+    for stale in out.glob("*_ema.safetensors"):  # another network's (a directory reused by another family)
+        if stale.name != ema_weights_name(net):
+            stale.unlink(missing_ok=True)
+
+
+def export_ema(out_dir: str | Path, ema_net, cfg, step: int) -> None:
+    """Rank 0: :func:`export_generator` of a run's EMA network, named after its family's ``ema`` network."""
+    import dataclasses
+
+    from gan.family import get_family
+
+    export_generator(out_dir, ema_net, dataclasses.asdict(cfg.model), step, cfg.family, get_family(cfg.family).ema)
 
 
 def resume_point(run: RunDir, resume: str | None, cfg, world_size: int, writer: bool) -> tuple[Path | None, list[str]]:

@@ -8,7 +8,6 @@ rank-0-only work goes through :class:`gan.rank_zero.RankZero` (a no-op elsewhere
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import time
 from pathlib import Path
 
@@ -98,7 +97,7 @@ class Evaluator:
         self.rank0.scalars(step, {f"Eval/{k}": v for k, v in values.items()})
         improved, stop, note = update_best(self.state.eval_best, values, self.cfg, step)
         if improved and self.rank0.enabled:
-            save_best(self.run_dir, self.ema.model, self.cfg.model, step, self.state.eval_best, values)
+            save_best(self.run_dir, self.ema.model, self.cfg, step, self.state.eval_best, values)
         return note if stop else None
 
 
@@ -146,6 +145,6 @@ class Checkpointer:
                                 **self.parts}, self.cfg.checkpoint.keep,
                                extra=self.backend.save)
         if self.rank0.enabled and self.ema is not None:
-            checkpoint.export_generator(self.run.export, self.ema.model, dataclasses.asdict(self.cfg.model), step)
+            checkpoint.export_ema(self.run.export, self.ema.model, self.cfg, step)
         self.last_saved = step
         return path

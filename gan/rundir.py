@@ -49,9 +49,22 @@ def parts_of(nets=NETS, ema: bool = True) -> tuple[tuple, tuple, tuple]:
 
 MODELS, OPTIMIZERS, CUSTOM = parts_of()
 SCALER_FILE = "scaler.pt"
-EMA_WEIGHTS = "G_ema.safetensors"  # in RUN/export/ and RUN/best/, beside model.json
+EMA_WEIGHTS = "G_ema.safetensors"  # in RUN/export/ and RUN/best/, beside model.json (the GAN's; see ema_weights_name)
 _NAME = re.compile(r"^step-(\d{8})$")
 _HIDDEN = re.compile(r"^\.(tmp|trash|old)-(step-\d{8})$")
+
+
+def ema_weights_name(net: str = "G") -> str:
+    """The export file of the EMA copy of network ``net`` (a family's ``ema``): ``G_ema.safetensors`` for
+    the GAN and pix2pix, ``vae_ema.safetensors`` for the VAE."""
+    return f"{net}_ema.safetensors"
+
+
+def ema_weights(directory: Path) -> Path:
+    """The EMA weights in an export directory (RUN/export, RUN/best): the one ``*_ema.safetensors`` there,
+    else (none yet) the GAN's name, for messages."""
+    found = sorted(directory.glob("*_ema.safetensors")) if directory.is_dir() else []
+    return found[0] if found else directory / EMA_WEIGHTS
 
 
 def part_file(name: str, nets=NETS, ema: bool = True) -> str:
@@ -232,11 +245,11 @@ class RunDir:
 
     @property
     def export_weights(self) -> Path:
-        return self.export / EMA_WEIGHTS
+        return ema_weights(self.export)
 
     @property
     def best_weights(self) -> Path:
-        return self.best / EMA_WEIGHTS
+        return ema_weights(self.best)
 
     @property
     def best_json(self) -> Path:

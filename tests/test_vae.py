@@ -245,6 +245,15 @@ def test_vae_family_trains_on_the_spine(tmp_path, request, shards, overrides):
     assert (meta["family"], meta["nets"], meta["ema"]) == ("vae", ["vae"], True)
     pngs = sorted((tmp_path / "samples").glob("*.png"))
     assert pngs and Image.open(pngs[-1]).size[0] > 0
+    # the export is the EMA VAE, named after it, and loads through the family from either source
+    from gan.metrics import load_generator
+
+    assert sorted(p.name for p in (tmp_path / "export").iterdir()) == ["model.json", "vae_ema.safetensors"]
+    a, b = load_generator(tmp_path), load_generator(tmp_path, tmp_path / "export" / "vae_ema.safetensors")
+    assert a.family.name == b.family.name == "vae" and a.step == b.step == 30 and a.label == "step-00000030"
+    z, y = a.family.example_inputs(3)
+    with torch.no_grad():
+        assert torch.equal(a.family.generate(a.G, z, y), b.family.generate(b.G, z, y))
 
 
 def test_vae_family_refuses_shards_that_do_not_fit(tmp_path, tiny_shards):

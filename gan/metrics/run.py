@@ -9,6 +9,7 @@ import math
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -17,14 +18,18 @@ from gan.metrics.errors import MetricError
 from gan.metrics.names import FIDELITY
 from gan.rundir import CheckpointError, RunDir, part_file, read_meta
 
+if TYPE_CHECKING:
+    from gan.family import Family
+
 
 @dataclasses.dataclass
 class LoadedGenerator:
-    G: torch.nn.Module
+    G: torch.nn.Module  # the family's EMA network (the GAN's and pix2pix's G, the VAE), eval mode
     cfg: Config  # the run's config (config.yaml), model section as the weights were written
     step: int | None
     source: Path  # checkpoint dir or .safetensors file
     label: str  # "step-00000006", "export", "best" ...
+    family: Family | None = None  # the run's family (gan.family), built from ``cfg``: generate(), example_inputs() ...
 
 
 def run_config(run_dir: Path) -> Config:
@@ -67,10 +72,11 @@ def resolve_source(run_dir: Path, checkpoint: str | Path | None) -> Path:
 
 
 def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu") -> LoadedGenerator:
-    """The eval-mode EMA generator of a run. Raises MetricError/CheckpointError with the fix."""
+    """The eval-mode EMA network of a run (its family's ``ema`` network: the GAN's G, the VAE, pix2pix's
+    G), from a checkpoint or an export. Raises MetricError/CheckpointError with the fix."""
     from safetensors.torch import load_file
 
-    from gan.families.gan.models import build_models
+    from gan.family import build_family
 
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
@@ -79,20 +85,27 @@ def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, de
         meta = read_meta(src)
         saved_model = meta.get("config", {}).get("model", {})
         step, label = meta.get("step"), src.name
+        if meta.get("family", "gan") != cfg.family:
+            raise CheckpointError(f"{src} is a checkpoint of a {meta.get('family', 'gan')} run, but the run's "
+                                  f"config.yaml is a {cfg.family} run. Pass a checkpoint of this run")
         ema_file = src / meta.get("parts", {}).get("ema", part_file("ema"))
         if not ema_file.is_file():
-            raise CheckpointError(f"{src} has no {ema_file.name} (the EMA generator); it was not written by "
+            raise CheckpointError(f"{src} has no {ema_file.name} (the EMA network); it was not written by "
                                   f"launch/train.py")
         try:
             state = torch.load(ema_file, map_location="cpu", weights_only=True)["model"]
         except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"could not read the EMA generator from {ema_file}: {e}") from None
+            raise CheckpointError(f"could not read the EMA network from {ema_file}: {e}") from None
     elif src.suffix == ".safetensors":
         spec_path = src.with_name("model.json")
         if not spec_path.is_file():
             raise CheckpointError(f"{src} has no model.json beside it, so its architecture is unknown")
         spec = json.loads(spec_path.read_text())
         saved_model, step, label = spec.get("model", {}), spec.get("step"), src.parent.name
+        saved_family = spec.get("family", "gan")  # written before families: a GAN's
+        if saved_family != cfg.family:
+            raise CheckpointError(f"{src} holds a {saved_family} network (its model.json), but the run's config.yaml "
+                                  f"is a {cfg.family} run. Pass an export of this run, or the run it belongs to")
         state = load_file(str(src))
     else:
         raise MetricError(f"{src} is neither a checkpoints/step-XXXXXXXX directory nor a .safetensors export")
@@ -101,17 +114,20 @@ def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, de
         raise CheckpointError(f"{src} was written for a different architecture than the run's config.yaml "
                               f"({'; '.join(diff)}). Pass a checkpoint of this run, or the run it belongs to")
     try:
-        model_cfg = from_dict({"model": {**dataclasses.asdict(cfg.model), **saved_model}}).model
+        cfg = from_dict({**cfg.to_dict(), "model": {**dataclasses.asdict(cfg.model), **saved_model}})
     except ConfigError as e:
         raise CheckpointError(f"{src}: its model config is not valid here ({e})") from None
-    G, _ = build_models(model_cfg)
+    family = build_family(cfg)
+    if family.ema is None:
+        raise MetricError(f"family {cfg.family} keeps no EMA network to sample, evaluate or export")
+    G = family.build_networks()[family.ema]
     try:
         G.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise CheckpointError(f"the weights in {src} do not fit the '{model_cfg.name}' generator of the run's "
-                              f"config ({first} ...). Pass a checkpoint of this run") from None
-    return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, step, src, label)
+        raise CheckpointError(f"the weights in {src} do not fit the {cfg.family} run's {family.ema} network "
+                              f"(config.yaml: {first} ...). Pass a checkpoint of this run") from None
+    return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, step, src, label, family)
 
 
 # ---------------------------------------------------------------------------- outputs

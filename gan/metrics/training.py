@@ -6,7 +6,6 @@ best / early-stop decision (:func:`update_best` is pure and deterministic).
 """
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 
 import torch
@@ -64,16 +63,16 @@ def update_best(best: dict, values: dict, cfg, step: int) -> tuple[bool, bool, s
     return improved, stop, note
 
 
-def save_best(run_dir: str | Path, g_ema: torch.nn.Module, model_cfg, step: int, best: dict, values: dict) -> Path:
-    """Rank 0: the EMA generator of the best evaluation so far, in ``RUN/best/`` (G_ema.safetensors +
+def save_best(run_dir: str | Path, g_ema: torch.nn.Module, cfg, step: int, best: dict, values: dict) -> Path:
+    """Rank 0: the EMA network of the best evaluation so far, in ``RUN/best/`` (``<net>_ema.safetensors`` +
     model.json, the export format, so evaluate.py/sample.py take ``--checkpoint RUN/best/G_ema.safetensors``)
     and ``RUN/best.json``. Each file is replaced atomically."""
-    from gan.checkpoint import export_generator
+    from gan.checkpoint import export_ema
     from gan.io import write_json_atomic
     from gan.rundir import RunDir
 
     run = RunDir(run_dir)
-    export_generator(run.best, g_ema, dataclasses.asdict(model_cfg), step)
+    export_ema(run.best, g_ema, cfg, step)
     weights = run.best_weights.relative_to(run.root)
     write_json_atomic(run.best_json, {**best, "metrics": values, "weights": str(weights)})
     return run.best
