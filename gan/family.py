@@ -27,6 +27,8 @@ The contract, in short (docs/CONTRACTS.md has it in full):
   Accelerate's checkpoint files). Checkpoint parts are named after them (gan.rundir.parts_of):
   ``<name>`` (weights), ``opt_<name>``, ``sched_<name>``; plus ``ema`` (when ``ema`` names a
   network) and ``train_state``.
+- ``unread_keys``: the spine's config keys the family ignores (the VAE: ``optim.lr_d``, ``optim.n_dis``,
+  ...); a sweep over one of them is refused, as an unknown key is.
 - :meth:`Family.optimizer`: each network's learning rate and betas (the optimizer kind, eps, weight
   decay and schedule are the spine's ``optim`` section, shared).
 - :meth:`Family.train_step`: the ordered updates of one step through a :class:`StepContext`, each
@@ -83,6 +85,9 @@ class Family:
     name: ClassVar[str] = ""
     sections: ClassVar[dict[str, type]] = {}  # config sections owned: name -> dataclass ("model" required)
     ema: ClassVar[str | None] = None  # the network the spine keeps an EMA copy of (samples, evaluation, export)
+    # spine config keys (dotted) the family never reads: a sweep over one would train the same run at every
+    # grid point, so gan.sweep refuses it before anything is submitted
+    unread_keys: ClassVar[tuple[str, ...]] = ()
 
     def __init__(self, cfg):
         self.cfg = cfg

@@ -16,10 +16,15 @@ write ``OUT/sweep.json``: one entry per grid point with its run directory and th
 of ``launch/train.py``. Each array task reads its entry back (``python -m gan.sweep task``), so a
 task runs what was planned even if the sweep file is edited later. Every check happens here,
 before anything is submitted; errors are :class:`SweepError` with the key and the fix.
+
+The sweep's model family is the base config's (``family:``): grid keys are that family's (``loss.beta``
+for the VAE, ``loss.lambda_l1`` for pix2pix) or the spine's shared ones it reads; any other key is
+refused with the nearest valid ones (and the family that owns it, if another does).
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime as _dt
 import difflib
 import hashlib
@@ -61,6 +66,7 @@ class Sweep:
     max_concurrent: int | None = None
     out: Path = Path("runs/sweeps")
     slurm: dict[str, object] = field(default_factory=dict)
+    family: str | None = None  # the base config's model family (set when the points are validated)
 
     @property
     def size(self) -> int:
@@ -255,18 +261,63 @@ def load_sweep(path: str | Path, *, out: str | Path | None = None, extra_overrid
 
 
 def _validate_points(sweep: Sweep) -> None:
-    """Every grid point must build a valid config: unknown keys, bad types and bad values
-    (``optim.n_dis=0``) fail here, naming the point, before anything is submitted."""
+    """Every grid point must build a valid config of its family: unknown keys (with the nearest ones of
+    the family's sections), bad types and bad values (``optim.n_dis=0``), the family's own checks (its
+    registered names) and keys the family never reads fail here, naming the point, before anything is
+    submitted. Sets ``sweep.family``."""
+    from gan.family import build_family
+
     try:
-        load_config(sweep.base, sweep.overrides)
+        sweep.family = load_config(sweep.base, sweep.overrides).family
     except ConfigError as e:
         raise SweepError(f"sweep file {sweep.path}: fixed overrides on {sweep.base}: {e}") from None
     for point in grid_points(sweep.grid):
         ov = point_overrides(point)
+        where = f"sweep file {sweep.path} (family {sweep.family}): grid point {' '.join(ov)}"
         try:
-            load_config(sweep.base, sweep.overrides + ov)
+            cfg = load_config(sweep.base, sweep.overrides + ov)
+            family = build_family(cfg)
+            family.check()
         except ConfigError as e:
-            raise SweepError(f"sweep file {sweep.path}: grid point {' '.join(ov)}: {e}") from None
+            raise SweepError(f"{where}: {e}{_owner_hint(point, sweep.family)}") from None
+        for key in point:
+            if key in family.unread_keys:
+                raise SweepError(f"{where}: family {cfg.family} does not read '{key}', so every grid point would "
+                                 f"train the same run. Sweep a key it reads{_nearest_read(key, cfg, family)}")
+
+
+def _config_keys(cfg) -> list[str]:
+    """Every dotted leaf key of a built config, the family's sections included."""
+    def walk(d: dict, prefix: str):
+        for k, v in d.items():
+            yield from walk(v, f"{prefix}{k}.") if isinstance(v, dict) else [f"{prefix}{k}"]
+    return list(walk(cfg.to_dict(), ""))
+
+
+def _nearest_read(key: str, cfg, family) -> str:
+    read = [k for k in _config_keys(cfg) if k not in family.unread_keys]
+    near = difflib.get_close_matches(key, read, n=3, cutoff=0.8)
+    own = [k for k in read if k.split(".")[0] in family.sections]
+    return (f", e.g. {', '.join(near)}" if near else "") + \
+        f". Keys of family {cfg.family}'s own sections: {', '.join(own)}"
+
+
+def _owner_hint(point: dict, family: str) -> str:
+    """For a grid key that is not the family's but another's (``loss.lambda_l1`` under a VAE base config):
+    which family owns it."""
+    from gan.family import FAMILIES
+
+    def owns(f, key: str) -> bool:
+        section, _, name = key.partition(".")
+        return section in f.sections and name in {x.name for x in dataclasses.fields(f.sections[section])}
+
+    hints = []
+    for key in point:
+        owners = [n for n, f in sorted(FAMILIES.items()) if n != family and owns(f, key)]
+        if owners and not owns(FAMILIES[family], key):
+            hints.append(f" ('{key}' is a key of family {' and '.join(owners)}; this sweep's base config trains "
+                         f"family {family})")
+    return "".join(hints)
 
 
 def cluster_max_array_size() -> int | None:
@@ -300,8 +351,8 @@ def plan(sweep: Sweep) -> dict:
         run_dir = out / n
         tasks.append({"index": i, "name": n, "run_dir": str(run_dir), "overrides": p,
                       "args": train_args(sweep, run_dir, p)})
-    return {"format": 1, "name": sweep.name, "sweep_file": str(sweep.path.resolve()), "base": str(sweep.base),
-            "out": str(out), "grid": sweep.grid, "overrides": sweep.overrides,
+    return {"format": 1, "name": sweep.name, "family": sweep.family, "sweep_file": str(sweep.path.resolve()),
+            "base": str(sweep.base), "out": str(out), "grid": sweep.grid, "overrides": sweep.overrides,
             "max_concurrent": sweep.max_concurrent, "slurm": sweep.slurm,
             "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"), "tasks": tasks}
 
@@ -358,7 +409,7 @@ def describe(manifest: dict, python: str = "python", submit: list[str] | None = 
     grid = manifest["grid"]
     lines = [f"sweep {manifest['name']}: {len(manifest['tasks'])} grid point(s) "
              f"({' x '.join(str(len(v)) for v in grid.values())}) over {', '.join(grid)}",
-             f"base config: {manifest['base']}",
+             f"base config: {manifest['base']}" + (f" (family {manifest['family']})" if manifest.get("family") else ""),
              f"fixed overrides: {' '.join(manifest['overrides']) or '(none)'}",
              f"run directories under: {manifest['out']}",
              f"max concurrent tasks: {manifest.get('max_concurrent') or '(no cap)'}", ""]

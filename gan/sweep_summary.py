@@ -21,12 +21,17 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import yaml
+
 from gan.rundir import RunDir
 from gan.sweep import LOGS, MANIFEST, SweepError, format_value, read_manifest
 
 STATUSES = ("finished", "failed", "preempted", "running", "missing")
-_LOWER = ("fid", "kid", "frechet", "fd", "lpips")
-_HIGHER = ("isc", "is", "inception", "precision", "prec", "recall", "rec", "acc", "accuracy", "score")
+# name tokens: distances and errors (the VAE's and pix2pix's recon_mse, l1, bits_per_dim / bpd, nll) are lower-is-
+# better; scores, accuracies and image similarities (psnr, ssim) higher. KL has no better side: it is not ranked.
+_LOWER = ("fid", "kid", "frechet", "fd", "lpips", "mse", "l1", "l2", "nll", "bpd")
+_LOWER_NAMES = ("bits_per_dim",)
+_HIGHER = ("isc", "is", "inception", "precision", "prec", "recall", "rec", "acc", "accuracy", "score", "psnr", "ssim")
 _SPREAD = ("std", "stddev", "var")
 _END = re.compile(r"^\[train\.sbatch\] end rc=(-?\d+) state=(\S*) action=(\S+)")
 _START = re.compile(r"^\[train\.sbatch\] \S+ start ")
@@ -42,15 +47,16 @@ def _metric_tables() -> tuple[set, set]:
 
 
 def direction(key: str) -> str | None:
-    """"min" for metrics where lower is better (FID, KID, Frechet distances), "max" for
-    higher-is-better ones (IS, precision, recall, F-score, accuracy), None for everything else
-    (losses, timings, spreads such as isc_std). Per-class keys (``Eval/cls_acc/<class>``) get
-    none either: the summary compares the overall values."""
+    """"min" for metrics where lower is better (FID, KID, Frechet distances; reconstruction errors
+    such as recon_mse, l1 and bits_per_dim), "max" for higher-is-better ones (IS, precision, recall,
+    F-score, accuracy, PSNR, SSIM), None for everything else (losses, timings, KL, spreads such as
+    isc_std). Per-class keys (``Eval/cls_acc/<class>``) get none either: the summary compares the
+    overall values."""
     name = key.split("/", 1)[-1].lower()
     if "/" in name:
         return None
     higher, lower = _metric_tables()
-    if name in lower:
+    if name in lower or name in _LOWER_NAMES:
         return "min"
     if name in higher:
         return "max"
@@ -191,6 +197,7 @@ class Row:
     best: dict = field(default_factory=dict)
     curves: dict = field(default_factory=dict)  # key -> (steps, values)
     log: str = ""
+    family: str = ""  # the run's model family (its config.yaml, else the manifest's)
 
 
 def _discover(out: Path) -> list[dict]:
@@ -203,6 +210,15 @@ def _discover(out: Path) -> list[dict]:
     return tasks
 
 
+def _run_family(run_dir: Path) -> str:
+    """The ``family`` of a run's config.yaml ("gan" when the config predates families); "" without one."""
+    try:
+        cfg = yaml.safe_load(RunDir(run_dir).config.read_text())
+    except (OSError, yaml.YAMLError):
+        return ""
+    return str(cfg.get("family") or "gan") if isinstance(cfg, dict) else ""
+
+
 def collect(out: str | Path) -> tuple[list[Row], list[str]]:
     """Rows for every grid point (from the manifest) and the list of swept keys."""
     out = Path(out)
@@ -211,9 +227,9 @@ def collect(out: str | Path) -> tuple[list[Row], list[str]]:
                          f"(the one holding {MANIFEST})")
     if (out / MANIFEST).is_file():
         manifest = read_manifest(out)
-        tasks, keys = manifest["tasks"], list(manifest["grid"])
+        tasks, keys, family = manifest["tasks"], list(manifest["grid"]), manifest.get("family") or ""
     else:
-        tasks, keys = _discover(out), []
+        tasks, keys, family = _discover(out), [], ""
         if not tasks:
             raise SweepError(f"{out} holds no {MANIFEST} and no run directories; pass a sweep's out directory")
     rows = []
@@ -224,7 +240,8 @@ def collect(out: str | Path) -> tuple[list[Row], list[str]]:
         if not run_dir.exists() and (out / t["name"]).exists():  # the sweep directory was moved
             run_dir = out / t["name"]
         log = read_log(_task_log(out, t["index"]))
-        row = Row(t["index"], t["name"], run_dir, t.get("overrides", {}), log=log["log"])
+        row = Row(t["index"], t["name"], run_dir, t.get("overrides", {}), log=log["log"],
+                  family=_run_family(run_dir) or family)
         row.status, row.detail = run_status(run_dir, log)
         metrics = read_metrics(RunDir(run_dir).metrics_file)
         row.final, row.best = final_and_best(metrics)
@@ -297,6 +314,8 @@ def write_markdown(path: Path, header: list[str], body: list[list], rows: list[R
             lines.append(f"Best {k}: {pick.best[k][0]:.4g} ({pick.name}, step {pick.best[k][1]})")
     if best_keys:
         lines.append("")
+    elif any(r.final for r in rows):
+        lines += ["No evaluation metrics in these runs (metrics.every=0): the final training losses only.", ""]
     keep = [i for i, h in enumerate(header) if h != "run_dir"]
     lines.append("| " + " | ".join(header[i] for i in keep) + " |")
     lines.append("|" + "|".join("---" for _ in keep) + "|")
@@ -353,10 +372,12 @@ def summarize(out: str | Path) -> dict[str, Path]:
     out = Path(out)
     rows, keys = collect(out)
     header, body = table(rows, keys)
+    families = sorted({r.family for r in rows if r.family})
+    title = out.name + (f" (family {', '.join(families)})" if families else "")
     paths = {"csv": out / "summary.csv", "md": out / "summary.md", "png": out / "summary.png"}
     write_csv(paths["csv"], header, body)
-    write_markdown(paths["md"], header, body, rows, out.name)
-    plot(paths["png"], rows, out.name)
+    write_markdown(paths["md"], header, body, rows, title)
+    plot(paths["png"], rows, title)
     return paths
 
 

@@ -158,6 +158,123 @@ def test_failing_task_does_not_stop_the_others(slurm, shards, tmp_path):
     assert "image" in (out / "logs" / f"{job}_1.log").read_text().lower()
 
 
+# ---------------------------------------------------------------------------- A: sweeps of the other families
+
+
+@pytest.fixture(scope="module")
+def sketch_pairs(tmp_path_factory) -> tuple[Path, Path]:
+    """(train, val) paired shards built as configs/cifar10_sketch_pix2pix.yaml says: `data_shards build
+    --source paired --derive sketch` over folders of 3x32x32 images (1-channel sketch -> 3-channel photo)."""
+    from PIL import Image
+
+    from conftest import tiny_images
+    from data_shards.__main__ import main as data_shards
+
+    root = tmp_path_factory.mktemp("sketch_pairs")
+    imgs, labels = tiny_images(64, 3, 32, seed=3)
+    out = []
+    for split, idx in (("train", range(48)), ("test", range(48, 64))):
+        for i in idx:
+            folder = root / "photos" / split / f"class{labels[i]}"
+            folder.mkdir(parents=True, exist_ok=True)
+            Image.fromarray(imgs[i].transpose(1, 2, 0)).save(folder / f"{i:03d}.png")
+        rc = data_shards(["build", "--source", "paired", "--derive", "sketch", "--root", str(root / "photos" / split),
+                          "--split", split, "--out", str(root / split)])
+        assert rc == 0
+        out.append(root / split)
+    return out[0], out[1]
+
+
+def run_family_sweep(cluster: SlurmCluster, sweep: str, out: Path, *sets: str) -> list[dict]:
+    """`bash slurm/sweep.sh SWEEP --out OUT --set ...` on the cluster; every task must train its 6 steps,
+    checkpoint and finish. Returns the manifest's tasks, each with its metrics.jsonl rows under "rows"."""
+    r = cluster.run(["bash", "slurm/sweep.sh", sweep, "--out", str(out), *(a for s in sets for a in ("--set", s))],
+                    cwd=ROOT, env=_env())
+    assert "submitted array job" in r.stdout, r.stdout + r.stderr
+    job = array_job_of(out)
+    wait_done(cluster, job, 420)
+    tasks = json.loads((out / "sweep.json").read_text())["tasks"]
+    assert len(tasks) == 2
+    for t in tasks:
+        run = Path(t["run_dir"])
+        status = json.loads((run / "status.json").read_text()) if (run / "status.json").is_file() else {}
+        assert status.get("state") == "finished" and status["step"] == status["max_steps"] == 6, \
+            (t["name"], task_logs(out))
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-00000003", "step-00000006"]
+        assert "end rc=0 state=finished action=done" in (out / "logs" / f"{job}_{t['index']}.log").read_text()
+        t["meta"] = json.loads((run / "checkpoints" / "step-00000006" / "meta.json").read_text())
+        t["rows"] = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [row["step"] for row in t["rows"]] == list(range(1, 7))
+    cluster.run([sys.executable, "launch/sweep_summary.py", str(out)], cwd=ROOT)
+    return tasks
+
+
+def check_family_summary(out: Path, tasks: list[dict], key: str, family: str, losses: tuple[str, ...]) -> None:
+    """One finished row per task with its swept value and the family's final losses; no other family's."""
+    rows = list(csv.DictReader(open(out / "summary.csv")))
+    assert [row[key] for row in rows] == [str(t["overrides"][key]) for t in tasks]
+    assert {row["status"] for row in rows} == {"finished"}
+    for row, t in zip(rows, tasks):
+        for loss in losses:
+            assert float(row[f"final {loss}"]) == pytest.approx(t["rows"][-1][loss])
+    columns = [c for c in rows[0] if c.startswith(("final ", "best "))]
+    assert sorted(columns) == sorted(f"final {loss}" for loss in {k for t in tasks for r in t["rows"] for k in r
+                                                                  if k.startswith("Loss/")})
+    md = (out / "summary.md").read_text()
+    assert f"(family {family})" in md and "2 finished" in md and "No evaluation metrics" in md
+    assert (out / "summary.png").stat().st_size > 1000
+
+
+def test_vae_sweep_over_beta(slurm, tiny_shards_gray28, tmp_path):
+    """configs/sweeps/debug_cpu_vae.yaml (loss.beta 0.5 and 2) on the cluster: each task trains the VAE with
+    its own beta (the logged KL weight is beta and the loss is recon + beta * KL at every step); the
+    summary has the VAE's losses and nothing of the GAN's."""
+    out = tmp_path / "sweep"
+    tasks = run_family_sweep(slurm, "configs/sweeps/debug_cpu_vae.yaml", out,
+                             f"data.shards={tiny_shards_gray28}", "data.dataset=")
+    assert [t["overrides"]["loss.beta"] for t in tasks] == [0.5, 2.0]
+    for t in tasks:
+        beta = t["overrides"]["loss.beta"]
+        assert t["meta"]["family"] == "vae" and t["meta"]["nets"] == ["vae"]
+        for r in t["rows"]:
+            assert r["VAE/kl_weight"] == beta
+            assert r["Loss/VAE/total"] == pytest.approx(r["Loss/VAE/recon"] + beta * r["Loss/VAE/kl"], rel=1e-5)
+    check_family_summary(out, tasks, "loss.beta", "vae", ("Loss/VAE/total", "Loss/VAE/recon", "Loss/VAE/kl"))
+
+
+def test_pix2pix_sweep_over_lambda_l1(slurm, sketch_pairs, tmp_path):
+    """configs/sweeps/debug_cpu_pix2pix.yaml (loss.lambda_l1 10 and 100) on the cluster, on sketch -> photo
+    pairs with held-out val pairs: each task's G loss is adversarial + its own lambda * L1 at every step;
+    the summary has pix2pix's G and D losses and nothing of the VAE's."""
+    train, val = sketch_pairs
+    out = tmp_path / "sweep"
+    tasks = run_family_sweep(slurm, "configs/sweeps/debug_cpu_pix2pix.yaml", out,
+                             f"data.shards={train}", f"val.shards={val}")
+    assert [t["overrides"]["loss.lambda_l1"] for t in tasks] == [10.0, 100.0]
+    for t in tasks:
+        lam = t["overrides"]["loss.lambda_l1"]
+        assert t["meta"]["family"] == "pix2pix" and t["meta"]["nets"] == ["G", "D"]
+        for r in t["rows"]:
+            assert r["Loss/G/total"] == pytest.approx(r["Loss/G/main"] + lam * r["Loss/G/l1"], rel=1e-5)
+        assert sorted(p.name for p in (Path(t["run_dir"]) / "samples").iterdir())  # input | output | target
+    check_family_summary(out, tasks, "loss.lambda_l1", "pix2pix", ("Loss/G/total", "Loss/G/l1", "Loss/D/main"))
+
+
+def test_family_sweep_with_a_key_of_another_family_submits_nothing(slurm, tmp_path):
+    """A VAE sweep over pix2pix's loss.lambda_l1 is refused by slurm/sweep.sh before sbatch: the error names
+    the VAE's loss keys and the family that owns the key; no array job, no run directory."""
+    sweep = tmp_path / "wrong.yaml"
+    sweep.write_text(f"base: {ROOT / 'configs/fashion_mnist_vae.yaml'}\ngrid:\n  loss.lambda_l1: [10.0, 100.0]\n")
+    before = {j[0] for j in slurm.jobs()}
+    r = slurm.run(["bash", "slurm/sweep.sh", str(sweep), "--out", str(tmp_path / "out")], cwd=ROOT, env=_env(),
+                  check=False)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "unknown config key 'loss.lambda_l1'" in r.stderr and "loss.beta, loss.kl_warmup_steps" in r.stderr
+    assert "key of family pix2pix" in r.stderr
+    assert "submitted" not in r.stdout and not (tmp_path / "out").exists()
+    assert {j[0] for j in slurm.jobs()} <= before
+
+
 # ---------------------------------------------------------------------------- B: preemption
 
 

@@ -38,11 +38,15 @@ def clean_env(**extra) -> dict:
 # ---------------------------------------------------------------------------- sweep files
 
 
-@pytest.mark.parametrize("name,size", [("debug_cpu", 4), ("cifar10_lr", 12)])
-def test_shipped_sweeps_are_valid(name, size):
+@pytest.mark.parametrize("name,size,family", [("debug_cpu", 4, "gan"), ("cifar10_lr", 12, "gan"),
+                                              ("debug_cpu_vae", 2, "vae"), ("cifar10_vae_beta", 4, "vae"),
+                                              ("debug_cpu_pix2pix", 2, "pix2pix"),
+                                              ("cifar10_sketch_pix2pix_l1", 4, "pix2pix")])
+def test_shipped_sweeps_are_valid(name, size, family):
     s = load_sweep(ROOT / "configs" / "sweeps" / f"{name}.yaml", max_array_size=None)
-    assert s.size == size >= 3 and s.base.is_file()
-    assert s.max_concurrent
+    assert s.size == size >= 2 and s.base.is_file()
+    assert s.max_concurrent and s.family == family
+    assert plan(s)["family"] == family
 
 
 @pytest.mark.parametrize("body,match", [
@@ -69,6 +73,43 @@ def test_shipped_sweeps_are_valid(name, size):
 def test_bad_sweep_files_fail_with_the_key(tmp_path, body, match):
     with pytest.raises(SweepError, match=match):
         load_sweep(sweep_file(tmp_path, **body), max_array_size=None)
+
+
+VAE = str(ROOT / "configs" / "fashion_mnist_vae.yaml")
+PIX2PIX = str(ROOT / "configs" / "cifar10_sketch_pix2pix.yaml")
+
+
+@pytest.mark.parametrize("base,grid,match", [
+    # a key of another family: the family's own keys of that section, and who owns it
+    (VAE, {"loss.lambda_l1": [10.0]}, r"\(family vae\): grid point loss.lambda_l1=10.0: unknown config key "
+     r"'loss.lambda_l1'. Valid keys here: loss.beta, loss.kl_warmup_steps, loss.obs_std \('loss.lambda_l1' is a "
+     r"key of family pix2pix"),
+    (PIX2PIX, {"loss.beta": [1.0]}, r"Valid keys here: loss.gan_loss, loss.lambda_l1 \('loss.beta' is a key of "
+     r"family vae"),
+    (PIX2PIX, {"model.z_dim": [64]}, r"Valid keys here: model.img_size, .*'model.z_dim' is a key of family gan"),
+    (VAE, {"loss.betta": [1.0]}, r"unknown config key 'loss.betta'. Did you mean: loss.beta\?"),
+    (VAE, {"model.latent": [8]}, r"Did you mean: model.latent_dim\?"),
+    # spine keys the family never reads: every point would train the same run
+    (VAE, {"optim.lr_d": [1e-4, 2e-4]}, r"family vae does not read 'optim.lr_d'.* e.g. optim.lr_g\. Keys of family "
+     r"vae's own sections: model.img_size, .*loss.beta, loss.kl_warmup_steps, loss.obs_std$"),
+    (VAE, {"optim.n_dis": [1, 2]}, r"family vae does not read 'optim.n_dis'"),
+    (PIX2PIX, {"optim.n_dis": [1, 2]}, r"family pix2pix does not read 'optim.n_dis'.*loss.lambda_l1, val.shards"),
+    (PIX2PIX, {"log.samples_per_class": [2, 4]}, r"family pix2pix does not read 'log.samples_per_class'"),
+    # values, and the family's own checks (registered names, what it has not wired)
+    (VAE, {"loss.beta": [1.0, -1.0]}, r"grid point loss.beta=-1.0: config key 'loss.beta': must be a finite number"),
+    (PIX2PIX, {"loss.gan_loss": ["ns", "hingee"]}, r"grid point loss.gan_loss=hingee: .*unknown GAN loss 'hingee'"),
+    (VAE, {"metrics.every": [0, 100]}, r"grid point metrics.every=100: .*not wired for family=vae"),
+])
+def test_family_sweeps_refuse_keys_and_values_the_family_does_not_take(tmp_path, base, grid, match):
+    with pytest.raises(SweepError, match=match):
+        load_sweep(sweep_file(tmp_path, base=base, grid=grid), max_array_size=None)
+
+
+def test_family_sweep_of_a_key_that_every_family_reads(tmp_path):
+    s = load_sweep(sweep_file(tmp_path, base=VAE, grid={"optim.lr_g": [1e-3, 2e-3], "model.latent_dim": [8, 16]}),
+                   max_array_size=None)
+    assert s.family == "vae" and s.size == 4
+    assert run_names(grid_points(s.grid))[-1] == "lr_g=0.002,latent_dim=16"
 
 
 def test_not_yaml_and_not_found(tmp_path):
@@ -217,10 +258,12 @@ def test_sweep_sh_submits_one_array(tmp_path):
     assert (tmp_path / "o" / "submissions.txt").read_text().startswith("4242 ")
 
 
-@pytest.mark.parametrize("case", ["unknown", "empty", "nobase", "toolarge", "badvalue"])
+@pytest.mark.parametrize("case", ["unknown", "empty", "nobase", "toolarge", "badvalue", "otherfamily", "unread"])
 def test_sweep_sh_bad_input_submits_nothing(tmp_path, case):
     b = fake_bin(tmp_path, max_array=3)
     body = {"unknown": dict(grid={"optim.lr_d": [1e-4]}, gird=1),
+            "otherfamily": dict(base=VAE, grid={"loss.lambda_l1": [1.0, 10.0]}),
+            "unread": dict(base=PIX2PIX, grid={"optim.n_dis": [1, 2]}),
             "empty": dict(grid={}),
             "nobase": dict(base="missing.yaml", grid={"optim.lr_d": [1e-4]}),
             "toolarge": dict(grid={"optim.lr_d": [1e-4, 2e-4], "optim.n_dis": [1, 2]}),
@@ -339,6 +382,11 @@ def test_direction_of_metrics():
     assert direction("Eval/isc") == "max" and direction("Eval/kid") == "min" and direction("Eval/kid_std") is None
     assert direction("Eval/cls_fd") == "min" and direction("Eval/cls_acc") == "max" and direction("Eval/f_score") == "max"
     assert direction("Eval/cls_acc/airplane") is None  # per-class: not compared
+    # the VAE's and pix2pix's evaluation measures; KL has no better side, losses none either
+    assert direction("Eval/psnr") == "max" and direction("Eval/ssim") == "max"
+    assert direction("Eval/recon_mse") == "min" and direction("Eval/l1") == "min" and direction("Eval/mse") == "min"
+    assert direction("Eval/bits_per_dim") == "min" and direction("Eval/kl") is None
+    assert direction("Loss/G/l1") is None and direction("Loss/VAE/recon") is None and direction("VAE/kl_weight") is None
 
 
 def test_read_metrics_merges_steps_and_skips_a_torn_line(tmp_path):
@@ -398,6 +446,42 @@ def test_summary_statuses_best_and_files(tmp_path):
     assert "7 grid point(s): 1 finished, 3 failed, 1 preempted, 1 running, 1 missing" in md
     assert "Best Eval/fid: 30" in md and md.count("\n| ") == 8
     assert paths["png"].stat().st_size > 1000
+
+
+def test_summary_of_a_vae_sweep(tmp_path):
+    """The VAE's losses and its evaluation measures, each ranked the way it is better (PSNR, SSIM up; the
+    reconstruction error and bits/dim down; KL not ranked); the family in the title; no GAN column."""
+    f = sweep_file(tmp_path, base=VAE, grid={"loss.beta": [0.5, 2.0]})
+    out = tmp_path / "o"
+    assert sweep_main(["plan", str(f), "--out", str(out)]) == 0
+    runs = [Path(t["run_dir"]) for t in json.loads((out / "sweep.json").read_text())["tasks"]]
+    losses = [{"step": s, "Loss/VAE/total": 300.0 - s, "Loss/VAE/recon": 290.0 - s, "Loss/VAE/kl": 5.0 + s,
+               "VAE/kl_weight": 0.5, "GradNorm/vae": 10.0} for s in (1, 2, 3, 4)]
+    def ev(step, psnr, ssim, mse, bpd, kl):
+        return {"step": step, "Eval/psnr": psnr, "Eval/ssim": ssim, "Eval/recon_mse": mse, "Eval/bits_per_dim": bpd,
+                "Eval/kl": kl}
+
+    _write_run(runs[0], "finished", losses + [ev(2, 20.0, 0.5, 0.02, 5.0, 9.0), ev(4, 18.0, 0.6, 0.03, 4.5, 7.0)])
+    _write_run(runs[1], "finished", losses + [ev(4, 19.0, 0.4, 0.01, 6.0, 3.0)])
+    for r in runs:
+        (r / "config.yaml").write_text("family: vae\n")
+    paths = summarize(out)
+    rows = list(csv.DictReader(open(paths["csv"])))
+    r0 = rows[0]
+    assert float(r0["best Eval/psnr"]) == 20.0 and r0["best Eval/psnr step"] == "2"
+    assert float(r0["best Eval/ssim"]) == 0.6 and float(r0["best Eval/recon_mse"]) == 0.02
+    assert float(r0["best Eval/bits_per_dim"]) == 4.5 and float(r0["final Eval/kl"]) == 7.0
+    assert float(r0["final Loss/VAE/recon"]) == 286.0 and "best Eval/kl" not in r0
+    assert not any(k in c for c in r0 for k in ("Loss/D", "Loss/G", "fid", "VAE/kl_weight", "GradNorm"))
+    md = paths["md"].read_text()
+    assert md.startswith("# Sweep summary: o (family vae)")
+    assert "Best Eval/psnr: 20 (beta=0.5, step 2)" in md and "Best Eval/recon_mse: 0.01 (beta=2.0, step 4)" in md
+    assert "No evaluation metrics" not in md
+
+    for r in runs:  # losses only (metrics.every=0, as the VAE and pix2pix train today)
+        (r / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in losses))
+    md = summarize(out)["md"].read_text()
+    assert "No evaluation metrics in these runs" in md and "Best" not in md
 
 
 def test_summary_without_manifest_finds_run_dirs(tmp_path):

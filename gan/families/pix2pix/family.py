@@ -40,6 +40,8 @@ class Pix2Pix(Family):
     name = "pix2pix"
     sections = {"model": Pix2PixConfig, "loss": Pix2PixLossConfig, "val": Pix2PixValConfig}
     ema = "G"
+    # one D update per step; the picture's rows are val.pictures held-out pairs
+    unread_keys = ("optim.n_dis", "log.samples_per_class")
 
     def __init__(self, cfg):
         super().__init__(cfg)

@@ -19,6 +19,7 @@ class VAEFamily(Family):
     name = "vae"
     sections = {"model": VAEConfig, "loss": VAELossConfig}
     ema = "vae"
+    unread_keys = ("optim.lr_d", "optim.betas_d", "optim.n_dis")  # one network, one update per step
 
     def build_networks(self) -> dict[str, torch.nn.Module]:
         from gan.families.vae.networks import VAE
