@@ -3,7 +3,11 @@
 ``tiny_shards``: a small real shard set (dataset "tiny10", 10 classes, 3x32x32, 240 samples in 3 raw
 shards of 80) built with data_shards; each class has its own colour so a conditional model has
 something to learn. ``tiny_shards_gray28``: the same idea at 1x28x28 (Fashion-MNIST-like, 120 samples).
-Both are session-scoped and read-only: copy them before changing anything.
+``tiny_pairs``: paired shards (input, target) for pix2pix, 3x64x64. All are session-scoped and
+read-only: copy them before changing anything.
+
+Runs on 2 gloo ranks: :func:`train_cmd` with ``ranks=2`` (torchrun), :func:`train_2ranks`; the backends
+compared against DDP (:data:`BACKENDS`) and :func:`assert_zero_matches_ddp`.
 """
 from __future__ import annotations
 
@@ -46,9 +50,21 @@ def build_tiny(out: Path, n: int, channels: int, size: int, shard_size: int, nam
     return out
 
 
-def train_cmd(run_dir, shards, *overrides, resume=None) -> list[str]:
-    """The command line of a launch/train.py run of configs/debug_cpu.yaml on ``shards``."""
-    cmd = [sys.executable, "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run_dir)]
+TWO_RANKS_ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}  # gloo on the CPU, one thread per rank
+BACKENDS = {  # the overrides of each backend a ZeRO run is compared on (fp32, same seed and data)
+    "ddp": [],
+    "zero1": ["train.backend=deepspeed", "deepspeed.stage=1"],
+    "zero2": ["train.backend=deepspeed", "deepspeed.stage=2", "deepspeed.config=configs/deepspeed/zero2.json"],
+}
+
+
+def train_cmd(run_dir, shards, *overrides, resume=None, config="configs/debug_cpu.yaml", ranks=1) -> list[str]:
+    """The command line of a launch/train.py run of ``config`` on ``shards``; ``ranks`` > 1: under
+    torchrun (--standalone), one process per rank."""
+    launcher = [sys.executable]
+    if ranks > 1:
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks)]
+    cmd = [*launcher, "launch/train.py", "--config", str(config), "--run-dir", str(run_dir)]
     if resume:
         cmd += ["--resume", str(resume)]
     return cmd + [f"data.shards={shards}", *overrides]
@@ -61,6 +77,57 @@ def train_debug(run_dir, shards, *overrides, resume=None, env=None, timeout=300,
     if check:
         assert r.returncode == 0, f"train failed ({r.returncode}):\n{r.stdout}\n{r.stderr}"
     return r
+
+
+def train_2ranks(run_dir, shards, *overrides, resume=None, config="configs/debug_cpu.yaml", code=0,
+                 timeout=600) -> subprocess.CompletedProcess:
+    """:func:`train_cmd` on 2 gloo ranks (torchrun, ACCELERATE_USE_CPU=1); it must exit with ``code``."""
+    r = subprocess.run(train_cmd(run_dir, shards, *overrides, resume=resume, config=config, ranks=2), cwd=REPO,
+                       capture_output=True, text=True, timeout=timeout, env={**os.environ, **TWO_RANKS_ENV})
+    assert r.returncode == code, f"exit {r.returncode}, wanted {code}:\n{r.stdout}\n{r.stderr[-6000:]}"
+    return r
+
+
+def metrics_rows(run_dir) -> list[dict]:
+    """The rows of a run's metrics.jsonl."""
+    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_zero_matches_ddp(runs: dict, losses, nets, ema: str, family: str, steps: int = 4) -> None:
+    """``runs``: {backend: (run_dir, CompletedProcess)} for every :data:`BACKENDS` key, the same fp32 run of
+    ``steps`` steps (logged every step, checkpointed at the last) on 2 ranks. ZeRO's bucketed
+    reduce(-scatter) sums the same gradients in another order than DDP's all-reduce (the first losses
+    agree to ~1e-7): each of ``losses`` within a relative 1e-4 of DDP's at every step; the replicas
+    (``nets`` and the EMA copy of ``ema``) identical on both ranks; the checkpoint of the deepspeed
+    backend and ``family``, with one model file and one optimizer partition per rank for each network;
+    the same exported EMA network as DDP's (keys, shapes, dtypes; values within 1e-3)."""
+    from safetensors.torch import load_file
+
+    names = [*nets, f"{ema}_ema"]
+    replicas = f"replica check: {', '.join(names[:-1])} and {names[-1]} identical on all 2 ranks"
+    ddp = metrics_rows(runs["ddp"][0])
+    assert [r["step"] for r in ddp] == list(range(1, steps + 1))
+    e_ddp = load_file(str(Path(runs["ddp"][0]) / "export" / "G_ema.safetensors"))
+    for name in (b for b in BACKENDS if b != "ddp"):
+        run, r = runs[name]
+        assert replicas in r.stdout, r.stdout  # the trainer's check_replicas raises otherwise
+        got = metrics_rows(run)
+        assert [x["step"] for x in got] == list(range(1, steps + 1))
+        for a, b in zip(ddp, got):
+            for k in losses:
+                assert b[k] == pytest.approx(a[k], rel=1e-4), (name, a["step"], k, a[k], b[k])
+        last = Path(run) / "checkpoints" / f"step-{steps:08d}"
+        meta = json.loads((last / "meta.json").read_text())
+        assert (meta["family"], meta["nets"], meta["backend"], meta["world_size"]) == (family, list(nets), "deepspeed", 2)
+        for net in nets:
+            assert {p.name for p in (last / "deepspeed" / net).iterdir()} == {
+                "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+                "zero_pp_rank_1_mp_rank_00_optim_states.pt"}, (name, net)
+        e_ds = load_file(str(Path(run) / "export" / "G_ema.safetensors"))
+        assert e_ddp.keys() == e_ds.keys()
+        for k in e_ddp:
+            assert e_ds[k].shape == e_ddp[k].shape and e_ds[k].dtype == e_ddp[k].dtype, (name, k)
+            assert (e_ds[k].double() - e_ddp[k].double()).abs().max() <= 1e-3, (name, k)
 
 
 def fit_in_process(cfg, run, resume=None) -> list[dict]:
@@ -133,6 +200,14 @@ def tiny_shards(tmp_path_factory) -> Path:
 def tiny_shards_gray28(tmp_path_factory) -> Path:
     """Directory of a 10-class 1x28x28 shard set (120 samples, 2 shards)."""
     return build_tiny(tmp_path_factory.mktemp("tiny_shards_gray28") / "shards", 120, 1, 28, 60, "tiny10-gray")
+
+
+@pytest.fixture(scope="session")
+def tiny_pairs(tmp_path_factory) -> Path:
+    """Paired shards for pix2pix: 48 pairs (x, 255 - x) of 3x64x64 noise images, 3 classes, 5 shards."""
+    from test_paired import inverted_pairs
+
+    return inverted_pairs(tmp_path_factory.mktemp("tiny_pairs") / "shards", size=64)
 
 
 @pytest.fixture(scope="session")

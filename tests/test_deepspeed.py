@@ -7,6 +7,7 @@ and the test allows a relative 1e-4 over the first 4 steps.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import subprocess
@@ -17,32 +18,15 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import REPO, preempt_one_rank, train_debug
+from conftest import BACKENDS, REPO, assert_zero_matches_ddp, preempt_one_rank, train_cmd, train_debug
+from conftest import TWO_RANKS_ENV as ENV
+from conftest import metrics_rows as rows
+from conftest import train_2ranks as train2
 
 pytest.importorskip("deepspeed")
 
-ENV = {"ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"}
 LOSSES = ("Loss/D/main", "Loss/G/main")
-
-
-def cmd2(run_dir, shards, *overrides, resume=None) -> list[str]:
-    """launch/train.py on 2 ranks (torchrun, gloo)."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "launch/train.py", "--config", "configs/debug_cpu.yaml", "--run-dir", str(run_dir)]
-    if resume:
-        cmd += ["--resume", str(resume)]
-    return cmd + [f"data.shards={shards}", *overrides]
-
-
-def train2(run_dir, shards, *overrides, resume=None):
-    r = subprocess.run(cmd2(run_dir, shards, *overrides, resume=resume), cwd=REPO, capture_output=True, text=True,
-                       timeout=600, env={**os.environ, **ENV})
-    assert r.returncode == 0, f"train failed ({r.returncode}):\n{r.stdout}\n{r.stderr[-6000:]}"
-    return r
-
-
-def rows(run_dir) -> list[dict]:
-    return [json.loads(line) for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines()]
+cmd2 = functools.partial(train_cmd, ranks=2)  # launch/train.py on 2 ranks (torchrun, gloo)
 
 
 def ckpt(run_dir, step) -> Path:
@@ -80,35 +64,12 @@ def fp32_runs(tmp_path_factory, tiny_shards):
     """The same 4-step fp32 run under DDP, ZeRO-1 and ZeRO-2 (checkpoint at step 4)."""
     root = tmp_path_factory.mktemp("ds")
     common = ["train.max_steps=4", "log.every=1", "checkpoint.every=100"]
-    out = {}
-    for name, extra in (("ddp", []), ("zero1", ["train.backend=deepspeed", "deepspeed.stage=1"]),
-                        ("zero2", ["train.backend=deepspeed", "deepspeed.stage=2",
-                                   "deepspeed.config=configs/deepspeed/zero2.json"])):
-        out[name] = (root / name, train2(root / name, tiny_shards, *common, *extra))
-    return out
+    return {name: (root / name, train2(root / name, tiny_shards, *common, *extra)) for name, extra in BACKENDS.items()}
 
 
 @pytest.mark.slow
 def test_zero_trains_and_matches_ddp(fp32_runs):
-    ddp = rows(fp32_runs["ddp"][0])
-    for name in ("zero1", "zero2"):
-        run, r = fp32_runs[name]
-        assert "replica check: G, D and G_ema identical on all 2 ranks" in r.stdout  # check_replicas raises otherwise
-        got = rows(run)
-        assert [x["step"] for x in got] == [1, 2, 3, 4]
-        for a, b in zip(ddp, got):
-            for k in LOSSES:
-                assert b[k] == pytest.approx(a[k], rel=1e-4), (name, a["step"], k, a[k], b[k])
-        meta = json.loads((ckpt(run, 4) / "meta.json").read_text())
-        assert meta["backend"] == "deepspeed" and meta["world_size"] == 2
-        for net in ("G", "D"):  # one model file, one optimizer partition per rank
-            assert {p.name for p in (ckpt(run, 4) / "deepspeed" / net).iterdir()} == {
-                "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
-                "zero_pp_rank_1_mp_rank_00_optim_states.pt"}
-        # the export is the same plain safetensors EMA G as with DDP (same keys, shapes, dtypes)
-        e_ddp = load_file(str(fp32_runs["ddp"][0] / "export" / "G_ema.safetensors"))
-        e_ds = load_file(str(run / "export" / "G_ema.safetensors"))
-        assert {k: (v.shape, v.dtype) for k, v in e_ddp.items()} == {k: (v.shape, v.dtype) for k, v in e_ds.items()}
+    assert_zero_matches_ddp(fp32_runs, LOSSES, nets=("G", "D"), ema="G", family="gan")
 
 
 @pytest.mark.slow
