@@ -103,11 +103,15 @@ def assert_zero_matches_ddp(runs: dict, losses, nets, ema: str, family: str, ste
     the same exported EMA network as DDP's (keys, shapes, dtypes; values within 1e-3)."""
     from safetensors.torch import load_file
 
+    from gan.rundir import RunDir
+
     names = [*nets, f"{ema}_ema"]
     replicas = f"replica check: {', '.join(names[:-1])} and {names[-1]} identical on all 2 ranks"
     ddp = metrics_rows(runs["ddp"][0])
     assert [r["step"] for r in ddp] == list(range(1, steps + 1))
-    e_ddp = load_file(str(Path(runs["ddp"][0]) / "export" / "G_ema.safetensors"))
+    export = RunDir(runs["ddp"][0]).export_weights
+    assert export.name == f"{ema}_ema.safetensors", export
+    e_ddp = load_file(str(export))
     for name in (b for b in BACKENDS if b != "ddp"):
         run, r = runs[name]
         assert replicas in r.stdout, r.stdout  # the trainer's check_replicas raises otherwise
@@ -123,7 +127,7 @@ def assert_zero_matches_ddp(runs: dict, losses, nets, ema: str, family: str, ste
             assert {p.name for p in (last / "deepspeed" / net).iterdir()} == {
                 "mp_rank_00_model_states.pt", "zero_pp_rank_0_mp_rank_00_optim_states.pt",
                 "zero_pp_rank_1_mp_rank_00_optim_states.pt"}, (name, net)
-        e_ds = load_file(str(Path(run) / "export" / "G_ema.safetensors"))
+        e_ds = load_file(str(RunDir(run).export / export.name))
         assert e_ddp.keys() == e_ds.keys()
         for k in e_ddp:
             assert e_ds[k].shape == e_ddp[k].shape and e_ds[k].dtype == e_ddp[k].dtype, (name, k)

@@ -63,7 +63,10 @@ def assert_same(a, b, where=""):
 
 def assert_same_run(a: Path, b: Path, step: int):
     assert_same(contents(ckpt(a, step)), contents(ckpt(b, step)))
-    assert (a / "export" / "G_ema.safetensors").read_bytes() == (b / "export" / "G_ema.safetensors").read_bytes()
+    from gan.rundir import RunDir
+
+    wa, wb = RunDir(a).export_weights, RunDir(b).export_weights  # the family's <net>_ema.safetensors
+    assert wa.name == wb.name and wa.read_bytes() == wb.read_bytes()
 
 
 def torchrun(run_dir, shards, *overrides, resume=None) -> list[str]:
