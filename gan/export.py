@@ -1,19 +1,29 @@
-"""Portable artifacts of a run's EMA generator: a torch.export program (``.pt2``, the default), ONNX,
-or TorchScript (deprecated by torch; still written on request and loaded with a warning), optionally
-int8 or bf16, plus ``artifact.json`` saying what the model needs. Loads without this package:
-``torch.export.load(artifact.json['file']).module()``, ``onnxruntime.InferenceSession`` or
-``torch.jit.load``; inputs ``z`` float32 (N, z_dim) and ``y`` int64 (N,) with any batch size N (a dynamic
-dimension), output float32 (N, C, H, W) in [-1, 1].
+"""Portable artifacts of a run's EMA network: one program per mode of its family (gan.family: the GAN's
+``generate``; the VAE's ``generate`` and ``reconstruct``; pix2pix's ``translate``) as a torch.export
+program (``.pt2``, the default), ONNX, or TorchScript (deprecated by torch; still written on request and
+loaded with a warning), optionally int8 or bf16, plus ``artifact.json`` saying what each mode takes and
+gives. Loads without this package: ``torch.export.load(file).module()``, ``onnxruntime.InferenceSession``
+or ``torch.jit.load``. Every input has a dynamic batch dimension N; the GAN's ``generate`` takes ``z``
+float32 (N, z_dim) and ``y`` int64 (N,), image modes ``image`` float32 (N, C, H, W) in [-1, 1]; the
+output is float32 (N, C, H, W) in [-1, 1].
+
+``artifact.json`` (format_version 2): ``family``, ``format``, ``quantize``, ``mode`` (the default mode) and
+``modes`` ({name: {inputs, output, doc, parity_max_abs_diff}}, in the family's order). ``file`` and
+``sha256`` at the top level are the default mode's program (where format 1 readers find it); every other
+mode names its own ``file`` and ``sha256`` in its entry. The generate mode's program is
+``generator.<ext>``, any other mode's ``<mode>.<ext>``. An artifact.json without ``modes`` (format 1)
+is the GAN's ``generate``.
 
 Spectral-norm parametrizations are baked into plain weights first (eval mode: the stored power-
-iteration vectors, exactly what the eager eval-mode G computes).
+iteration vectors, exactly what the eager eval-mode network computes).
 
 int8: ``int8`` is dynamic quantization (torch: Linear layers only; onnxruntime: MatMul/Gemm weights).
 ``int8-static`` (ONNX only) is onnxruntime's static quantization of the whole graph, convolutions
-included, calibrated on the generator's own inputs (z ~ N(0, 1), every class): no data set needed.
-``bf16`` (torch.export or TorchScript) is the generator captured under CPU autocast to bfloat16 (inputs and output
-stay float32); fast where the CPU has bf16 instructions (AVX512-BF16 / AMX), slow where it emulates them.
-What each does to speed and images: docs/benchmarks.md.
+included, calibrated on the network's own inputs (z ~ N(0, 1), every class): no data set needed, so it
+applies to modes without an image input only (an image mode would need real images to calibrate on).
+``bf16`` (torch.export or TorchScript) is the network captured under CPU autocast to bfloat16 (inputs and
+output stay float32); fast where the CPU has bf16 instructions (AVX512-BF16 / AMX), slow where it
+emulates them. What each does to speed and images: docs/benchmarks.md.
 """
 from __future__ import annotations
 
@@ -96,15 +106,15 @@ def quantize_dynamic(G: torch.nn.Module) -> torch.nn.Module:
 
 
 class Bf16Autocast(torch.nn.Module):
-    """``G`` run under CPU autocast to bfloat16; float32 in and out (traced: the casts are in the graph)."""
+    """``net`` run under CPU autocast to bfloat16; float32 in and out (traced: the casts are in the graph)."""
 
     def __init__(self, G: torch.nn.Module):
         super().__init__()
         self.G = G
 
-    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    def forward(self, *inputs: torch.Tensor) -> torch.Tensor:
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return self.G(z, y).float()
+            return self.G(*inputs).float()
 
 
 def example_inputs(z_dim: int, num_classes: int, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -112,14 +122,21 @@ def example_inputs(z_dim: int, num_classes: int, n: int = 4, seed: int = 0) -> t
     return torch.randn(n, z_dim, generator=g), torch.arange(n) % num_classes
 
 
-def _batch_dim() -> dict:
+def _batch_dims(n_inputs: int) -> tuple[dict, ...]:
+    """Every input's first dimension is the same dynamic batch (positional, one dict per input)."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    return {"z": {0: batch}, "y": {0: batch}}
+    return tuple({0: batch} for _ in range(n_inputs))
 
 
-def save_program(G, z, y, path: Path) -> None:
+def program_file(mode: str, fmt: str) -> str:
+    """``generator.<ext>`` for the generate mode (as before modes), ``<mode>.<ext>`` for any other."""
+    name = FILES[fmt]
+    return name if mode == "generate" else f"{mode}{Path(name).suffix}"
+
+
+def save_program(G, inputs: tuple, path: Path) -> None:
     """A torch.export program with a dynamic batch dimension, written atomically."""
-    prog = torch.export.export(G, (z, y), dynamic_shapes=_batch_dim())
+    prog = torch.export.export(G, tuple(inputs), dynamic_shapes=_batch_dims(len(inputs)))
     tmp = path.with_name(f".tmp-{path.name}")
     torch.export.save(prog, str(tmp))
     tmp.replace(path)
@@ -166,10 +183,10 @@ def load_program(path: Path, device: torch.device) -> torch.nn.Module:
         log.level = level
 
 
-def save_torchscript(G, z, y, path: Path) -> None:
+def save_torchscript(G, inputs: tuple, path: Path) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        ts = torch.jit.trace(G, (z, y), check_trace=False)
+        ts = torch.jit.trace(G, tuple(inputs), check_trace=False)
     tmp = path.with_name(f".tmp-{path.name}")
     torch.jit.save(ts, str(tmp))
     tmp.replace(path)
@@ -183,12 +200,14 @@ def calibration_inputs(z_dim: int, num_classes: int) -> list[dict]:
             for _ in range(CALIBRATION["batches"])]
 
 
-def save_onnx(G, z, y, path: Path, quantize: str, num_classes: int = 1) -> None:
+def save_onnx(G, inputs: tuple, names: list[str], path: Path, quantize: str, calibration=None) -> None:
+    """ONNX with input names ``names`` and output ``images``; int8 by onnxruntime after the fp32 export
+    (``calibration``: a callable giving int8-static's batches, {input name: array})."""
     tmp = path.with_name(f".tmp-{path.name}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        prog = torch.onnx.export(G, (z, y), input_names=["z", "y"], output_names=["images"],
-                                 dynamic_shapes=_batch_dim(), dynamo=True, verbose=False)
+        prog = torch.onnx.export(G, tuple(inputs), input_names=list(names), output_names=["images"],
+                                 dynamic_shapes=_batch_dims(len(inputs)), dynamo=True, verbose=False)
     prog.save(str(tmp))
     if quantize != "none":
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic as ort_qd, quantize_static
@@ -197,7 +216,7 @@ def save_onnx(G, z, y, path: Path, quantize: str, num_classes: int = 1) -> None:
         if quantize == "int8":  # onnxruntime's dynamic quantization (MatMul/Gemm weights to int8)
             ort_qd(str(tmp), str(q), weight_type=QuantType.QInt8)
         else:  # static: every Conv/MatMul/Gemm with int8 kernels (uint8 activations, int8 weights: x86's fast path)
-            batches = iter(calibration_inputs(z.shape[1], num_classes))
+            batches = iter(calibration())
 
             class Reader:  # onnxruntime's CalibrationDataReader protocol
                 def get_next(self):
@@ -212,10 +231,30 @@ def save_onnx(G, z, y, path: Path, quantize: str, num_classes: int = 1) -> None:
     tmp.replace(path)
 
 
+def _calibration(mode, num_classes: int):
+    """int8-static batches for a mode whose inputs are noise and classes (calibration_inputs, by name)."""
+    def batches():
+        z, y = mode.inputs  # export() refused int8-static for modes with an image input
+        return [{z.name: b["z"], y.name: b["y"]} for b in calibration_inputs(z.shape[1], num_classes)]
+    return batches
+
+
+def _mode_names(family, wanted) -> list[str]:
+    have = [m.name for m in family.modes()]
+    if not wanted:
+        return have
+    unknown = [w for w in wanted if w not in have]
+    if unknown:
+        raise ExportError(f"--modes {','.join(unknown)}: the {family.name} family has no such mode; its modes: "
+                          f"{', '.join(have)}")
+    return [m for m in have if m in wanted]  # the family's order; the first is the artifact's default
+
+
 def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quantize: str = "none",
-           checkpoint: str | None = None, best: bool = False) -> dict:
-    """Write ``out_dir/generator.{pt2,onnx,pt}`` + ``artifact.json``; check the artifact against the eager
-    G on fresh inputs (another batch size than the trace) and record the max abs difference."""
+           checkpoint: str | None = None, best: bool = False, modes: list[str] | None = None) -> dict:
+    """Write one program per mode (``modes``: a subset, default all of the family's) + ``artifact.json`` into
+    ``out_dir``; check each program against the eager network on fresh inputs (another batch size than the
+    trace) and record the max abs difference per mode."""
     from gan.metrics import load_generator
 
     if fmt not in FORMATS:
@@ -230,42 +269,85 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quan
         raise ExportError("--quantize bf16 needs --format export or torchscript (captured under CPU autocast); "
                           "onnxruntime's CPU provider has no bf16 convolutions")
     loaded = load_generator(run_dir, pick_weights(run_dir, checkpoint, best), "cpu")
-    cfg, m = loaded.cfg, loaded.cfg.model
+    cfg, m, family = loaded.cfg, loaded.cfg.model, loaded.family
+    names = _mode_names(family, modes)
+    if quantize == "int8-static":
+        takes_images = [n for n in names if family.mode(n).input("image")]
+        if takes_images:
+            raise ExportError(f"--quantize int8-static calibrates on the network's own inputs (noise and classes), "
+                              f"but the {family.name} mode(s) {', '.join(takes_images)} take images, which would need "
+                              f"real images to calibrate on (not offered). Export them with --quantize none, int8 or "
+                              f"bf16" + (", or pick --modes generate" if "generate" in names else ""))
     base = bake(loaded.G)
-    G = base  # ONNX int8 variants are quantized by onnxruntime after the fp32 export
-    if fmt != "onnx" and quantize == "int8":
-        G = quantize_dynamic(base)
-    elif quantize == "bf16":
-        G = Bf16Autocast(base)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    path = out / FILES[fmt]
-    z, y = example_inputs(m.z_dim, m.num_classes, 4)
-    save = {"export": save_program, "torchscript": save_torchscript}.get(fmt)
-    (save or (lambda *a: save_onnx(*a, quantize, m.num_classes)))(G, z, y, path)
-    art = Artifact(out, expect_sha=False, meta={"format": fmt, "file": path.name})
-    zc, yc = example_inputs(m.z_dim, m.num_classes, 7, seed=1)
-    with torch.no_grad():
-        ref = base(zc, yc)
-    diff = float((art(zc, yc) - ref).abs().max())
+    entries = {}
+    num_classes = getattr(m, "num_classes", 1)
+    for name in names:
+        mode, net = family.mode(name), family.mode_forward(base, name)
+        if fmt != "onnx" and quantize == "int8":  # ONNX int8 variants are quantized by onnxruntime after the fp32 export
+            net = quantize_dynamic(net)
+        elif quantize == "bf16":
+            net = Bf16Autocast(net)
+        path = out / program_file(name, fmt)
+        inputs = family.mode_inputs(name, 4)
+        if fmt == "onnx":
+            save_onnx(net, inputs, [t.name for t in mode.inputs], path, quantize, _calibration(mode, num_classes))
+        else:
+            {"export": save_program, "torchscript": save_torchscript}[fmt](net, inputs, path)
+        entries[name] = {**mode.to_json(), "file": path.name, "sha256": sha256_file(path)}
+    default = entries[names[0]]
+    meta = {"format_version": 2, "family": family.name, "format": fmt, "file": default["file"],
+            "sha256": default["sha256"], "quantize": quantize, "mode": names[0],
+            "modes": {n: {k: v for k, v in e.items() if n != names[0] or k not in ("file", "sha256")}
+                      for n, e in entries.items()}}
+    art = Artifact(out, meta=meta)  # what a server loads, checked against the eager network, per mode
     tol = PARITY_TOL[quantize]
-    if tol is not None and not diff <= tol:
-        raise ExportError(f"the {fmt} artifact differs from the eager generator by {diff:.3g} (> {tol}); not written")
-    meta = {"format_version": 1, "format": fmt, "file": path.name, "sha256": sha256_file(path), "quantize": quantize,
-            "model": m.name, "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__},
-            "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(cfg.data.shards, m.num_classes),
-            "image_shape": [m.img_channels, m.img_size, m.img_size], "output_range": [-1, 1],
-            "inputs": {"z": ["float32", "N", m.z_dim], "y": ["int64", "N"]},
-            "step": loaded.step, "source": str(loaded.source), "label": loaded.label, "run": str(Path(run_dir)),
-            "metrics": run_metrics(run_dir, loaded.label), "parity_max_abs_diff": diff, "parity_tolerance": tol,
-            **({"calibration": CALIBRATION} if quantize == "int8-static" else {})}
+    for name in names:
+        fresh = family.mode_inputs(name, 7, seed=1)
+        with torch.no_grad():
+            ref = family.mode_forward(base, name)(*fresh)
+        diff = float((art.run(name, *fresh) - ref).abs().max())
+        if tol is not None and not diff <= tol:
+            raise ExportError(f"the {fmt} artifact's {name} mode differs from the eager network by {diff:.3g} "
+                              f"(> {tol}); not written")
+        meta["modes"][name]["parity_max_abs_diff"] = diff
+    first = family.mode(names[0])
+    classes = any(t.kind == "class" for n in names for t in family.mode(n).inputs)
+    noise = next((family.mode(n).input("noise") for n in names if family.mode(n).input("noise")), None)
+    meta.update({
+        "model": getattr(m, "name", family.name), "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__},
+        **({"z_dim": noise.shape[1]} if noise else {}),
+        **({"num_classes": num_classes, "class_names": class_names(cfg.data.shards, num_classes)} if classes else {}),
+        "image_shape": list(first.output.shape[1:]), "output_range": [-1, 1],
+        "inputs": {t.name: [t.dtype, *t.shape] for t in first.inputs},  # the default mode's, as format 1 wrote it
+        "step": loaded.step, "source": str(loaded.source), "label": loaded.label, "run": str(Path(run_dir)),
+        "metrics": run_metrics(run_dir, loaded.label),
+        "parity_max_abs_diff": max(meta["modes"][n]["parity_max_abs_diff"] for n in names),
+        "parity_tolerance": tol, "parity_batch": 7,
+        **({"calibration": CALIBRATION} if quantize == "int8-static" else {})})
     write_json_atomic(out / ARTIFACT_JSON, meta)
     return meta
 
 
+def artifact_modes(meta: dict) -> dict:
+    """{mode name: gan.family.Mode} of an artifact.json, in order; format 1 (no ``modes``): the GAN's generate."""
+    from gan.family import Mode, class_tensor, image_tensor, noise_tensor
+
+    if "modes" not in meta:
+        c, h, _ = meta.get("image_shape") or [3, 0, 0]
+        return {"generate": Mode("generate", (noise_tensor(int(meta.get("z_dim", 0))), class_tensor()),
+                                 image_tensor("images", c, h))}
+    try:
+        return {name: Mode.from_json(name, d) for name, d in meta["modes"].items()}
+    except (KeyError, TypeError, AttributeError) as e:
+        raise ExportError(f"artifact.json: its modes are not readable ({e!r}); export again") from None
+
+
 class Artifact:
-    """A loaded artifact: ``artifact(z, y)`` -> float (N, C, H, W) on the CPU. Verifies artifact.json
-    and the model file's sha256 before use."""
+    """A loaded artifact: ``artifact.run(mode, *inputs)`` -> float (N, C, H, W) on the CPU; ``artifact(*inputs)``
+    runs the default mode (the GAN's ``artifact(z, y)``). ``modes``: {name: gan.family.Mode}. Verifies
+    artifact.json and every program file's sha256 before use."""
 
     def __init__(self, directory: str | Path, device: str = "cpu", expect_sha: bool = True, meta: dict | None = None,
                  threads: int = 0):
@@ -282,24 +364,38 @@ class Artifact:
         fmt = meta.get("format")
         if fmt not in FORMATS:
             raise ExportError(f"{d}: artifact format {fmt!r} is not one this server loads ({', '.join(FORMATS)})")
-        self.path = d / str(meta.get("file", ""))
-        if not self.path.is_file():
-            raise ExportError(f"{d}: the model file {self.path.name!r} named in {ARTIFACT_JSON} is missing; export again")
-        if expect_sha and meta.get("sha256") != sha256_file(self.path):
-            raise ExportError(f"{self.path} does not match the sha256 in {ARTIFACT_JSON} (damaged or replaced); "
-                              f"export again")
         self.meta, self.format, self.device = meta, fmt, torch.device(device)
-        if fmt == "export":
-            self.module = load_program(self.path, self.device)
-        elif fmt == "torchscript":
-            print(f"warning: {self.path} is TorchScript, which torch deprecates; export it again as a torch.export "
-                  f"program (the default of launch/export.py)", file=sys.stderr, flush=True)
+        self.modes = artifact_modes(meta)
+        self.default = meta.get("mode") or next(iter(self.modes))
+        if self.default not in self.modes:
+            raise ExportError(f"{d}: {ARTIFACT_JSON} names the default mode {self.default!r}, which it does not list; "
+                              f"export again")
+        if fmt == "torchscript":
+            print(f"warning: {d / str(meta.get('file', ''))} is TorchScript, which torch deprecates; export it again as a "
+                  f"torch.export program (the default of launch/export.py)", file=sys.stderr, flush=True)
+        self._runners = {}
+        for name in self.modes:
+            entry = meta if name == self.default else meta["modes"][name]  # the default mode's file is top-level
+            path = d / str(entry.get("file", ""))
+            if not path.is_file():
+                raise ExportError(f"{d}: the model file {path.name!r} named in {ARTIFACT_JSON} is missing; export again")
+            if expect_sha and entry.get("sha256") != sha256_file(path):
+                raise ExportError(f"{path} does not match the sha256 in {ARTIFACT_JSON} (damaged or replaced); "
+                                  f"export again")
+            self._runners[name] = self._load(path, self.modes[name].inputs, threads)
+        self.path = d / str(meta.get("file", ""))
+
+    def _load(self, path: Path, inputs: tuple, threads: int):
+        """A callable (*tensors) -> float tensor on the CPU, running the program in ``path``."""
+        if self.format == "export":
+            module = load_program(path, self.device)
+        elif self.format == "torchscript":
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")  # torch.jit.load's own deprecation warning: said above
-                    self.module = torch.jit.load(str(self.path), map_location=self.device).eval()
+                    module = torch.jit.load(str(path), map_location=self.device).eval()
             except RuntimeError as e:
-                raise ExportError(f"{self.path} is not a loadable TorchScript file ({str(e).splitlines()[0]})") from None
+                raise ExportError(f"{path} is not a loadable TorchScript file ({str(e).splitlines()[0]})") from None
         else:
             import onnxruntime as ort
 
@@ -307,13 +403,19 @@ class Artifact:
             try:
                 opts = ort.SessionOptions()
                 opts.intra_op_num_threads = threads  # 0 = onnxruntime's default (all cores)
-                self.session = ort.InferenceSession(str(self.path), opts, providers=providers)
+                session = ort.InferenceSession(str(path), opts, providers=providers)
             except Exception as e:  # noqa: BLE001 (onnxruntime raises its own exception types)
-                raise ExportError(f"{self.path} is not a loadable ONNX model ({e})") from None
+                raise ExportError(f"{path} is not a loadable ONNX model ({e})") from None
+            feed = [(t.name, getattr(torch, t.dtype)) for t in inputs]
+            return lambda *xs: torch.from_numpy(session.run(None, {n: x.to(dt).cpu().numpy()
+                                                                   for (n, dt), x in zip(feed, xs)})[0])
+        return lambda *xs: module(*(x.to(self.device) for x in xs)).float().cpu()
 
     @torch.no_grad()
-    def __call__(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        if self.format != "onnx":
-            return self.module(z.to(self.device), y.to(self.device)).float().cpu()
-        out = self.session.run(None, {"z": z.float().cpu().numpy(), "y": y.long().cpu().numpy()})[0]
-        return torch.from_numpy(out)
+    def run(self, mode: str, *inputs: torch.Tensor) -> torch.Tensor:
+        if mode not in self._runners:
+            raise ExportError(f"this artifact has no {mode!r} mode; its modes: {', '.join(self.modes)}")
+        return self._runners[mode](*inputs)
+
+    def __call__(self, *inputs: torch.Tensor) -> torch.Tensor:
+        return self.run(self.default, *inputs)

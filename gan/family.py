@@ -79,6 +79,56 @@ class StepContext(Protocol):
     def frozen(self, name: str) -> contextlib.AbstractContextManager[torch.nn.Module]: ...
 
 
+# ---------------------------------------------------------------- export and serving signature: types
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """One input or the output of a mode: ``shape`` starts with ``"N"`` (the batch, dynamic); ``kind`` is
+    ``noise`` (z ~ N(0, I)), ``class`` (int64 indices), ``unused`` (int64 indices the network ignores: an
+    unconditional VAE keeps the class in its signature; servers pass zeros) or ``image`` (float32 in [-1, 1])."""
+    name: str
+    dtype: str
+    shape: tuple
+    kind: str
+
+    def to_json(self) -> dict:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape), "kind": self.kind}
+
+
+@dataclasses.dataclass(frozen=True)
+class Mode:
+    """A way to run the exported network: its name (the server's ``POST /<name>``), inputs and output."""
+    name: str
+    inputs: tuple[TensorSpec, ...]
+    output: TensorSpec
+    doc: str = ""
+
+    def input(self, kind: str) -> TensorSpec | None:
+        """The input of this kind, or None."""
+        return next((t for t in self.inputs if t.kind == kind), None)
+
+    def to_json(self) -> dict:
+        return {"inputs": [t.to_json() for t in self.inputs], "output": self.output.to_json(), "doc": self.doc}
+
+    @classmethod
+    def from_json(cls, name: str, d: dict) -> "Mode":
+        """The mode as artifact.json records it (:meth:`to_json`)."""
+        spec = lambda t: TensorSpec(t["name"], t["dtype"], tuple(t["shape"]), t["kind"])  # noqa: E731
+        return cls(name, tuple(spec(t) for t in d["inputs"]), spec(d["output"]), d.get("doc", ""))
+
+
+def image_tensor(name: str, channels: int, size: int) -> TensorSpec:
+    return TensorSpec(name, "float32", ("N", channels, size, size), "image")
+
+
+def class_tensor(used: bool = True) -> TensorSpec:
+    return TensorSpec("y", "int64", ("N",), "class" if used else "unused")
+
+
+def noise_tensor(dim: int) -> TensorSpec:
+    return TensorSpec("z", "float32", ("N", dim), "noise")
+# ---------------------------------------------------------------- end of export and serving signature: types
+
+
 class Family:
     """Base class of a model family; one instance per run, built from the whole config."""
 
@@ -133,6 +183,33 @@ class Family:
         raise NotImplementedError
 
 
+    # ================================================================ export and serving signature
+    # (gan.export writes one program per mode; gan.serve answers POST /<mode>; docs/CONTRACTS.md)
+    def modes(self) -> tuple[Mode, ...]:
+        """The ways the exported (EMA) network is run, the first the default: each mode's inputs (batch
+        dimension ``N`` dynamic) and output. The GAN: ``generate`` (z, class); the VAE: ``generate`` and
+        ``reconstruct``; pix2pix: ``translate``."""
+        raise NotImplementedError
+
+    def mode_inputs(self, mode: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        """Inputs of ``mode`` for a batch of ``batch`` (CPU, drawn from ``seed`` with a local generator):
+        what the export traces, checks parity on and (noise and classes only) calibrates int8 with."""
+        raise NotImplementedError
+
+    def mode_forward(self, net: torch.nn.Module, mode: str) -> torch.nn.Module:
+        """A module whose ``forward(*inputs)`` runs ``mode`` on ``net`` (the eval-mode EMA network):
+        images in [-1, 1]. It is what gets exported, so it holds ``net`` as a submodule."""
+        raise NotImplementedError
+
+    def mode(self, name: str) -> Mode:
+        """The mode called ``name``; KeyError naming the family's modes otherwise."""
+        for m in self.modes():
+            if m.name == name:
+                return m
+        raise KeyError(f"family {self.name} has no mode {name!r}; its modes: {', '.join(m.name for m in self.modes())}")
+    # ================================================================ end of export and serving signature
+
+
 FAMILIES: dict[str, type[Family]] = {}
 
 
@@ -173,4 +250,4 @@ def build_family(cfg) -> Family:
 
 
 __all__ = ["Family", "FAMILIES", "OptimSpec", "StepContext", "register_family", "get_family", "build_family",
-           "family_names"]
+           "family_names", "Mode", "TensorSpec", "image_tensor", "class_tensor", "noise_tensor"]

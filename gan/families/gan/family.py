@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from gan.families.gan.config import LossConfig, ModelConfig
-from gan.family import Family, OptimSpec, register_family
+from gan.family import Family, Mode, OptimSpec, class_tensor, image_tensor, noise_tensor, register_family
 
 
 @register_family
@@ -87,3 +87,17 @@ class GAN(Family):
         and checks parity with, drawn the same way)."""
         m, gen = self.cfg.model, torch.Generator().manual_seed(seed)
         return torch.randn(batch, m.z_dim, generator=gen), torch.arange(batch) % m.num_classes
+
+    # ================================================================ export and serving signature
+    def modes(self) -> tuple[Mode, ...]:
+        m = self.cfg.model
+        return (Mode("generate", (noise_tensor(m.z_dim), class_tensor()), image_tensor("images", m.img_channels, m.img_size),
+                     "images of a class from noise z"),)
+
+    def mode_inputs(self, mode: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        self.mode(mode)
+        return self.example_inputs(batch, seed)
+
+    def mode_forward(self, net: torch.nn.Module, mode: str) -> torch.nn.Module:
+        self.mode(mode)
+        return net  # G(z, y) itself

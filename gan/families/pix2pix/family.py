@@ -19,7 +19,7 @@ import torch
 
 from gan.config import ConfigError, _check
 from gan.families.pix2pix.config import Pix2PixConfig, Pix2PixLossConfig
-from gan.family import Family, OptimSpec, register_family
+from gan.family import Family, Mode, OptimSpec, image_tensor, register_family
 
 WHO = "pix2pix (family: pix2pix)"
 
@@ -127,3 +127,17 @@ class Pix2Pix(Family):
         m = self.cfg.model
         gen = torch.Generator().manual_seed(seed)
         return (torch.rand(batch, m.in_channels, m.img_size, m.img_size, generator=gen) * 2 - 1,)
+
+    # ================================================================ export and serving signature
+    def modes(self) -> tuple[Mode, ...]:
+        m = self.cfg.model
+        return (Mode("translate", (image_tensor("image", m.in_channels, m.img_size),),
+                     image_tensor("images", m.out_channels, m.img_size), "the translated image (input -> output)"),)
+
+    def mode_inputs(self, mode: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        self.mode(mode)
+        return self.example_inputs(batch, seed)
+
+    def mode_forward(self, net: torch.nn.Module, mode: str) -> torch.nn.Module:
+        self.mode(mode)
+        return net  # the U-Net, image -> image

@@ -2,8 +2,9 @@
 the negative ELBO with a weighted, warmed-up KL term (gan.families.vae.losses), one update per step,
 with an EMA copy for pictures and export. Config sections: ``model`` (VAEConfig) and ``loss``
 (VAELossConfig); the optimizer is the spine's ``optim`` section with ``optim.lr_g`` and
-``optim.betas_g`` (the VAE generates, as G does). Export and serving: prior samples from ``(z, class)``,
-the GAN's signature, with the class ignored unless ``model.conditional``."""
+``optim.betas_g`` (the VAE generates, as G does). Export and serving modes: ``generate`` (prior samples from ``(z, class)``, the GAN's signature) and
+``reconstruct`` (``(image, class)`` -> the decoded posterior mean); the class is ignored unless
+``model.conditional``."""
 from __future__ import annotations
 
 import torch
@@ -11,7 +12,26 @@ import torch
 from gan.config import ConfigError
 from gan.families.vae.config import VAEConfig, VAELossConfig
 from gan.families.vae.losses import kl_weight, vae_loss
-from gan.family import Family, OptimSpec, register_family
+from gan.family import Family, Mode, OptimSpec, class_tensor, image_tensor, noise_tensor, register_family
+
+
+class _Generate(torch.nn.Module):
+    """(z, y) -> images decoded from z (y used by a conditional decoder only)."""
+
+    def __init__(self, vae: torch.nn.Module, conditional: bool):
+        super().__init__()
+        self.vae, self.conditional = vae, conditional
+
+    def forward(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.vae.to_image(self.vae.decode(z, y if self.conditional else None))
+
+
+class _Reconstruct(_Generate):
+    """(image, y) -> the decoded posterior mean of the image (deterministic)."""
+
+    def forward(self, image: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        mu, _ = self.vae.encode(image)
+        return super().forward(mu, y)
 
 
 @register_family
@@ -73,3 +93,23 @@ class VAEFamily(Family):
     def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, y)``: z float32 (batch, model.latent_dim) from N(0, I), y int64 class indices."""
         return self._prior(batch, seed, "cpu")
+
+    # ================================================================ export and serving signature
+    def modes(self) -> tuple[Mode, ...]:
+        m = self.cfg.model
+        img, y = image_tensor("images", m.img_channels, m.img_size), class_tensor(used=m.conditional)
+        return (Mode("generate", (noise_tensor(m.latent_dim), y), img, "samples of the prior z ~ N(0, I)"),
+                Mode("reconstruct", (image_tensor("image", m.img_channels, m.img_size), y), img,
+                     "the image encoded, its posterior mean decoded"))
+
+    def mode_inputs(self, mode: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+        self.mode(mode)
+        z, y = self._prior(batch, seed, "cpu")
+        if mode == "generate":
+            return z, y
+        m, gen = self.cfg.model, torch.Generator().manual_seed(seed)
+        return torch.rand(batch, m.img_channels, m.img_size, m.img_size, generator=gen) * 2 - 1, y
+
+    def mode_forward(self, net: torch.nn.Module, mode: str) -> torch.nn.Module:
+        self.mode(mode)
+        return (_Generate if mode == "generate" else _Reconstruct)(net, self.cfg.model.conditional)
