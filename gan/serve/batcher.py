@@ -1,7 +1,9 @@
 """Dynamic batching: requests wait in a bounded asyncio queue; one worker takes the first, gathers more
 until ``max_batch`` images or ``max_wait_ms`` have passed, runs ONE forward pass, and splits the result.
 A full queue raises :class:`QueueFull` (the app answers 503 + Retry-After). ``max_batch=0`` turns
-batching off: one forward pass per request.
+batching off: one forward pass per request. A model with several modes (the VAE's generate and
+reconstruct) passes a dict of forward functions by mode; requests of different modes never share a
+forward pass (the next one of another mode leads the next batch), and all share one queue and thread.
 
 Nothing heavy runs on the event loop, which only parses and answers HTTP. The forward passes run one
 at a time in the batcher's forward thread (torch has its own intra-op threads); each request's
@@ -52,12 +54,13 @@ class Batcher:
             if pool:
                 pool.shutdown(wait=True)
 
-    async def submit(self, z: torch.Tensor, y: torch.Tensor, finish=None):
+    async def submit(self, z: torch.Tensor, y: torch.Tensor | None = None, finish=None, mode: str | None = None):
         """This request's images, ``model(z, y)`` (N, ...), or ``finish(images)`` computed in the batcher's
-        encoder thread after the forward pass (an exception in it fails this request only)."""
+        encoder thread after the forward pass (an exception in it fails this request only). ``z``: the batched
+        input (noise or images), ``y``: classes or None; ``mode``: the key of ``model`` when it is a dict."""
         fut = asyncio.get_running_loop().create_future()
         try:
-            self.queue.put_nowait((z, y, fut, finish))
+            self.queue.put_nowait((z, y, fut, finish, mode))
         except asyncio.QueueFull:
             self.rejected += 1
             raise QueueFull(f"{self.queue.maxsize} requests are already waiting") from None
@@ -84,7 +87,7 @@ class Batcher:
                     break
             else:
                 nxt = self.queue.get_nowait()
-            if n + len(nxt[0]) > self.max_batch:  # would overflow: it leads the next batch
+            if n + len(nxt[0]) > self.max_batch or nxt[4] != items[0][4]:  # overflow or another mode: it leads the next batch
                 self._carry = nxt
                 break
             items.append(nxt)
@@ -93,14 +96,17 @@ class Batcher:
 
     def _run(self, items: list) -> list:
         """Forward thread: one forward pass for all ``items``; each request's part of the output."""
-        out = self.model(torch.cat([it[0] for it in items]), torch.cat([it[1] for it in items]))
+        mode = items[0][4]
+        model = self.model[mode] if isinstance(self.model, dict) else self.model
+        y = None if items[0][1] is None else torch.cat([it[1] for it in items])
+        out = model(torch.cat([it[0] for it in items]), y)
         return list(out.split([len(it[0]) for it in items]))
 
     @staticmethod
     def _finish_all(parts: list, items: list) -> list:
         """Encoder thread: each request's ``finish`` on its part; one ``(ok, value or exception)`` each."""
         results = []
-        for part, (_, _, _, finish) in zip(parts, items):
+        for part, (_, _, _, finish, _) in zip(parts, items):
             try:
                 results.append((True, finish(part) if finish else part))
             except Exception as e:  # noqa: BLE001 (that request gets its own error)

@@ -1,4 +1,5 @@
-"""What the server runs: a generator loaded from an exported artifact or from a run directory, and the
+"""What the server runs: the modes of a network (its family's: the GAN's generate, the VAE's generate and
+reconstruct, pix2pix's translate) loaded from an exported artifact or from a run directory, and the
 request's latent codes.
 
 z of a request comes from its own seed only (``torch.Generator().manual_seed(seed)``), so the same
@@ -32,16 +33,22 @@ def latents(n: int, z_dim: int, seed: int, truncation: float | None) -> torch.Te
 
 
 class ServedModel:
-    """``model(z, y)`` -> float (N, C, H, W) in [-1, 1] on the CPU, plus ``info`` for /info."""
+    """``model.run(mode, *inputs)`` -> float (N, C, H, W) in [-1, 1] on the CPU; ``model(z, y)`` is the
+    generate mode. ``modes``: {name: gan.family.Mode} in the family's order; ``info`` for /info."""
 
-    def __init__(self, fn, info: dict):
-        self.fn, self.info = fn, info
-        self.z_dim = int(info["z_dim"])
-        self.class_names = list(info["class_names"])
+    def __init__(self, runners: dict, modes: dict, info: dict):
+        self.runners, self.modes = runners, modes
+        generate = modes.get("generate")
+        self.z_dim = int(generate.input("noise").shape[1]) if generate else None
+        self.class_names = list(info.get("class_names") or [])
+        self.info = {**info, "modes": {n: m.to_json() for n, m in modes.items()}}
+
+    def run(self, mode: str, *inputs: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return self.runners[mode](*inputs).float().cpu()
 
     def __call__(self, z: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return self.fn(z, y).float().cpu()
+        return self.run("generate", z, y)
 
 
 def load_artifact(directory: str | Path, device: str = "cpu") -> ServedModel:
@@ -58,11 +65,12 @@ def load_artifact(directory: str | Path, device: str = "cpu") -> ServedModel:
     m = art.meta
     info = {k: m.get(k) for k in ("model", "z_dim", "num_classes", "class_names", "image_shape", "step", "metrics",
                                   "format", "quantize", "run", "label")}
-    return ServedModel(art, {**info, "source": str(d), "device": device})
+    runners = {name: (lambda *xs, name=name: art.run(name, *xs)) for name in art.modes}
+    return ServedModel(runners, art.modes, {"family": m.get("family", "gan"), **info, "source": str(d), "device": device})
 
 
 def load_run(run_dir: str | Path, device: str = "cpu", best: bool = False) -> ServedModel:
-    """The run's newest export (RUN/export) or its best (RUN/best), eager."""
+    """The run's newest export (RUN/export) or its best (RUN/best), eager, every mode of its family."""
     from gan.checkpoint import CheckpointError
     from gan.config import ConfigError
     from gan.data import class_names
@@ -73,10 +81,21 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = False) -> Se
         loaded = load_generator(run_dir, pick_weights(run_dir, None, best), device)
     except (ExportError, MetricError, CheckpointError, ConfigError) as e:
         raise ModelError(str(e)) from None
-    m = loaded.cfg.model
-    G = bake(loaded.G).to(device)
-    info = {"model": m.name, "z_dim": m.z_dim, "num_classes": m.num_classes, "class_names": class_names(loaded.cfg.data.shards, m.num_classes),
-            "image_shape": [m.img_channels, m.img_size, m.img_size], "step": loaded.step,
+    m, family = loaded.cfg.model, loaded.family
+    net = bake(loaded.G).to(device)
+    modes = {mode.name: mode for mode in family.modes()}
+    runners = {}
+    for name in modes:
+        forward = family.mode_forward(net, name)
+        runners[name] = lambda *xs, f=forward: f(*(x.to(device) for x in xs))
+    classes = any(t.kind == "class" for mode in modes.values() for t in mode.inputs)
+    first = next(iter(modes.values()))
+    generate = modes.get("generate")
+    info = {"family": family.name, "model": getattr(m, "name", family.name),
+            "z_dim": int(generate.input("noise").shape[1]) if generate else None,
+            "num_classes": m.num_classes if classes else None,
+            "class_names": class_names(loaded.cfg.data.shards, m.num_classes) if classes else [],
+            "image_shape": list(first.output.shape[1:]), "step": loaded.step,
             "metrics": run_metrics(run_dir, loaded.label), "format": "eager", "quantize": "none",
             "run": str(run_dir), "label": loaded.label, "source": str(loaded.source), "device": device}
-    return ServedModel(lambda z, y: G(z.to(device), y.to(device)), info)
+    return ServedModel(runners, modes, info)
