@@ -27,6 +27,7 @@ emulates them. What each does to speed and images: docs/benchmarks.md.
 """
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import sys
@@ -122,10 +123,13 @@ def example_inputs(z_dim: int, num_classes: int, n: int = 4, seed: int = 0) -> t
     return torch.randn(n, z_dim, generator=g), torch.arange(n) % num_classes
 
 
-def _batch_dims(n_inputs: int) -> tuple[dict, ...]:
-    """Every input's first dimension is the same dynamic batch (positional, one dict per input)."""
+def _batch_dims(module: torch.nn.Module, n_inputs: int) -> tuple:
+    """Every input's first dimension is the same dynamic batch: one dict per input, positional (nested once
+    for a ``forward(*inputs)``, as Bf16Autocast's, which torch.export reads as one argument)."""
     batch = torch.export.Dim("batch", min=1, max=MAX_BATCH)
-    return tuple({0: batch} for _ in range(n_inputs))
+    dims = tuple({0: batch} for _ in range(n_inputs))
+    params = inspect.signature(module.forward).parameters.values()
+    return (dims,) if any(p.kind is p.VAR_POSITIONAL for p in params) else dims
 
 
 def program_file(mode: str, fmt: str) -> str:
@@ -136,7 +140,7 @@ def program_file(mode: str, fmt: str) -> str:
 
 def save_program(G, inputs: tuple, path: Path) -> None:
     """A torch.export program with a dynamic batch dimension, written atomically."""
-    prog = torch.export.export(G, tuple(inputs), dynamic_shapes=_batch_dims(len(inputs)))
+    prog = torch.export.export(G, tuple(inputs), dynamic_shapes=_batch_dims(G, len(inputs)))
     tmp = path.with_name(f".tmp-{path.name}")
     torch.export.save(prog, str(tmp))
     tmp.replace(path)
@@ -207,7 +211,7 @@ def save_onnx(G, inputs: tuple, names: list[str], path: Path, quantize: str, cal
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         prog = torch.onnx.export(G, tuple(inputs), input_names=list(names), output_names=["images"],
-                                 dynamic_shapes=_batch_dims(len(inputs)), dynamo=True, verbose=False)
+                                 dynamic_shapes=_batch_dims(G, len(inputs)), dynamo=True, verbose=False)
     prog.save(str(tmp))
     if quantize != "none":
         from onnxruntime.quantization import QuantFormat, QuantType, quantize_dynamic as ort_qd, quantize_static
