@@ -283,6 +283,10 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quan
                               f"real images to calibrate on (not offered). Export them with --quantize none, int8 or "
                               f"bf16" + (", or pick --modes generate" if "generate" in names else ""))
     base = bake(loaded.G)
+    if fmt == "export" and quantize == "int8" and any(isinstance(x, torch.nn.Linear) for x in base.modules()):
+        raise ExportError(f"--quantize int8 --format export: torch.export cannot capture torch's dynamically "
+                          f"quantized Linear layers, and the {family.name} network has some; use --format onnx "
+                          f"--quantize int8 (onnxruntime's), or --format torchscript --quantize int8")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     entries = {}

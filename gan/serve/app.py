@@ -124,8 +124,9 @@ def create_app(model, max_batch: int = 64, max_wait_ms: float = 5.0, max_queue: 
         y = mode.input("class") or mode.input("unused")
         if y is None or y.kind == "unused":
             if value is not None:
-                return None, error(422, "class", f"class: this {family} model's {mode.name} takes no class (its "
-                                                 f"decoder is not class-conditional); leave class out")
+                why = " (its decoder is not class-conditional)" if y is not None else ""
+                return None, error(422, "class", f"class: this {family} model's {mode.name} takes no class{why}; "
+                                                 f"leave class out")
             return (torch.zeros(n, dtype=torch.long) if y is not None else None), None
         if value is None or value == "":
             return None, error(422, "class", f"class: required: this model's {mode.name} is class-conditional")
