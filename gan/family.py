@@ -37,6 +37,9 @@ The contract, in short (docs/CONTRACTS.md has it in full):
   int64 labels) and ``(a, b, y)`` for paired shards (input, target, label). The family unpacks.
 - :meth:`Family.pictures`: the grid logged during training; :meth:`Family.generate` /
   :meth:`Family.example_inputs`: sampling, export and serving of the EMA (or only) network.
+- :meth:`Family.modes` / :meth:`Family.mode_inputs` / :meth:`Family.mode_forward` (one block, "export and
+  serving signature"): the ways the EMA network runs (:class:`Mode`: inputs and output), one exported
+  program and one ``POST /<mode>`` each.
 """
 from __future__ import annotations
 
@@ -181,7 +184,6 @@ class Family:
         """Inputs of the exported network for a batch of ``batch`` (CPU, drawn from ``seed`` with a local
         generator): its export and serving signature (the GAN: ``(z, class)``; translation: ``(image,)``)."""
         raise NotImplementedError
-
 
     # ================================================================ export and serving signature
     # (gan.export writes one program per mode; gan.serve answers POST /<mode>; docs/CONTRACTS.md)

@@ -6,7 +6,8 @@ default) or ONNX; optionally int8 or bf16. (TorchScript, which torch deprecates,
 
     python launch/export.py --run runs/cdcgan --out artifacts/cdcgan
     python launch/export.py --run runs/cifar10_vae --out artifacts/cifar10_vae
-    python launch/export.py --run runs/cifar10_vae --modes generate --format onnx --quantize int8-static --out artifacts/vae-int8s
+    python launch/export.py --run runs/cifar10_vae --modes generate --format onnx --quantize int8-static \
+        --out artifacts/vae-int8s
     python launch/export.py --run runs/cdcgan --best --format onnx --out artifacts/cdcgan-onnx
     python launch/export.py --run runs/biggan --quantize int8 --out artifacts/biggan-int8
     python launch/export.py --run runs/biggan --format onnx --quantize int8-static --out artifacts/biggan-int8s
@@ -39,7 +40,8 @@ def main(argv=None) -> int:
     src.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or an export's <net>_ema.safetensors file")
     src.add_argument("--best", action="store_true", help="RUN/best (the best evaluation during training)")
     p.add_argument("--format", default=FORMATS[0], choices=FORMATS,
-                   help="export: torch.export programs, generator.pt2 / <mode>.pt2 (default); onnx; torchscript (deprecated)")
+                   help="export: torch.export programs, generator.pt2 / <mode>.pt2 (default); onnx; "
+                        "torchscript (deprecated)")
     p.add_argument("--quantize", default="none", choices=QUANTIZE,
                    help="int8: dynamic; int8-static: ONNX only; bf16: not ONNX (docs/benchmarks.md)")
     p.add_argument("--modes", default="", help="comma-separated modes to export (default: all of the family's)")

@@ -87,7 +87,8 @@ class Batcher:
                     break
             else:
                 nxt = self.queue.get_nowait()
-            if n + len(nxt[0]) > self.max_batch or nxt[4] != items[0][4]:  # overflow or another mode: it leads the next batch
+            if n + len(nxt[0]) > self.max_batch or nxt[4] != items[0][4]:  # overflow, or another mode:
+                # it leads the next batch
                 self._carry = nxt
                 break
             items.append(nxt)

@@ -91,8 +91,8 @@ class GAN(Family):
     # ================================================================ export and serving signature
     def modes(self) -> tuple[Mode, ...]:
         m = self.cfg.model
-        return (Mode("generate", (noise_tensor(m.z_dim), class_tensor()), image_tensor("images", m.img_channels, m.img_size),
-                     "images of a class from noise z"),)
+        return (Mode("generate", (noise_tensor(m.z_dim), class_tensor()),
+                     image_tensor("images", m.img_channels, m.img_size), "images of a class from noise z"),)
 
     def mode_inputs(self, mode: str, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
         self.mode(mode)

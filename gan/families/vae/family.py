@@ -2,9 +2,9 @@
 the negative ELBO with a weighted, warmed-up KL term (gan.families.vae.losses), one update per step,
 with an EMA copy for pictures and export. Config sections: ``model`` (VAEConfig) and ``loss``
 (VAELossConfig); the optimizer is the spine's ``optim`` section with ``optim.lr_g`` and
-``optim.betas_g`` (the VAE generates, as G does). Export and serving modes: ``generate`` (prior samples from ``(z, class)``, the GAN's signature) and
-``reconstruct`` (``(image, class)`` -> the decoded posterior mean); the class is ignored unless
-``model.conditional``."""
+``optim.betas_g`` (the VAE generates, as G does). Export and serving modes: ``generate`` (prior
+samples from ``(z, class)``, the GAN's signature) and ``reconstruct`` (``(image, class)`` -> the
+decoded posterior mean); the class is ignored unless ``model.conditional``."""
 from __future__ import annotations
 
 import torch
