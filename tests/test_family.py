@@ -102,7 +102,7 @@ def test_a_new_family_trains_checkpoints_and_resumes_exactly(tmp_path, tiny_shar
     rows = [json.loads(line) for line in (straight / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "Loss/ae/mse" in r] == [1, 2, 3, 4]
     assert all("GradNorm/ae" in r and "LR/ae" in r for r in rows if "Loss/ae/mse" in r)
-    assert (straight / "export" / "G_ema.safetensors").is_file()  # the EMA network's export
+    assert sorted(p.name for p in (straight / "export").iterdir()) == ["ae_ema.safetensors", "model.json"]  # named after the EMA network
 
     fit_in_process(toy_config(tiny_shards, "train.max_steps=2"), resumed)
     fit_in_process(toy_config(tiny_shards, "train.max_steps=4"), resumed, resume="auto")
