@@ -186,7 +186,7 @@ def run_recipe(name: str, args, device) -> dict:
 def family_config(family: str, args):
     """The family's CPU recipe on the given shards: fp32, no loader workers (the batch is in memory), no trackers."""
     shards = args.paired_shards if family == "pix2pix" else args.shards
-    sets = [f"data.shards={shards}", "data.num_workers=0", "log.progress=false", "log.with=",
+    sets = [f"data.shards={shards}", "data.dataset=", "data.num_workers=0", "log.progress=false", "log.with=",
             "train.mixed_precision=no", f"train.max_steps={args.warmup + args.steps + 1}"]
     if family == "pix2pix":
         sets.append(f"val.shards={shards}")

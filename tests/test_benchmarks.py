@@ -1,5 +1,7 @@
-"""The GPU benchmark scripts stay runnable: a CPU smoke run of benchmarks/train_throughput.py (no
-figure is judged here, timings belong in docs/benchmarks.md; the FLOP count is exact and is)."""
+"""The benchmark scripts stay runnable: CPU smoke runs of benchmarks/train_throughput.py (the GAN recipes, and
+every family on 1 and 2 ranks), benchmarks/gpu_check.py and benchmarks/fixed_budget.py's step budget (ours
+vs the plain reference loops). No figure is judged here, timings belong in docs/benchmarks.md; the FLOP
+count is exact and is, and the produced numbers' structure and finiteness are."""
 from __future__ import annotations
 
 import importlib.util
@@ -10,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -85,3 +88,114 @@ def test_gpu_check_bad_input_and_a_spent_budget(tmp_path):
     assert rep["environment"]["device"] == "cpu"
     md = (out / "report.md").read_text()
     assert md.count("Skipped: budget") == len(parts)
+
+
+# ---------------------------------------------------------------------------- the model families' benchmarks
+@pytest.fixture(scope="module")
+def families_data(tmp_path_factory, tiny_shards) -> dict[str, Path]:
+    """Real shards for every family's recipe: tiny10 images (gan, vae) and gray -> colour pairs of the same
+    kind of images, 1x32x32 inputs as the sketch recipe's (pix2pix), a training and a held-out set of each."""
+    from conftest import build_tiny, tiny_images
+    from data_shards import Source, build_shards
+
+    root = tmp_path_factory.mktemp("families")
+
+    def pairs(out: Path, n: int, seed: int) -> Path:
+        imgs, labels = tiny_images(n, 3, 32, seed=seed)
+        gray = imgs.mean(axis=1, keepdims=True).astype(np.uint8)
+        src = Source("tiny-pairs", tuple(f"class{k}" for k in range(10)), (3, 32, 32), labels,
+                     load=lambda i: (gray[i], imgs[i]), describe=str, input_shape=(1, 32, 32))
+        build_shards(src, out, "train", "tiny-pairs", shard_size=40, log=None)
+        return out
+
+    return {"images": tiny_shards, "images_val": build_tiny(root / "val", 40, 3, 32, 40, "tiny10", split="test"),
+            "pairs": pairs(root / "pairs", 80, 0), "pairs_val": pairs(root / "pairs_val", 24, 1)}
+
+
+@pytest.mark.slow
+def test_family_throughput_on_1_and_2_ranks(tmp_path, families_data):
+    """--families: one row per family and process count, ours measured everywhere, the plain loop beside it
+    in one process; 2 ranks run as 2 gloo processes (world size and threads reported as they ran)."""
+    out = tmp_path / "families.json"
+    r = subprocess.run([sys.executable, "benchmarks/train_throughput.py", "--families", "gan,vae,pix2pix",
+                        "--ranks", "1,2", "--shards", str(families_data["images"]), "--paired-shards",
+                        str(families_data["pairs"]), "--steps", "1", "--warmup", "1", "--batch-size", "4",
+                        "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads(out.read_text())
+    rows = {(row["family"], row["world_size"]): row for row in report["rows"]}
+    assert set(rows) == {(f, w) for f in ("gan", "vae", "pix2pix") for w in (1, 2)}
+    for (family, world), row in rows.items():
+        assert row["batch_size"] == 4 and row["steps"] == 1 and row["repeats"] == 1 and row["threads_per_rank"] >= 1
+        assert math.isfinite(row["img_per_s_ours"]) and row["img_per_s_ours"] > 0
+        assert row["ours_range"][0] <= row["img_per_s_ours"] <= row["ours_range"][1]
+        if world == 1:
+            assert math.isfinite(row["img_per_s_plain"]) and row["img_per_s_plain"] > 0
+        else:
+            assert row["img_per_s_plain"] is None
+    assert rows[("gan", 1)]["recipe"] == "configs/debug_cpu.yaml" and rows[("pix2pix", 2)]["recipe"].endswith("pix2pix.yaml")
+    assert len(report["load_average"]["start"]) == 3 and "plain loop img/s" in r.stdout
+
+
+def _steps_budget(out, data, *extra, seeds="0,1"):
+    cmd = [sys.executable, "benchmarks/fixed_budget.py", "--out", str(out), "--steps", "2", "--seeds", seeds,
+           "--recipes", "vae,pix2pix", "--set", "data.num_workers=0", "--set", "train.batch_size=4",
+           "--set", "data.dataset=", "--set", "log.progress=false", "--set", "log.with=",
+           "--set", f"vae:data.shards={data['images']}", "--val", f"vae={data['images_val']}",
+           "--set", f"pix2pix:data.shards={data['pairs']}", "--set", f"pix2pix:val.shards={data['pairs_val']}", *extra]
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+@pytest.mark.slow
+def test_fixed_step_budget_ours_vs_reference(tmp_path, families_data):
+    """--steps: each seed trains through our trainer and the plain reference loop; the held-out measures of
+    ours, ours' EMA and the reference are finite, per seed and as mean and spread; a second call trains
+    nothing again."""
+    out = tmp_path / "steps"
+    r = _steps_budget(out, families_data)
+    assert r.returncode == 0, r.stdout + r.stderr
+    report = json.loads((out / "fixed_budget.json").read_text())
+    assert report["steps"] == 2 and report["seeds"] == [0, 1]
+    measures = {"vae": ["recon_mse", "psnr", "ssim", "kl", "bits_per_dim"], "pix2pix": ["l1", "mse", "psnr", "ssim"]}
+    rows = report["rows"]
+    assert len(rows) == 2 * 2 * 3  # recipes x seeds x (ours, ours_ema, reference)
+    for row in rows:
+        assert row["steps"] == 2 and row["batch_size"] == 4 and row["loop_seconds"] > 0 and row["process_seconds"] > 0
+        assert list(row["metrics"]) == measures[row["recipe"]], row
+        assert all(math.isfinite(v) for v in row["metrics"].values()), row
+        assert row["val_samples"] == (40 if row["recipe"] == "vae" else 24)
+    summary = {(s["recipe"], s["trainer"]): s for s in report["summary"]}
+    assert set(summary) == {(r, t) for r in measures for t in ("ours", "ours_ema", "reference")}
+    for (recipe, _), s in summary.items():
+        assert s["seeds"] == [0, 1] and s["metrics"] == measures[recipe]
+        for name in measures[recipe]:
+            mean, sd = s["mean_sd"][name]
+            assert math.isfinite(mean) and math.isfinite(sd) and sd >= 0
+    table = (out / "fixed_budget.md").read_text()
+    assert "| reference loop | 0,1 | 2 | 4 |" in table and "| ours (EMA) | 0,1 | 2 | 4 |" in table and "bits_per_dim" in table
+    for recipe in measures:
+        assert (out / f"fixed_budget_{recipe}.png").stat().st_size > 1000
+    stamp = (out / "vae" / "seed-0" / "reference" / "result.json").stat().st_mtime_ns
+    r = _steps_budget(out, families_data)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "reference_loops.py" not in r.stdout and "launch/train.py" not in r.stdout  # nothing trained again
+    assert (out / "vae" / "seed-0" / "reference" / "result.json").stat().st_mtime_ns == stamp
+
+
+def test_fixed_step_budget_bad_input_fails_before_any_work(tmp_path, families_data):
+    out = tmp_path / "bad"
+    cases = [
+        (["--recipes", "vae", "--steps", "2", "--out", str(out)], "pass --val vae=DIR"),
+        (["--recipes", "vae", "--out", str(out)], "vae: measured at a step budget"),
+        (["--recipes", "pix2pix", "--steps", "2", "--deadline", "5", "--out", str(out)], "--deadline works with --minutes"),
+        (["--recipes", "vae", "--steps", "2", "--set", "vea:train.seed=1", "--out", str(out)], "--set vea:...: not a recipe"),
+        (["--recipes", "vae", "--steps", "2", "--seeds", "a,b", "--val", f"vae={families_data['images_val']}",
+          "--out", str(out)], "--seeds 'a,b'"),
+        (["--recipes", "vae", "--steps", "2", "--val", f"vae={tmp_path / 'nope'}", "--out", str(out)], "held-out shards"),
+    ]
+    for args, message in cases:
+        r = subprocess.run([sys.executable, "benchmarks/fixed_budget.py", *args], cwd=ROOT, capture_output=True,
+                           text=True, timeout=300)
+        assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
+    assert not out.exists()
