@@ -252,6 +252,8 @@ def run_cell(family: str, world: int, args, tmp: Path) -> dict:
     launcher = [sys.executable] if world == 1 else \
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(world)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "PYTHONPATH": str(ROOT)}
+    if args.threads:  # else: torch's default for one process, torchrun's 1 per rank for several
+        env["OMP_NUM_THREADS"] = str(args.threads)
     r = subprocess.run(launcher + worker, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{family} on {world} rank(s) failed (exit {r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
@@ -317,6 +319,8 @@ def main(argv=None) -> int:
     fam.add_argument("--shards", default="data/shards/cifar10-train", help="single-image shards (gan, vae)")
     fam.add_argument("--paired-shards", default="data/shards/cifar10-sketch-train", help="paired shards (pix2pix)")
     fam.add_argument("--repeats", type=int, default=1, help="rounds over every cell; the median is reported")
+    fam.add_argument("--threads", type=int, default=0, help="torch threads per rank (default: 1 process takes "
+                     "torch's default, torchrun gives each of several ranks 1)")
     fam.add_argument("--family-worker", default="", help=argparse.SUPPRESS)
     fam.add_argument("--run-dir", default="", help=argparse.SUPPRESS)
     args = p.parse_args(argv)
