@@ -20,7 +20,7 @@ family runs beside ours (the GAN: the eager loop above; the VAE and pix2pix: ben
 img/s counts the real images (pairs, for pix2pix) the step consumes on all ranks.
 
     python benchmarks/train_throughput.py --families gan,vae,pix2pix --ranks 1,2 \
-        --shards CIFAR10_TRAIN --paired-shards SKETCH_TRAIN --steps 10 --warmup 2 --batch-size 32
+        --threads 1 --shards CIFAR10_TRAIN --paired-shards SKETCH_TRAIN --steps 5 --warmup 1 --batch-size 32
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -257,8 +258,6 @@ def run_cell(family: str, world: int, args, tmp: Path) -> dict:
     r = subprocess.run(launcher + worker, cwd=ROOT, env=env, capture_output=True, text=True)
     if r.returncode != 0:
         raise RuntimeError(f"{family} on {world} rank(s) failed (exit {r.returncode}):\n{r.stdout[-3000:]}{r.stderr[-3000:]}")
-    import shutil
-
     shutil.rmtree(run, ignore_errors=True)
     return json.loads(out.read_text())
 
