@@ -135,6 +135,8 @@ class Checkpointer:
             self.save()
 
     def save(self) -> Path:
+        if self.ema is not None:  # the EMA's own BatchNorm statistics, so that the checks below cover them
+            self.ema.refresh()
         nets = self.nets()
         self.guard.check(nets)  # collective; a stop leaves the last good checkpoint the newest
         broadcast_buffers(list(nets.values()))  # collective

@@ -91,12 +91,16 @@ class EMAConfig:
     """How the EMA generator follows G (gan.ema). ``rampup``: the EMA's half-life is
     ``min(half_life_kimg * 1000, rampup * images seen)`` images (stylegan2-ada's ema_kimg/ema_rampup), so
     an early EMA tracks G closely and a late one averages over ``half_life_kimg``. ``warmup``: the decay
-    ramps as ``min(decay, (1+n)/(10+n))`` for ``warmup_steps`` updates, then is ``decay``."""
+    ramps as ``min(decay, (1+n)/(10+n))`` for ``warmup_steps`` updates, then is ``decay``. ``bn_samples``:
+    the EMA's BatchNorm running statistics are recomputed for its own weights, over this many of the
+    family's inputs (the GAN: fixed-seed z, classes in turn, batches of 256), whenever it is read after
+    updates; 0 = copy G's statistics (as the families without such inputs, the VAE and pix2pix, do)."""
     schedule: str = "rampup"  # rampup | warmup
     half_life_kimg: float = 44.3  # rampup: the longest half-life, in thousands of G images (44.3 = decay 0.999 at batch 64)
     rampup: float = 0.05  # rampup: half-life as a fraction of the images seen so far (0 = always half_life_kimg)
     decay: float = 0.999  # warmup: the decay per update after warm-up
     warmup_steps: int = 1000  # warmup: decay ramps as min(decay, (1+s)/(10+s)) until then
+    bn_samples: int = 2048  # inputs on which the EMA's BatchNorm statistics are recomputed (0 = copy G's)
 
     def __post_init__(self):
         _check(self.schedule in ("rampup", "warmup"), "ema.schedule", f"'{self.schedule}' is not one of: rampup, warmup")
@@ -106,6 +110,8 @@ class EMAConfig:
                "must be in [0, 1] (a fraction of the images seen; 0 = no ramp-up)")
         _check(0 <= self.decay < 1, "ema.decay", "must be in [0, 1)")
         _check(self.warmup_steps >= 0, "ema.warmup_steps", "must be >= 0")
+        _check(self.bn_samples >= 0, "ema.bn_samples",
+               "must be >= 0 (inputs for the EMA's own BatchNorm statistics; 0 = copy G's statistics)")
 
 
 @dataclass

@@ -36,7 +36,8 @@ The contract, in short (docs/CONTRACTS.md has it in full):
 - Batches are tuples from the data stream: ``(x, y)`` for ordinary shards (x float in [-1, 1], y
   int64 labels) and ``(a, b, y)`` for paired shards (input, target, label). The family unpacks.
 - :meth:`Family.pictures`: the grid logged during training; :meth:`Family.generate` /
-  :meth:`Family.example_inputs`: sampling, export and serving of the EMA (or only) network.
+  :meth:`Family.example_inputs`: sampling, export and serving of the EMA (or only) network;
+  :meth:`Family.bn_inputs` (optional): inputs for the EMA network's own BatchNorm statistics.
 - :meth:`Family.modes` / :meth:`Family.mode_inputs` / :meth:`Family.mode_forward` (one block, "export and
   serving signature"): the ways the EMA network runs (:class:`Mode`: inputs and output), one exported
   program and one ``POST /<mode>`` each.
@@ -179,6 +180,13 @@ class Family:
     def generate(self, net: torch.nn.Module, *inputs: torch.Tensor) -> torch.Tensor:
         """Images in [-1, 1] from the exported network and its inputs (see :meth:`example_inputs`)."""
         return net(*inputs)
+
+    def bn_inputs(self, seed: int) -> list[tuple[torch.Tensor, ...]] | None:
+        """Inputs of the EMA network on which the spine recomputes its BatchNorm running statistics for
+        its own weights (gan.ema): CPU argument tuples, one per forward pass (batches of
+        ``gan.ema.BN_BATCH``), drawn from ``seed`` with a local torch.Generator, so the statistics are a
+        function of the EMA's weights alone. None (the default): the EMA copies the network's statistics."""
+        return None
 
     def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
         """Inputs of the exported network for a batch of ``batch`` (CPU, drawn from ``seed`` with a local

@@ -68,7 +68,7 @@ class Trainer:
         self.memory_format = torch.channels_last if t.channels_last else torch.contiguous_format
         self.family = family = build_family(cfg)
         nets = {n: m.to(self.device, memory_format=self.memory_format) for n, m in family.build_networks().items()}
-        self.ema = EMA(nets[family.ema], cfg.ema) if family.ema else None
+        self.ema = EMA(nets[family.ema], cfg.ema, family.bn_inputs(t.seed)) if family.ema else None
         self.backend = build_backend(cfg, acc, t.mixed_precision)  # DDP or DeepSpeed
         self.nets = self.backend.prepare(nets, {n: family.optimizer(n) for n in nets})
         self.schedulers = {net: build_scheduler(opt, cfg.optim, t.max_steps) for net, opt in self.backend.optimizers.items()}
@@ -89,8 +89,9 @@ class Trainer:
         self.stopper = StopPolicy(cfg, self.state, self.device, acc.num_processes, self.rank0)
 
     def replicas(self) -> dict[str, torch.nn.Module]:
-        """The replicated networks, as the guard and the checkpointer check them (the EMA copy as <net>_ema)."""
-        return {**self.nets, **({f"{self.family.ema}_ema": self.ema.model} if self.ema else {})}
+        """The replicated networks, as the guard and the checkpointer check them (the EMA copy as <net>_ema,
+        as it stands: the checkpointer refreshes its statistics before it checks and saves)."""
+        return {**self.nets, **({f"{self.family.ema}_ema": self.ema.shadow} if self.ema else {})}
 
     # ------------------------------------------------------------------ the step context (gan.family.StepContext)
     @property

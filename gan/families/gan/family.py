@@ -82,6 +82,17 @@ class GAN(Family):
         images = torch.cat([net(zi, yi) for zi, yi in zip(z.split(256), y.split(256))])
         return images, y, self.cfg.model.num_classes
 
+    def bn_inputs(self, seed: int) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """``ema.bn_samples`` inputs ``(z, class)`` for the EMA G's own BatchNorm statistics: z ~ N(0, 1) from
+        ``seed`` (a local generator), classes in turn, batches of gan.ema.BN_BATCH; None when it is 0."""
+        from gan.ema import BN_BATCH
+
+        n, m = self.cfg.ema.bn_samples, self.cfg.model
+        if not n:
+            return None
+        z = torch.randn(n, m.z_dim, generator=torch.Generator().manual_seed(seed))
+        return list(zip(z.split(BN_BATCH), (torch.arange(n) % m.num_classes).split(BN_BATCH)))
+
     def example_inputs(self, batch: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
         """``(z, y)``: z float32 (batch, model.z_dim), y int64 class indices (the inputs gan.export traces
         and checks parity with, drawn the same way)."""
