@@ -56,7 +56,9 @@ def run_copy(tiny_run, tmp_path) -> Path:
 @pytest.fixture(scope="session")
 def standin_inception(tmp_path_factory) -> Path:
     """torch-fidelity's FeatureExtractorInceptionV3 architecture with random values, saved as a state dict:
-    the shapes of the real pt_inception-2015-12-05 file, none of its knowledge."""
+    the shapes of the real pt_inception-2015-12-05 file, none of its knowledge. Its convolutions get
+    kaiming_normal_ weights: with PyTorch's default init the features are nearly constant (FID ~1e-15
+    between any two image sets), and a comparison of values could not fail."""
     from unittest import mock
 
     import torch_fidelity.feature_extractor_inceptionv3 as fe
@@ -65,6 +67,9 @@ def standin_inception(tmp_path_factory) -> Path:
     with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
             mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
         model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
     path = tmp_path_factory.mktemp("standin") / "standin-inception.pth"
     torch.save(model.state_dict(), path)
     return path
@@ -342,6 +347,58 @@ def test_inception_path_with_standin_weights(run_copy, standin_inception, tmp_pa
     assert entry["details"]["kid"]["kid_subset_size"] == 10 and entry["details"]["isc"]["isc_splits"] == 2
     cached = list((tmp_path / "cache").glob("inception-*.npz"))
     assert cached, "real features are cached under the manifest + extractor key"
+
+
+def _reference_fidelity(run: Path, weights: Path, shards: Path, n: int, max_real: int, batch: int,
+                        kid_subset_size: int, isc_splits: int) -> dict:
+    """fid, isc, kid and prc as torch-fidelity computes them in one process, from the same images: its own
+    calculate_metrics on the generated samples and the first ``max_real`` real images (KID's subsets and
+    IS's shuffle from its default rng_seed, as gan.metrics leaves them)."""
+    import torch_fidelity
+
+    from gan.metrics.collective import balanced_labels, eval_noise, generate
+    from gan.metrics.core import EVAL_SEED
+    from gan.metrics.fidelity import EXTRACTOR, ImagesDataset
+    from gan.metrics.realdata import load_shard_images
+    from gan.metrics.run import load_generator
+
+    g = load_generator(run)
+    m = g.cfg.model
+    fake = generate(g.G, eval_noise(n, m.z_dim, EVAL_SEED), balanced_labels(n, m.num_classes), batch, "cpu")
+    real = load_shard_images(shards, max_real)[0]
+    out = torch_fidelity.calculate_metrics(
+        input1=ImagesDataset(fake), input2=ImagesDataset(real), fid=True, isc=True, kid=True, prc=True,
+        feature_extractor=EXTRACTOR, feature_extractor_weights_path=str(weights), kid_subset_size=kid_subset_size,
+        isc_splits=isc_splits, batch_size=batch, cuda=False, cache=False, save_cpu_ram=True, verbose=False)
+    keys = {"frechet_inception_distance": "fid", "inception_score_mean": "isc", "inception_score_std": "isc_std",
+            "kernel_inception_distance_mean": "kid", "kernel_inception_distance_std": "kid_std",
+            "precision": "precision", "recall": "recall", "f_score": "f_score"}
+    return {ours: float(out[theirs]) for theirs, ours in keys.items()}
+
+
+@pytest.mark.slow
+def test_fidelity_metrics_on_1_and_2_ranks_match_torch_fidelity(run_copy, standin_inception, tiny_shards, tmp_path):
+    """fid, isc, kid and prc of the same samples (25, split 13/12 over 2 gloo ranks) against 30 real images:
+    1 process and 2 processes (each extracts features of its own slice; FID's moments are summed, the
+    rows IS/KID/precision-recall need are gathered in sample order) give torch-fidelity's own values
+    computed in one process (rel. 1e-5); KID's random subsets are drawn alike everywhere."""
+    common = ["--metrics", "fid,isc,kid,prc", "--num-samples", 25, "--max-real", 30, "--kid-subset-size", 10,
+              "--isc-splits", 2, "--batch-size", 10, "--inception-weights", standin_inception, "--no-tensorboard",
+              "--no-progress"]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "launch/evaluate.py", "--run-dir", str(run_copy), "--out", str(tmp_path / "two.json"), *map(str, common)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
+                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["details"]["processes"] == 2
+    one = evaluate("--run", run_copy, "--out", tmp_path / "one.json", *common, env=_env(tmp_path), timeout=900)
+    assert one.returncode == 0, one.stderr
+    one = json.loads((tmp_path / "one.json").read_text())["metrics"]
+    ref = _reference_fidelity(run_copy, standin_inception, tiny_shards, 25, 30, 10, 10, 2)
+    assert set(one) == set(two["metrics"]) == set(ref)
+    assert ref["fid"] > 1e-3 and ref["kid_std"] > 0 and ref["isc"] > 1.0  # values that vary with the images
+    assert one == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
 
 
 # ---------------------------------------------------------------------------- bad input, nothing overwritten
