@@ -1,28 +1,27 @@
 #!/usr/bin/env python
-"""The EMA generator's schedules compared on one training trajectory: the classifier-feature Frechet
-distance (``cls_fd``, gan.metrics) of the raw G, of the EMA G under the ``warmup`` schedule (decay
-ramped as (1+n)/(10+n) for 1,000 updates, then 0.999) and under the ``rampup`` schedule (half-life
-min(half_life_kimg, 0.05 x images seen)), at given steps, for several seeds. Two more columns:
-the rampup EMA and the raw G with their BatchNorm running statistics recomputed for their own
-weights (gan.ema.recompute_bn on ``--bn-batches`` batches of 256 fixed-seed z and balanced classes, on
-copies: the training and the shadows are untouched).
+"""The product's EMA generator against the raw G, on one training trajectory: the classifier-feature
+Frechet distance (``cls_fd``, gan.metrics) of the raw G, of the trainer's own EMA G (the recipe's
+``ema`` section: the ``rampup`` schedule, BatchNorm statistics recomputed for its own weights over
+``ema.bn_samples`` inputs, as samples, evaluation and exports read it) and, as the alternative, a shadow
+EMA with the same schedule that copies G's BatchNorm statistics (the product before it had its own),
+at given steps, for several seeds. ``--warmup`` adds a shadow under the older ``warmup`` schedule
+(decay ramped as (1+n)/(10+n) for 1,000 updates, then 0.999; G's statistics copied).
 
     python benchmarks/ema_schedule.py --seeds 0,1,2 --at 500,1500,5000 --out runs/ema_schedule
     # or one process per seed, then the table:
     python benchmarks/ema_schedule.py --seeds 1 ... &  ...;  python benchmarks/ema_schedule.py --report-only ...
 
-Each seed is ONE run of the recipe (gan.trainer.Trainer.train_step); both EMAs are shadows of that
-same G, updated after every G step, so the three generators differ only in the averaging. The
-warmup EMA is the trainer's own (the recipe's EMA settings are replaced by ``--warmup-decay``/
-``--warmup-steps``); the rampup one is a second shadow. Evaluation (``--num-samples`` class-balanced
-samples on the fixed evaluation noise, the offline classifier) is not training: it does not touch G,
-D or their optimizers. Writes OUT/seed-S.json after every evaluation and OUT/ema_schedule.md at the end.
+Each seed is ONE run of the recipe (gan.trainer.Trainer.train_step); the shadows follow that same G,
+updated after every G step, so the generators differ only in the averaging and the statistics.
+Evaluation (``--num-samples`` class-balanced samples on the fixed evaluation noise, the offline
+classifier) is not training: it does not touch G, D, their optimizers or the global RNG. Writes
+OUT/seed-S.json after every evaluation and OUT/ema_schedule.md at the end.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import math
 import statistics
 import sys
 import time
@@ -33,10 +32,10 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
-from gan.config import EMAConfig, load_config  # noqa: E402
-from gan.ema import EMA, recompute_bn  # noqa: E402
+from gan.config import load_config  # noqa: E402
+from gan.ema import EMA  # noqa: E402
 
-GENERATORS = ("raw G", "EMA warmup", "EMA rampup", "EMA rampup, BN recomputed", "raw G, BN recomputed")
+GENERATORS = ("raw G", "EMA", "EMA, G's statistics", "EMA warmup, G's statistics")
 
 
 def parse_args(argv=None):
@@ -49,12 +48,9 @@ def parse_args(argv=None):
     p.add_argument("--num-samples", type=int, default=2000)
     p.add_argument("--max-real", type=int, default=10000, help="real images for the reference statistics (0 = all)")
     p.add_argument("--prepare", action="store_true", help="only compute (and cache) the real statistics")
+    p.add_argument("--warmup", action="store_true", help="also a shadow EMA under the warmup schedule")
     p.add_argument("--warmup-decay", type=float, default=0.999)
     p.add_argument("--warmup-steps", type=int, default=1000)
-    p.add_argument("--half-life-kimg", type=float, default=0.0,
-                   help="rampup cap (0 = the warmup decay's half-life at this batch: ln 0.5 / ln decay steps)")
-    p.add_argument("--rampup", type=float, default=0.05)
-    p.add_argument("--bn-batches", type=int, default=8, help="batches of 256 for the recomputed BN statistics")
     p.add_argument("--time-steps", type=int, default=0, help="only time this many training steps and exit")
     p.add_argument("--out", default="runs/ema_schedule")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
@@ -64,17 +60,19 @@ def parse_args(argv=None):
 
 
 def build(args, seed: int, run_dir: Path):
+    """The trainer (its EMA is the product's) and the shadow EMAs, all following the trainer's G."""
     from gan.trainer import Trainer
 
     over = [f"data.shards={args.shards}", f"train.seed={seed}", "log.progress=false", "metrics.every=0",
-            "ema.schedule=warmup", f"ema.decay={args.warmup_decay}", f"ema.warmup_steps={args.warmup_steps}",
             *([f"train.batch_size={args.batch_size}"] if args.batch_size else []), *args.set]
     cfg = load_config(ROOT / args.config, over)
     trainer = Trainer(cfg, run_dir)
-    images = cfg.train.batch_size * trainer.accelerator.num_processes
-    cap = args.half_life_kimg or math.log(0.5) / math.log(args.warmup_decay) * images / 1000
-    rampup = EMA(trainer.backend.unwrap(trainer.nets["G"]), EMAConfig(schedule="rampup", half_life_kimg=cap, rampup=args.rampup))
-    return cfg, trainer, rampup, images, cap
+    G = trainer.backend.unwrap(trainer.nets["G"])
+    shadows = {"EMA, G's statistics": EMA(G, cfg.ema)}  # no inputs: copies G's statistics
+    if args.warmup:
+        warm = dataclasses.replace(cfg.ema, schedule="warmup", decay=args.warmup_decay, warmup_steps=args.warmup_steps)
+        shadows["EMA warmup, G's statistics"] = EMA(G, warm)
+    return cfg, trainer, G, shadows, cfg.train.batch_size * trainer.accelerator.num_processes
 
 
 def cls_fd(G, cfg, args, device) -> float:
@@ -87,37 +85,23 @@ def cls_fd(G, cfg, args, device) -> float:
     return float(values["cls_fd"])
 
 
-def with_bn_recomputed(net, cfg, args, device):
-    """A copy of ``net`` with its BatchNorm statistics recomputed on fixed-seed noise (256 per batch)."""
-    import copy
-
-    m, gen = cfg.model, torch.Generator().manual_seed(0)
-    net = copy.deepcopy(net)
-    recompute_bn(net, [(torch.randn(256, m.z_dim, generator=gen).to(device), (torch.arange(256) % m.num_classes).to(device))
-                       for _ in range(args.bn_batches)])
-    return net
-
-
 def run_seed(args, seed: int, at: list[int]) -> dict:
     out = ROOT / args.out
-    cfg, trainer, rampup, images, cap = build(args, seed, out / f"run-seed-{seed}")
-    G = trainer.backend.unwrap(trainer.nets["G"])
-    record = {"seed": seed, "config": args.config, "batch_size": cfg.train.batch_size, "images_per_step": images,
-              "warmup": {"decay": args.warmup_decay, "warmup_steps": args.warmup_steps},
-              "rampup": {"half_life_kimg": round(cap, 3), "rampup": args.rampup}, "num_samples": args.num_samples,
+    cfg, trainer, G, shadows, images = build(args, seed, out / f"run-seed-{seed}")
+    record = {"seed": seed, "config": args.config, "set": args.set, "batch_size": cfg.train.batch_size,
+              "images_per_step": images, "ema": dataclasses.asdict(cfg.ema), "num_samples": args.num_samples,
               "fd": {}, "train_seconds": 0.0}
     step, t_train = 0, 0.0
     for target in at:
         t0 = time.perf_counter()
         while step < target:
             trainer.train_step()
-            rampup.update(G, images)
+            for shadow in shadows.values():
+                shadow.update(G, images)
             step += 1
         t_train += time.perf_counter() - t0
-        fds = {name: cls_fd(g, cfg, args, trainer.device)
-               for name, g in zip(GENERATORS, (G, trainer.ema.model, rampup.model,
-                                               with_bn_recomputed(rampup.model, cfg, args, trainer.device),
-                                               with_bn_recomputed(G, cfg, args, trainer.device)))}
+        nets = {"raw G": G, "EMA": trainer.ema.model, **{k: e.model for k, e in shadows.items()}}
+        fds = {name: cls_fd(g, cfg, args, trainer.device) for name, g in nets.items()}
         record["fd"][str(step)] = fds
         record["train_seconds"] = round(t_train, 1)
         print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in fds.items())
@@ -134,11 +118,11 @@ def _cell(v: list[float]) -> str:
 
 def report(records: list[dict], at: list[int]) -> str:
     """Mean ± sample std (min to max) over seeds, then paired differences, per seed on the same
-    trajectory: each other generator minus the raw G (negative: it is better), and how many seeds the
-    rampup EMA beats the warmup one. Generators missing from a record (older runs) are left out."""
+    trajectory: each other generator minus the raw G (negative: it is better), and on how many seeds the
+    EMA is not worse than the raw G. Generators missing from a record are left out."""
     names = [n for n in GENERATORS if all(n in r["fd"][s] for r in records for s in r["fd"])]
     diffs = [n for n in names if n != "raw G"]
-    lines = ["| step | " + " | ".join(names + [f"{n} − raw G" for n in diffs]) + " | rampup < warmup |",
+    lines = ["| step | " + " | ".join(names + [f"{n} − raw G" for n in diffs]) + " | EMA ≤ raw G |",
              "|---" * (len(names) + len(diffs) + 2) + "|"]
     for s in at:
         rows = [r["fd"][str(s)] for r in records if str(s) in r["fd"]]
@@ -146,7 +130,7 @@ def report(records: list[dict], at: list[int]) -> str:
             continue
         cells = [_cell([r[name] for r in rows]) for name in names]
         cells += [_cell([r[n] - r["raw G"] for r in rows]) for n in diffs]
-        wins = sum(r["EMA rampup"] < r["EMA warmup"] for r in rows)
+        wins = sum(r["EMA"] <= r["raw G"] for r in rows)
         lines.append(f"| {s} | " + " | ".join(cells) + f" | {wins}/{len(rows)} seeds |")
     return "\n".join(lines)
 
@@ -163,15 +147,18 @@ def main(argv=None) -> int:
         real_stats(args.shards, classifier_path(None), torch.device("cpu"), 200, args.max_real, str(out / "cache"))
         return 0
     if args.time_steps:
-        cfg, trainer, rampup, images, _ = build(args, 0, out / "run-timing")
-        G = trainer.backend.unwrap(trainer.nets["G"])
+        cfg, trainer, G, shadows, images = build(args, 0, out / "run-timing")
         trainer.train_step()  # start-up: loader workers, first allocations
         t0 = time.perf_counter()
         for _ in range(args.time_steps):
             trainer.train_step()
-            rampup.update(G, images)
+            for shadow in shadows.values():
+                shadow.update(G, images)
         dt = (time.perf_counter() - t0) / args.time_steps
-        print(f"{dt:.3f} s/step at batch {cfg.train.batch_size}")
+        t0 = time.perf_counter()
+        trainer.ema.model  # noqa: B018 - one recomputation of the EMA's statistics
+        print(f"{dt:.3f} s/step at batch {cfg.train.batch_size}; the EMA's statistics recomputed in "
+              f"{time.perf_counter() - t0:.3f} s ({cfg.ema.bn_samples} inputs)")
         trainer.stream.close()
         return 0
     at = sorted(int(s) for s in args.at.split(","))
