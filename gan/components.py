@@ -77,14 +77,15 @@ class Sampler:
 
 
 class Evaluator:
-    """Every ``metrics.every`` steps: the metrics of the EMA G (gan.metrics), logged as Eval/<name>; a
+    """Every ``metrics.every`` steps: the family's metrics of its EMA network (gan.metrics), logged as Eval/<name>; a
     new best by ``metrics.best_metric`` is exported to RUN/best/ (+ best.json); ``metrics.patience``
     evaluations without improvement stop the run. Every rank gets the same values, so every rank
     decides alike. The best record lives in ``state.eval_best``, so it survives a resume."""
 
-    def __init__(self, cfg, accelerator, state, ema, rank0, run_dir: Path):
+    def __init__(self, cfg, accelerator, state, ema, rank0, run_dir: Path, family=None):
         self.cfg, self.accelerator, self.state, self.ema, self.rank0, self.run_dir = \
             cfg, accelerator, state, ema, rank0, run_dir
+        self.family = family
 
     def maybe_evaluate(self, step: int) -> str | None:
         """The early-stop note, or None to go on."""
@@ -93,7 +94,7 @@ class Evaluator:
         from gan.metrics import evaluate_during_training, save_best, update_best
 
         broadcast_buffers([self.ema.model])  # collective, every rank
-        values = evaluate_during_training(self.accelerator, self.ema.model, self.cfg, step)  # collective
+        values = evaluate_during_training(self.accelerator, self.ema.model, self.cfg, step, self.family)  # collective
         self.rank0.scalars(step, {f"Eval/{k}": v for k, v in values.items()})
         improved, stop, note = update_best(self.state.eval_best, values, self.cfg, step)
         if improved and self.rank0.enabled:

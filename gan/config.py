@@ -234,11 +234,12 @@ class DeepSpeedConfig:
 
 @dataclass
 class MetricsConfig:
-    """Evaluation during training (gan.metrics): every ``every`` steps, ``num_samples`` EMA samples."""
+    """Evaluation during training (gan.metrics) of the family's EMA network, every ``every`` steps. The
+    metric names are the family's (``Family.metric_table``); they are checked once the family is known."""
     every: int = 0  # steps between evaluations, 0 = off
-    num_samples: int = 5000  # generated images per evaluation (class-balanced, split over ranks)
-    metrics: str = "cls_fd,cls_acc"  # comma-separated: fid, isc, kid, prc (Inception weights), cls_acc, cls_fd
-    best_metric: str = ""  # key that picks RUN/best/ (e.g. fid, cls_fd, cls_acc); "" = first of `metrics`
+    num_samples: int = 5000  # generated images per evaluation (the GAN: class-balanced; the VAE: prior samples for fid)
+    metrics: str = ""  # comma-separated names of the family's metrics; "" = the family's default (GAN: cls_fd,cls_acc)
+    best_metric: str = ""  # key that picks RUN/best/ (e.g. fid, cls_fd, bits_per_dim, l1); "" = first of `metrics`
     patience: int = 0  # stop after this many evaluations without improvement, 0 = never
     inception_weights: str = ""  # torch-fidelity's weights-inception-2015-12-05-6726825d.pth (fid/isc/kid/prc)
     classifier: str = ""  # cls_* classifier weights, "" = gan/metrics/assets/cifar10_classifier.safetensors
@@ -248,24 +249,29 @@ class MetricsConfig:
     cache_dir: str = ""  # real-statistics cache, "" = $GAN_METRICS_CACHE or ~/.cache/gan-metrics
 
     def __post_init__(self):
-        from gan.metrics.names import count_problems, keys_of, parse_metrics
-
         _check(self.every >= 0, "metrics.every", "must be >= 0 (0 = no evaluation during training)")
         _check(self.num_samples >= 1, "metrics.num_samples", "must be >= 1")
-        try:
-            names = parse_metrics(self.metrics)
-        except ValueError as e:
-            raise ConfigError(f"config key 'metrics.metrics': {e}") from None
-        keys = keys_of(names)
-        if not self.best_metric:
-            self.best_metric = keys[0]
-        _check(self.best_metric in keys, "metrics.best_metric",
-               f"'{self.best_metric}' is not computed by metrics.metrics={self.metrics!r}; one of: {', '.join(keys)}")
         _check(self.patience >= 0, "metrics.patience", "must be >= 0 (0 = no early stopping)")
         _check(self.patience == 0 or self.every > 0, "metrics.patience", "needs metrics.every > 0")
         _check(self.batch_size >= 1, "metrics.batch_size", "must be >= 1")
         _check(self.kid_subset_size >= 2, "metrics.kid_subset_size", "must be >= 2")
         _check(self.isc_splits >= 1, "metrics.isc_splits", "must be >= 1")
+
+    def resolve(self, family, cfg) -> None:
+        """The names against ``family``'s metrics (the empty default becomes the family's), best_metric
+        against their keys, the sample count against what they need. ConfigError naming the key."""
+        from gan.metrics.names import count_problems
+
+        try:
+            names = family.parse_metrics(self.metrics or family.default_metrics(cfg))
+        except ValueError as e:
+            raise ConfigError(f"config key 'metrics.metrics': {e}") from None
+        self.metrics = ",".join(names)
+        keys = family.metric_keys(names)
+        if not self.best_metric:
+            self.best_metric = keys[0]
+        _check(self.best_metric in keys, "metrics.best_metric",
+               f"'{self.best_metric}' is not computed by metrics.metrics={self.metrics!r}; one of: {', '.join(keys)}")
         problems = count_problems(names, self.num_samples, self.kid_subset_size, self.isc_splits)
         _check(not problems, "metrics.num_samples", "; ".join(problems))
 
@@ -288,9 +294,11 @@ class Config:
         from gan.family import get_family
 
         _check(isinstance(self.family, str), "family", f"must name a model family, got {self.family!r}")
-        for name, cls in get_family(self.family).sections.items():  # ConfigError listing the families
+        family = get_family(self.family)  # ConfigError listing the families
+        for name, cls in family.sections.items():
             if getattr(self, name, None) is None:
                 setattr(self, name, cls())
+        self.metrics.resolve(family, self)  # metric names are the family's
         if self.train.backend == "deepspeed":
             for problem in deepspeed_problems(self):
                 raise ConfigError(problem)

@@ -41,6 +41,10 @@ The contract, in short (docs/CONTRACTS.md has it in full):
 - :meth:`Family.modes` / :meth:`Family.mode_inputs` / :meth:`Family.mode_forward` (one block, "export and
   serving signature"): the ways the EMA network runs (:class:`Mode`: inputs and output), one exported
   program and one ``POST /<mode>`` each.
+
+- Evaluation (one block, below): the family's metrics (:meth:`Family.metric_table`, names and which way
+  is better), how they are measured (:meth:`Family.evaluate`, collective) and the pictures of
+  launch/sample.py (:attr:`Family.sample_modes`, :meth:`Family.sample`).
 """
 from __future__ import annotations
 
@@ -49,6 +53,27 @@ import dataclasses
 from typing import ClassVar, Protocol
 
 import torch
+
+
+@dataclasses.dataclass(frozen=True)
+class MetricSpec:
+    """One evaluation metric of a family: the value keys it writes (its own name first), which way is
+    better, and how it is measured (one line, shown in docs and errors)."""
+    keys: tuple[str, ...]
+    higher_is_better: bool
+    what: str = ""
+
+
+@dataclasses.dataclass
+class SampleRequest:
+    """What launch/sample.py asks a family to draw (see :meth:`Family.sample`)."""
+    mode: str
+    num: int | None = None  # None: the mode's default (:attr:`Family.sample_modes`)
+    seed: int = 0
+    classes: list[int] | None = None  # only these classes (where the mode has classes)
+    shards: str = ""  # images the picture reads (real or held-out); "" = the family's default
+    class_names: list[str] | None = None
+    out: str = ""  # export: the folder
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,6 +244,74 @@ class Family:
         raise KeyError(f"family {self.name} has no mode {name!r}; its modes: {', '.join(m.name for m in self.modes())}")
     # ================================================================ end of export and serving signature
 
+    # ================================================================ evaluation and offline pictures
+    # (gan.metrics, evaluation during training, launch/evaluate.py, launch/sample.py). Every family
+    # names its metrics and measures them itself; the spine reduces nothing but what ``evaluate`` returns.
+    sample_modes: ClassVar[dict[str, int]] = {}  # launch/sample.py --mode -> default --num (0: none)
+
+    @classmethod
+    def metric_table(cls) -> dict[str, MetricSpec]:
+        """Every metric this family can compute: name -> :class:`MetricSpec`."""
+        raise NotImplementedError
+
+    @classmethod
+    def default_metrics(cls, cfg) -> str:
+        """``metrics.metrics`` when the config leaves it empty (comma-separated)."""
+        raise NotImplementedError
+
+    @classmethod
+    def parse_metrics(cls, spec: str | list | tuple) -> list[str]:
+        """"a, b" -> ["a", "b"] (deduplicated); ValueError naming unknown ones and this family's valid ones."""
+        table = cls.metric_table()
+        items = spec.split(",") if isinstance(spec, str) else list(spec)
+        names = list(dict.fromkeys(s.strip().lower() for s in items if s and s.strip()))
+        bad = [n for n in names if n not in table]
+        if not names or bad:
+            what = f"unknown metric(s) {', '.join(repr(b) for b in bad)}" if bad else "no metric named"
+            raise ValueError(f"{what} for family {cls.name}; valid metrics: {', '.join(table)}")
+        return names
+
+    @classmethod
+    def metric_keys(cls, names: list[str]) -> list[str]:
+        """The value keys the metrics ``names`` write (candidates for ``metrics.best_metric``)."""
+        table = cls.metric_table()
+        return [k for n in names for k in table[n].keys]
+
+    @classmethod
+    def better(cls, key: str, new: float, old: float | None) -> bool:
+        """Is ``new`` an improvement over ``old`` for value key ``key`` ("<metric>" or "<metric>/<part>")?"""
+        if old is None:
+            return True
+        base = key.split("/")[0]
+        up = next((m.higher_is_better for m in cls.metric_table().values() if base in m.keys), False)
+        return new > old if up else new < old
+
+    def eval_shards(self) -> str:
+        """The shards evaluation reads by default (the GAN: its real images; the others: a held-out split)."""
+        return self.cfg.data.shards
+
+    def eval_preflight(self, request) -> dict:
+        """Not a collective. Every check an evaluation of ``request`` (gan.metrics.EvalRequest) can make
+        before any work: shards, counts, weights files. Raises MetricError naming the fix."""
+        raise NotImplementedError
+
+    def evaluate(self, net: torch.nn.Module, request, device) -> tuple[dict, dict]:
+        """Collective (every rank calls it with the same network): ``(values, details)`` of the metrics in
+        ``request.names``, the same on every rank. Each rank measures its own part of the samples; only
+        float64 statistics cross ranks (gan.metrics.collective)."""
+        raise NotImplementedError
+
+    def sample(self, net: torch.nn.Module | None, request: SampleRequest, device) -> torch.Tensor:
+        """launch/sample.py's picture of ``request.mode`` as uint8 (C, H, W) (``export`` writes the folder
+        ``request.out`` and returns an empty tensor). ``net`` is the EMA network in eval mode."""
+        raise NotImplementedError
+
+    def curves(self, metrics_jsonl, out, title: str = ""):
+        """launch/sample.py --mode curves: the run's curves from its metrics.jsonl as a PNG at ``out``."""
+        from gan.sampling import curves_png
+
+        return curves_png(metrics_jsonl, out, title)
+
 
 FAMILIES: dict[str, type[Family]] = {}
 
@@ -260,4 +353,4 @@ def build_family(cfg) -> Family:
 
 
 __all__ = ["Family", "FAMILIES", "OptimSpec", "StepContext", "register_family", "get_family", "build_family",
-           "family_names", "Mode", "TensorSpec", "image_tensor", "class_tensor", "noise_tensor"]
+           "family_names", "MetricSpec", "SampleRequest", "Mode", "TensorSpec", "image_tensor", "class_tensor", "noise_tensor"]

@@ -122,6 +122,26 @@ def real_per_class(shards_dir: str | Path, num_classes: int, per_class: int,
     return images, labels
 
 
+def first_samples(shards_dir: str | Path, n: int, classes: list[int] | None = None) -> tuple[torch.Tensor, ...]:
+    """The first ``n`` samples of a shard set in shard order (of the classes in ``classes`` only, when
+    given), unaugmented: ``(x, y)``, or ``(a, b, y)`` for paired shards (reads only as far as needed).
+    Raises ValueError when the shards hold none."""
+    from gan.data import eval_batches
+
+    parts, have = [], 0
+    for batch in eval_batches(shards_dir, max(n, 64)):
+        if classes:
+            keep = torch.isin(batch[-1], torch.tensor(classes))
+            batch = tuple(t[keep] for t in batch)
+        parts.append(batch)
+        have += len(batch[-1])
+        if have >= n:
+            break
+    if not have:
+        raise ValueError(f"{shards_dir} holds no samples" + (f" of classes {classes}" if classes else ""))
+    return tuple(torch.cat(ts)[:n] for ts in zip(*parts))
+
+
 def real_vs_fake(G, z_dim: int, num_classes: int, per_class: int, shards_dir: str | Path, device,
                  seed: int = 0, gap: int = 6, classes: list[int] | None = None,
                  class_names: list[str] | None = None) -> torch.Tensor:

@@ -45,9 +45,10 @@ def tracked_metrics(cfg) -> list[str]:
     """The scalars shown beside the hyperparameters (TensorBoard's hparams plugin)."""
     names = ["Loss/D/main", "Loss/G/main", "Timing/img_per_s", "Progress/kimg"]
     if cfg.metrics.every:
-        from gan.metrics.names import keys_of, parse_metrics
+        from gan.family import get_family
 
-        names += [f"Eval/{k}" for k in keys_of(parse_metrics(cfg.metrics.metrics))]
+        family = get_family(cfg.family)
+        names += [f"Eval/{k}" for k in family.metric_keys(family.parse_metrics(cfg.metrics.metrics))]
     return names
 
 

@@ -83,7 +83,7 @@ class Trainer:
         self.guard = Guard(t, self.state, self.stats, self.rank0, self.device)
         self.logger = Logger(cfg, self.state, self.stats, self.guard, self.rank0, self.replicas)
         self.sampler = Sampler(cfg, family, self.ema, self.rank0, list(self.stream.manifest.classes), self.device)
-        self.evaluator = Evaluator(cfg, acc, self.state, self.ema, self.rank0, self.run_dir)
+        self.evaluator = Evaluator(cfg, acc, self.state, self.ema, self.rank0, self.run_dir, family)
         self.checkpointer = Checkpointer(cfg, acc, self.run, self.state, self.backend, self.ema, self.schedulers,
                                          self.stream, self.guard, self.rank0, self.replicas)
         self.stopper = StopPolicy(cfg, self.state, self.device, acc.num_processes, self.rank0)

@@ -1,9 +1,13 @@
 #!/usr/bin/env python
-"""Evaluate a run's EMA generator: FID/IS/KID/precision-recall (torch-fidelity, Inception weights
-needed) and the offline cls_acc/cls_fd (committed CIFAR-10 classifier), against the real images of
-the run's shards (data.shards; never a download).
+"""Evaluate a run's EMA network with its family's metrics. The GAN: FID/IS/KID/precision-recall
+(torch-fidelity, Inception weights needed) and the offline cls_acc/cls_fd (committed CIFAR-10 classifier),
+against the real images of the run's shards (data.shards; never a download). The VAE: bits_per_dim,
+recon_mse, psnr, ssim, kl on the held-out split (val.shards) and fid of prior samples against it.
+pix2pix: l1, psnr, ssim and fid of outputs against targets on the validation pairs (val.shards).
 
     python launch/evaluate.py --run runs/cdcgan --metrics cls_acc,cls_fd --num-samples 10000
+    python launch/evaluate.py --run runs/cifar10_vae                 # the family's default metrics
+    python launch/evaluate.py --run runs/sketch --metrics l1,psnr,ssim,fid --inception-weights W.pth
     python launch/evaluate.py --run runs/cdcgan --metrics fid,isc,kid,prc --num-samples 50000 \
         --inception-weights weights-inception-2015-12-05-6726825d.pth
     accelerate launch --num_processes 8 launch/evaluate.py --run runs/cdcgan --metrics fid ...
@@ -40,10 +44,11 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(--run-dir is the same flag; use it under torchrun, whose parser claims --run)")
     p.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a G_ema.safetensors export "
                                         "(default: the run's newest complete checkpoint)")
-    p.add_argument("--metrics", default="cls_acc,cls_fd", help=f"comma-separated, of: {valid_list()} "
-                                                               f"(default: %(default)s)")
-    p.add_argument("--num-samples", type=int, default=10000, help="generated images (default: %(default)s; "
-                   "50000 for FIDs comparable with the literature)")
+    p.add_argument("--metrics", help=f"comma-separated metrics of the run's family; the GAN's: {valid_list()}; "
+                   f"the VAE's: bits_per_dim, recon_mse, psnr, ssim, kl, fid; pix2pix's: l1, psnr, ssim, fid "
+                   f"(default: the family's: cls_fd,cls_acc for the GAN)")
+    p.add_argument("--num-samples", type=int, default=10000, help="generated images (the VAE: prior samples for "
+                   "fid) (default: %(default)s; 50000 for FIDs comparable with the literature)")
     p.add_argument("--batch-size", type=int, default=100, help="generation/feature batch (default: %(default)s)")
     p.add_argument("--inception-weights", default="", help="torch-fidelity's Inception-v3 weights file "
                    "(weights-inception-2015-12-05-6726825d.pth), needed by fid/isc/kid/prc")
@@ -51,7 +56,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "gan/metrics/assets/cifar10_classifier.safetensors)")
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--isc-splits", type=int, default=10)
-    p.add_argument("--real-shards", help="real images (default: the run config's data.shards)")
+    p.add_argument("--real-shards", help="real images (the GAN; default: data.shards) or the held-out split "
+                                         "(the VAE, pix2pix; default: val.shards, else data.shards)")
     p.add_argument("--max-real", type=int, default=0, help="use only the first N real images in shard order "
                    "(0 = all; for quick checks only)")
     p.add_argument("--cache-dir", default="", help="real-statistics cache (default: $GAN_METRICS_CACHE or "
@@ -65,13 +71,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _request(args, real_shards: str):
+def _request(args, real_shards: str, family: str = "gan", metrics: str = "cls_acc,cls_fd", num_workers: int = 0):
     from gan.metrics import EvalRequest
-    return EvalRequest(names=args.metrics, num_samples=args.num_samples, real_shards=str(real_shards),
+    return EvalRequest(names=args.metrics or metrics, num_samples=args.num_samples, real_shards=str(real_shards),
                        batch_size=args.batch_size, inception_weights=args.inception_weights,
                        classifier=args.classifier, kid_subset_size=args.kid_subset_size,
                        isc_splits=args.isc_splits, max_real=args.max_real, cache_dir=args.cache_dir,
-                       verbose=args.verbose, progress=not args.no_progress)
+                       verbose=args.verbose, progress=not args.no_progress, family=family, num_workers=num_workers)
 
 
 def _write_out(path: str | None, result: dict) -> None:
@@ -109,7 +115,7 @@ def main(argv=None) -> int:
         from accelerate import Accelerator
         from accelerate.utils import InitProcessGroupKwargs
 
-        from gan.metrics import evaluate_generator, load_generator, log_tensorboard, merge_metrics_json
+        from gan.metrics import load_generator, log_tensorboard, merge_metrics_json
 
         from gan.metrics.run import run_config
 
@@ -119,11 +125,10 @@ def main(argv=None) -> int:
         pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default
         acc = Accelerator(kwargs_handlers=[pg])
         loaded = load_generator(run, args.checkpoint, acc.device)
-        cfg = loaded.cfg
-        req = _request(args, args.real_shards or cfg.data.shards)
-        m = cfg.model
-        values, details = evaluate_generator(loaded.G, m.z_dim, m.num_classes, m.img_channels, m.img_size,
-                                             req, acc.device)
+        cfg, family = loaded.cfg, loaded.family
+        req = _request(args, args.real_shards or family.eval_shards(), cfg.family, family.default_metrics(cfg),
+                       cfg.data.num_workers)
+        values, details = family.evaluate(loaded.G, req, acc.device)  # collective: every rank
         details["processes"] = acc.num_processes
         if acc.is_main_process:
             step = loaded.step if loaded.step is not None else 0

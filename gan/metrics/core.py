@@ -11,7 +11,7 @@ import torch
 from gan.data import ShardError, read_manifest
 from gan.metrics import collective
 from gan.metrics.errors import MetricError
-from gan.metrics.names import FIDELITY, count_problems, parse_metrics
+from gan.metrics.names import FIDELITY, count_problems
 from gan.metrics.realdata import real_count
 
 EVAL_SEED = 20_240_601  # the evaluation noise: the same z for every evaluation of every run
@@ -19,7 +19,8 @@ EVAL_SEED = 20_240_601  # the evaluation noise: the same z for every evaluation 
 
 @dataclasses.dataclass
 class EvalRequest:
-    """What to compute and with what. ``names`` as accepted by :func:`gan.metrics.names.parse_metrics`."""
+    """What to compute and with what. ``names``: metrics of ``family`` (its ``parse_metrics``); ``real_shards``:
+    the real images (the GAN) or the held-out split (the VAE, pix2pix)."""
     names: list[str]
     num_samples: int
     real_shards: str
@@ -33,10 +34,14 @@ class EvalRequest:
     seed: int = EVAL_SEED
     verbose: bool = False
     progress: bool = False  # rank 0: progress bars on stderr for generation and feature extraction (its slice)
+    family: str = "gan"  # whose metric names these are
+    num_workers: int = 0  # loader workers reading held-out shards
 
     def __post_init__(self):
+        from gan.family import get_family
+
         try:
-            self.names = parse_metrics(self.names)
+            self.names = get_family(self.family).parse_metrics(self.names)
         except ValueError as e:
             raise MetricError(str(e)) from None
         if self.num_samples < 1:

@@ -10,35 +10,35 @@ from pathlib import Path
 
 import torch
 
-from gan.metrics.core import EvalRequest, evaluate_generator
-from gan.metrics.names import better
+from gan.family import build_family, get_family
+from gan.metrics.core import EvalRequest
 
 
-def request_from_config(cfg) -> EvalRequest:
-    m = cfg.metrics
-    return EvalRequest(names=m.metrics, num_samples=m.num_samples, real_shards=cfg.data.shards,
+def request_from_config(cfg, family=None) -> EvalRequest:
+    """The evaluation ``cfg.metrics`` asks for, on the family's evaluation shards (``Family.eval_shards``)."""
+    m, family = cfg.metrics, family or build_family(cfg)
+    return EvalRequest(names=m.metrics, num_samples=m.num_samples, real_shards=family.eval_shards(),
                        batch_size=m.batch_size, inception_weights=m.inception_weights, classifier=m.classifier,
-                       kid_subset_size=m.kid_subset_size, isc_splits=m.isc_splits, cache_dir=m.cache_dir)
+                       kid_subset_size=m.kid_subset_size, isc_splits=m.isc_splits, cache_dir=m.cache_dir,
+                       family=cfg.family, num_workers=cfg.data.num_workers)
 
 
-def evaluate_during_training(accelerator, g_ema: torch.nn.Module, cfg, step: int) -> dict[str, float]:
-    """Collective: every rank calls it with its (identical) EMA generator. Returns the same
+def evaluate_during_training(accelerator, ema_net: torch.nn.Module, cfg, step: int, family=None) -> dict[str, float]:
+    """Collective: every rank calls it with its (identical) EMA network. Returns the same
     ``{metric: value}`` on every rank (per-class keys included). Buffers must already be in sync
-    (``gan.dist.broadcast_buffers``) so every rank generates with the same network."""
-    m = cfg.model
-    values, _ = evaluate_generator(g_ema, m.z_dim, m.num_classes, m.img_channels, m.img_size,
-                                   request_from_config(cfg), accelerator.device)
+    (``gan.dist.broadcast_buffers``) so every rank measures the same network. The family measures."""
+    family = family or build_family(cfg)
+    values, _ = family.evaluate(ema_net, request_from_config(cfg, family), accelerator.device)
     return {k: float(v) for k, v in values.items()}
 
 
 def check_setup(cfg) -> None:
     """Before training starts (every rank): the metrics that will run every ``metrics.every`` steps can
-    run at all (weights files, classifier, real shards, counts). Raises MetricError otherwise."""
+    run at all (weights files, classifier, real or held-out shards, counts). Raises MetricError otherwise."""
     if not cfg.metrics.every:
         return
-    from gan.metrics.core import preflight
-    m = cfg.model
-    preflight(request_from_config(cfg), m.num_classes, m.img_channels, m.img_size)
+    family = build_family(cfg)
+    family.eval_preflight(request_from_config(cfg, family))
 
 
 def update_best(best: dict, values: dict, cfg, step: int) -> tuple[bool, bool, str]:
@@ -51,7 +51,7 @@ def update_best(best: dict, values: dict, cfg, step: int) -> tuple[bool, bool, s
     value = values[key]
     if best.get("metric") != key:
         best.clear()
-    improved = value == value and better(key, value, best.get("value"))  # NaN never improves
+    improved = value == value and get_family(cfg.family).better(key, value, best.get("value"))  # NaN never improves
     if improved:
         best.update({"metric": key, "value": value, "step": step, "stale": 0})
     else:

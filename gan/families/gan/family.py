@@ -112,3 +112,57 @@ class GAN(Family):
     def mode_forward(self, net: torch.nn.Module, mode: str) -> torch.nn.Module:
         self.mode(mode)
         return net  # G(z, y) itself
+
+    # ================================================================ evaluation and offline pictures
+    sample_modes = {"grid": 10, "interp": 10, "classvar": 8, "realfake": 10, "curves": 0, "export": 1000}
+
+    @classmethod
+    def metric_table(cls):
+        from gan.family import MetricSpec
+        from gan.metrics import names
+
+        return {n: MetricSpec(keys, keys[0] in names.HIGHER_IS_BETTER, "Inception features" if inc else "")
+                for n, (keys, inc) in names.METRICS.items()}  # per_sample.register adds to METRICS
+
+    @classmethod
+    def default_metrics(cls, cfg) -> str:
+        return "cls_fd,cls_acc"
+
+    @classmethod
+    def better(cls, key: str, new: float, old: float | None) -> bool:
+        from gan.metrics.names import better
+
+        return better(key, new, old)
+
+    def eval_preflight(self, request) -> dict:
+        from gan.metrics.core import check_counts, preflight
+
+        m = self.cfg.model
+        check_counts(request, m.num_classes)
+        return preflight(request, m.num_classes, m.img_channels, m.img_size)
+
+    def evaluate(self, net, request, device) -> tuple[dict, dict]:
+        """``request.num_samples`` class-balanced samples of G against the real images (gan.metrics.core)."""
+        from gan.metrics.core import evaluate_generator
+
+        m = self.cfg.model
+        return evaluate_generator(net, m.z_dim, m.num_classes, m.img_channels, m.img_size, request, device)
+
+    def sample(self, net, request, device) -> torch.Tensor:
+        """grid, interp, classvar, realfake (gan.sampling) and export (a PNG folder + labels.csv)."""
+        from gan import sampling
+
+        m, r = self.cfg.model, request
+        args = (net, m.z_dim, m.num_classes)
+        if r.mode == "export":
+            sampling.export_images(*args, r.num, r.out, device, r.seed, class_names=r.class_names,
+                                   classes=r.classes, progress=True)
+            return torch.zeros(0, dtype=torch.uint8)
+        if r.mode == "grid":
+            return sampling.grid(*args, r.num, device, r.seed, r.classes, r.class_names)
+        if r.mode == "interp":
+            return sampling.interpolation(*args, max(r.num, 2), device, r.seed, r.classes, r.class_names)
+        if r.mode == "classvar":
+            return sampling.class_variation(*args, r.num, device, r.seed, r.classes, r.class_names)
+        return sampling.real_vs_fake(*args, r.num, r.shards or self.cfg.data.shards, device, r.seed,
+                                     classes=r.classes, class_names=r.class_names)

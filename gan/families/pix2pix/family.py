@@ -8,7 +8,8 @@ updated through the frozen D on adversarial (any registered GAN loss, ``loss.gan
 the export use it, in eval mode (dropout off).
 
 Config sections: ``model`` (Pix2PixConfig), ``loss`` (Pix2PixLossConfig) and ``val`` (Pix2PixValConfig:
-the held-out pairs the pictures show). Pictures: input | output | target rows of a fixed set of held-out
+the held-out pairs the pictures show and the metrics measure: L1, PSNR, SSIM, FID of outputs against
+targets, gan.families.pix2pix.evaluation). Pictures: input | output | target rows of a fixed set of held-out
 pairs. Export and serving signature: an image in (``in_channels`` x ``img_size``^2, in [-1, 1]), an image out.
 """
 from __future__ import annotations
@@ -17,7 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
-from gan.config import ConfigError, _check
+from gan.config import _check
 from gan.families.pix2pix.config import Pix2PixConfig, Pix2PixLossConfig
 from gan.family import Family, Mode, OptimSpec, image_tensor, register_family
 
@@ -26,8 +27,8 @@ WHO = "pix2pix (family: pix2pix)"
 
 @dataclass
 class Pix2PixValConfig:
-    # paired shards of held-out pairs (e.g. `python -m data_shards build --source paired --root SRC/val
-    # --split val --out DIR`); "" = the first pairs of data.shards, which are not held out
+    # paired shards of held-out pairs, for the pictures and the metrics (e.g. `python -m data_shards build
+    # --source paired --root SRC/val --split val --out DIR`); "" = data.shards, which are not held out
     shards: str = ""
     pictures: int = 8  # input | output | target rows in the logged picture
 
@@ -67,9 +68,6 @@ class Pix2Pix(Family):
         return OptimSpec(getattr(o, f"lr_{k}"), tuple(getattr(o, f"betas_{k}")))
 
     def check(self, manifest=None) -> None:
-        if self.cfg.metrics.every:
-            raise ConfigError("config key 'metrics.every': evaluation during training measures a GAN's samples and "
-                              "is not wired for family=pix2pix yet; set metrics.every=0")
         self.gan_loss  # noqa: B018 - builds the loss before any work
         if manifest is None:
             return
@@ -141,3 +139,35 @@ class Pix2Pix(Family):
     def mode_forward(self, net: torch.nn.Module, mode: str) -> torch.nn.Module:
         self.mode(mode)
         return net  # the U-Net, image -> image
+
+    # ================================================================ evaluation and offline pictures
+    # (gan.families.pix2pix.evaluation, gan.families.pix2pix.pictures)
+    sample_modes = {"triplets": 8, "curves": 0, "export": 1000}
+
+    @classmethod
+    def metric_table(cls):
+        from gan.families.pix2pix.evaluation import METRICS
+
+        return METRICS
+
+    @classmethod
+    def default_metrics(cls, cfg) -> str:
+        return "l1,psnr,ssim"  # l1 first: the best-model pick is the L1 that G trains on
+
+    def eval_shards(self) -> str:
+        return self.cfg.val.shards or self.cfg.data.shards
+
+    def eval_preflight(self, request) -> dict:
+        from gan.families.pix2pix.evaluation import preflight
+
+        return preflight(self, request)
+
+    def evaluate(self, net, request, device) -> tuple[dict, dict]:
+        from gan.families.pix2pix.evaluation import evaluate
+
+        return evaluate(self, net, request, device)
+
+    def sample(self, net, request, device) -> torch.Tensor:
+        from gan.families.pix2pix.pictures import sample
+
+        return sample(self, net, request, device)

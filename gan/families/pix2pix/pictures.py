@@ -22,3 +22,45 @@ def triplet_grid(real_a: torch.Tensor, fake_b: torch.Tensor, real_b: torch.Tenso
     a, f, b = (_rgb(to_uint8(t[:n])) for t in (real_a, fake_b, real_b))
     rows = torch.stack([a, f, b], dim=1).flatten(0, 1)  # a0 f0 b0 a1 f1 b1 ...
     return make_grid(rows, nrow=3, padding=2, pad_value=0)
+
+
+# ---------------------------------------------------------------------------- launch/sample.py's modes
+
+
+@torch.no_grad()
+def sample(family, G, request, device) -> torch.Tensor:
+    """launch/sample.py for pix2pix (``G``: the EMA generator, eval mode), from the held-out pairs
+    (``request.shards`` or ``val.shards``, in shard order; ``--class``: only pairs of those labels):
+
+    - ``triplets``: input | output | target rows of the first ``num`` pairs, a uint8 (3, H, W) picture;
+    - ``export``: G's outputs for the first ``num`` pairs as ``request.out/NNNNNN.png`` (+ labels.csv: file,
+      label, name), for other tools (e.g. torch-fidelity against the targets); returns an empty tensor.
+    """
+    import csv
+    import os
+    from pathlib import Path
+
+    from gan.sampling import first_samples
+    from gan.viz import save_png
+
+    r = request
+    a, b, y = first_samples(r.shards or family.eval_shards(), r.num, r.classes)
+    if r.mode == "triplets":
+        return triplet_grid(a, G(a.to(device)).float().cpu(), b, n=len(a))
+    if r.mode != "export":
+        raise ValueError(f"pix2pix has no picture mode {r.mode!r}")
+    out = Path(r.out)
+    if out.exists() and any(out.glob("*.png")):
+        raise FileExistsError(f"{out} already holds PNG files; pass an empty or new folder (nothing was written)")
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for start in range(0, len(a), 64):
+        for i, img in enumerate(to_uint8(G(a[start:start + 64].to(device)).float())):
+            k, label = start + i, int(y[start + i])
+            save_png(img, out / f"{k:06d}.png")
+            rows.append((f"{k:06d}.png", label, r.class_names[label] if r.class_names else str(label)))
+    tmp = out / ".labels.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        csv.writer(f).writerows([("file", "class", "name"), *rows])
+    os.replace(tmp, out / "labels.csv")
+    return torch.zeros(0, dtype=torch.uint8)

@@ -1,5 +1,6 @@
 """The VAE's config sections, each a dataclass validating itself: ``model`` (the architecture and its
-likelihood, compared on resume) and ``loss`` (the weights of the objective, free to change on resume)."""
+likelihood, compared on resume), ``loss`` (the weights of the objective, free to change on resume) and
+``val`` (the held-out split that evaluation and the offline pictures read)."""
 from __future__ import annotations
 
 import math
@@ -44,4 +45,12 @@ class VAELossConfig:
         _check(self.obs_std > 0 and math.isfinite(self.obs_std), "loss.obs_std", "must be a finite number > 0")
 
 
-__all__ = ["VAEConfig", "VAELossConfig", "ConfigError", "RECON_LOSSES"]
+@dataclass
+class VAEValConfig:
+    # held-out single-image shards the metrics and the offline pictures read (e.g. the test split:
+    # `python -m data_shards build --source cifar10 --root data/cifar10 --split test --out DIR`);
+    # "" = data.shards (not held out: the metrics then say so, "held_out": false)
+    shards: str = ""
+
+
+__all__ = ["VAEConfig", "VAELossConfig", "VAEValConfig", "ConfigError", "RECON_LOSSES"]

@@ -1,16 +1,16 @@
 """The VAE as a family: one network "vae" (encoder and decoder, gan.families.vae.networks) trained on
 the negative ELBO with a weighted, warmed-up KL term (gan.families.vae.losses), one update per step,
-with an EMA copy for pictures and export. Config sections: ``model`` (VAEConfig) and ``loss``
-(VAELossConfig); the optimizer is the spine's ``optim`` section with ``optim.lr_g`` and
-``optim.betas_g`` (the VAE generates, as G does). Export and serving modes: ``generate`` (prior
-samples from ``(z, class)``, the GAN's signature) and ``reconstruct`` (``(image, class)`` -> the
-decoded posterior mean); the class is ignored unless ``model.conditional``."""
+with an EMA copy for pictures, evaluation and export. Config sections: ``model`` (VAEConfig), ``loss``
+(VAELossConfig) and ``val`` (VAEValConfig: the held-out split evaluation reads); the optimizer is the
+spine's ``optim`` section with ``optim.lr_g`` and ``optim.betas_g`` (the VAE generates, as G does).
+Export and serving modes: ``generate`` (prior samples from ``(z, class)``, the GAN's signature) and
+``reconstruct`` (``(image, class)`` -> the decoded posterior mean); the class is ignored unless
+``model.conditional``."""
 from __future__ import annotations
 
 import torch
 
-from gan.config import ConfigError
-from gan.families.vae.config import VAEConfig, VAELossConfig
+from gan.families.vae.config import VAEConfig, VAELossConfig, VAEValConfig
 from gan.families.vae.losses import kl_weight, vae_loss
 from gan.family import Family, Mode, OptimSpec, class_tensor, image_tensor, noise_tensor, register_family
 
@@ -37,7 +37,7 @@ class _Reconstruct(_Generate):
 @register_family
 class VAEFamily(Family):
     name = "vae"
-    sections = {"model": VAEConfig, "loss": VAELossConfig}
+    sections = {"model": VAEConfig, "loss": VAELossConfig, "val": VAEValConfig}
     ema = "vae"
     unread_keys = ("optim.lr_d", "optim.betas_d", "optim.n_dis")  # one network, one update per step
 
@@ -51,9 +51,6 @@ class VAEFamily(Family):
         return OptimSpec(o.lr_g, tuple(o.betas_g))
 
     def check(self, manifest=None) -> None:
-        if self.cfg.metrics.every:
-            raise ConfigError("config key 'metrics.every': evaluation during training measures a GAN's samples and "
-                              "is not wired for family=vae yet; set metrics.every=0")
         if manifest is not None:
             from gan.data.manifest import require_single
 
@@ -113,3 +110,49 @@ class VAEFamily(Family):
     def mode_forward(self, net: torch.nn.Module, mode: str) -> torch.nn.Module:
         self.mode(mode)
         return (_Generate if mode == "generate" else _Reconstruct)(net, self.cfg.model.conditional)
+
+    # ================================================================ evaluation and offline pictures
+    # (gan.families.vae.evaluation, gan.families.vae.pictures)
+    sample_modes = {"grid": 10, "recon": 8, "interp": 10, "curves": 0, "export": 1000}
+
+    @classmethod
+    def metric_table(cls):
+        from gan.families.vae.evaluation import METRICS
+
+        return METRICS
+
+    @classmethod
+    def default_metrics(cls, cfg) -> str:
+        """The negative ELBO first (the best-model pick) where it exists, then the reconstruction and the KL."""
+        return ("bits_per_dim," if cfg.model.recon == "mse" else "") + "recon_mse,psnr,ssim,kl"
+
+    def eval_shards(self) -> str:
+        return self.cfg.val.shards or self.cfg.data.shards
+
+    def held_out(self, shards) -> bool:
+        """Are ``shards`` other than the training shards?"""
+        from pathlib import Path
+
+        return Path(shards).resolve() != Path(self.cfg.data.shards).resolve()
+
+    def eval_preflight(self, request) -> dict:
+        from gan.families.vae.evaluation import preflight
+
+        return preflight(self, request)
+
+    def evaluate(self, net, request, device) -> tuple[dict, dict]:
+        from gan.families.vae.evaluation import evaluate
+
+        return evaluate(self, net, request, device)
+
+    def sample(self, net, request, device) -> torch.Tensor:
+        from gan.families.vae.pictures import sample
+
+        return sample(self, net, request, device)
+
+    def curves(self, metrics_jsonl, out, title: str = ""):
+        """Reconstruction, KL, PSNR and SSIM over the steps (training losses and Eval/* rows)."""
+        from gan.families.vae.pictures import curves_png
+        from gan.sampling import read_metrics_jsonl
+
+        return curves_png(read_metrics_jsonl(metrics_jsonl), out, title)

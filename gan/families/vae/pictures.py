@@ -102,3 +102,60 @@ def curves_png(rows: list[dict], out: str | Path, title: str = "") -> Path:
     plt.close(fig)
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     return write_file_atomic(out, buf.getvalue())
+
+
+# ---------------------------------------------------------------------------- launch/sample.py's modes
+
+
+def _held_out(family, request, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    from gan.sampling import first_samples
+
+    x, y = first_samples(request.shards or family.eval_shards(), n, request.classes)
+    return x, y
+
+
+@torch.no_grad()
+def sample(family, vae, request, device) -> torch.Tensor:
+    """launch/sample.py for the VAE (``vae``: the EMA network, eval mode), a uint8 (3, H, W) picture:
+
+    - ``grid``: prior samples, ``num`` per class in labelled rows with a conditional decoder (``--class``:
+      only those rows), else ``num`` samples in a near-square grid;
+    - ``recon``: the first ``num`` held-out images (top row) over their reconstructions (bottom row);
+    - ``interp``: latent interpolation between two held-out images (the first two; with a conditional
+      decoder the first two of one class, decoded with that class), ``num`` steps between them;
+    - ``export``: ``num`` prior samples as PNG files in ``request.out`` (+ labels.csv); returns an empty tensor.
+    """
+    from gan import sampling
+
+    m, r = family.cfg.model, request
+    classes = m.num_classes if m.conditional else 1
+    if r.classes and not m.conditional:
+        raise ValueError("--class: this VAE's decoder is unconditional (model.conditional=false); leave --class out")
+    names = r.class_names if m.conditional else None
+
+    def decode(z, y):
+        return family.generate(vae, z, y)
+
+    if r.mode == "grid":
+        return sampling.grid(decode, m.latent_dim, classes, r.num, device, r.seed, r.classes, names)
+    if r.mode == "export":
+        sampling.export_images(decode, m.latent_dim, classes, r.num, r.out, device, r.seed, class_names=names,
+                               classes=r.classes, progress=True)
+        return torch.zeros(0, dtype=torch.uint8)
+    if r.mode == "recon":
+        x, y = _held_out(family, r, r.num)
+        x, y = x.to(device), y.to(device)
+        return reconstruction_grid(x, vae.reconstruct(x, y if m.conditional else None), n=len(x))
+    if r.mode == "interp":
+        x, y = _held_out(family, r, 64 if m.conditional else 2)
+        i, j = 0, 1
+        if m.conditional:  # two images of the first image's class
+            same = (y == y[0]).nonzero().flatten().tolist()
+            if len(same) < 2:
+                raise ValueError(f"interp needs two held-out images of class {int(y[0])} among the first 64")
+            j = same[1]
+        if len(x) < 2:
+            raise ValueError("interp needs two held-out images")
+        x = x.to(device)
+        return interpolation_grid(vae, x[i], x[j], max(r.num, 2), y[i].to(device) if m.conditional else None)
+    raise ValueError(f"the VAE has no picture mode {r.mode!r}")
