@@ -262,6 +262,10 @@ class MetricsConfig:
         against their keys, the sample count against what they need. ConfigError naming the key."""
         from gan.metrics.names import count_problems
 
+        if not family.metric_table():  # a family without evaluation
+            _check(not self.every and not self.metrics, "metrics.every" if self.every else "metrics.metrics",
+                   f"family {family.name} defines no evaluation metrics; leave metrics.every at 0 and metrics.metrics empty")
+            return
         try:
             names = family.parse_metrics(self.metrics or family.default_metrics(cfg))
         except ValueError as e:

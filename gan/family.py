@@ -251,13 +251,13 @@ class Family:
 
     @classmethod
     def metric_table(cls) -> dict[str, MetricSpec]:
-        """Every metric this family can compute: name -> :class:`MetricSpec`."""
-        raise NotImplementedError
+        """Every metric this family can compute: name -> :class:`MetricSpec` (none: no evaluation)."""
+        return {}
 
     @classmethod
     def default_metrics(cls, cfg) -> str:
         """``metrics.metrics`` when the config leaves it empty (comma-separated)."""
-        raise NotImplementedError
+        return ""
 
     @classmethod
     def parse_metrics(cls, spec: str | list | tuple) -> list[str]:
