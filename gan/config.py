@@ -271,11 +271,14 @@ class MetricsConfig:
         except ValueError as e:
             raise ConfigError(f"config key 'metrics.metrics': {e}") from None
         self.metrics = ",".join(names)
-        keys = family.metric_keys(names)
-        if not self.best_metric:
+        keys = family.ranked_keys(names)  # a metric with no better side (the VAE's kl) picks no best
+        if not self.best_metric and keys:
             self.best_metric = keys[0]
-        _check(self.best_metric in keys, "metrics.best_metric",
-               f"'{self.best_metric}' is not computed by metrics.metrics={self.metrics!r}; one of: {', '.join(keys)}")
+        _check(not self.best_metric or self.best_metric in keys, "metrics.best_metric",
+               f"'{self.best_metric}' is not a ranked metric computed by metrics.metrics={self.metrics!r}; "
+               f"one of: {', '.join(keys) or '(none)'}")
+        _check(not self.patience or self.best_metric, "metrics.patience",
+               f"early stopping needs a ranked metric in metrics.metrics={self.metrics!r} (kl has no better side)")
         problems = count_problems(names, self.num_samples, self.kid_subset_size, self.isc_splits)
         _check(not problems, "metrics.num_samples", "; ".join(problems))
 

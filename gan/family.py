@@ -58,9 +58,10 @@ import torch
 @dataclasses.dataclass(frozen=True)
 class MetricSpec:
     """One evaluation metric of a family: the value keys it writes (its own name first), which way is
-    better, and how it is measured (one line, shown in docs and errors)."""
+    better (None: neither, e.g. the VAE's KL; such a metric is reported, never ``metrics.best_metric``), and
+    how it is measured (one line)."""
     keys: tuple[str, ...]
-    higher_is_better: bool
+    higher_is_better: bool | None
     what: str = ""
 
 
@@ -276,6 +277,12 @@ class Family:
         """The value keys the metrics ``names`` write (candidates for ``metrics.best_metric``)."""
         table = cls.metric_table()
         return [k for n in names for k in table[n].keys]
+
+    @classmethod
+    def ranked_keys(cls, names: list[str]) -> list[str]:
+        """The keys of ``names`` that have a better side (what ``metrics.best_metric`` may name)."""
+        table = cls.metric_table()
+        return [k for n in names if table[n].higher_is_better is not None for k in table[n].keys]
 
     @classmethod
     def better(cls, key: str, new: float, old: float | None) -> bool:

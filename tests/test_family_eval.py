@@ -225,8 +225,10 @@ def test_vae_metric_names_are_the_family_s(vae_data):
     with pytest.raises(ConfigError, match="'cls_acc' for family vae; valid metrics: bits_per_dim, recon_mse, psnr, "
                                           "ssim, kl, fid"):
         _vae_cfg(*vae_data, "metrics.metrics=psnr,cls_acc")
-    with pytest.raises(ConfigError, match="metrics.best_metric.*one of: psnr, kl"):
-        _vae_cfg(*vae_data, "metrics.metrics=psnr,kl", "metrics.best_metric=l1")
+    with pytest.raises(ConfigError, match="metrics.best_metric.*'kl' is not a ranked metric.*one of: psnr$"):
+        _vae_cfg(*vae_data, "metrics.metrics=kl,psnr", "metrics.best_metric=kl")
+    assert _vae_cfg(*vae_data, "metrics.metrics=kl,psnr").metrics.best_metric == "psnr"  # kl has no better side
+    assert _vae_cfg(*vae_data, "metrics.metrics=kl").metrics.best_metric == ""  # nothing to pick the best by
     cfg = _vae_cfg(*vae_data, "model.recon=bce")
     assert cfg.metrics.metrics == "recon_mse,psnr,ssim,kl"  # the default leaves out what bce has not
     with pytest.raises(ConfigError, match="bits_per_dim needs model.recon=mse"):

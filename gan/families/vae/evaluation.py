@@ -28,7 +28,7 @@ METRICS = {
                                                    "images in [-1, 1]"),
     "psnr": MetricSpec(("psnr",), True, "PSNR (dB) of the reconstruction, data range 2 (torchmetrics)"),
     "ssim": MetricSpec(("ssim",), True, "SSIM of the reconstruction (torchmetrics, 11x11 Gaussian window)"),
-    "kl": MetricSpec(("kl",), False, "KL(q(z|x) || N(0, I)) in nats per image"),
+    "kl": MetricSpec(("kl",), None, "KL(q(z|x) || N(0, I)) in nats per image (no better side: not a best_metric)"),
     "fid": MetricSpec(("fid",), False, "FID of metrics.num_samples prior samples against the held-out images "
                                        "(torch-fidelity Inception)"),
 }
