@@ -77,9 +77,9 @@ class Sampler:
 
 
 class Evaluator:
-    """Every ``metrics.every`` steps: the family's metrics of its EMA network (gan.metrics), logged as Eval/<name>; a
-    new best by ``metrics.best_metric`` is exported to RUN/best/ (+ best.json); ``metrics.patience``
-    evaluations without improvement stop the run. Every rank gets the same values, so every rank
+    """Every ``metrics.every`` steps: the family's metrics of its EMA network (``Family.evaluate``), logged
+    as Eval/<name>; a new best by ``metrics.best_metric`` is exported to RUN/best/ (+ best.json);
+    ``metrics.patience`` evaluations without improvement stop the run. Every rank gets the same values, so every rank
     decides alike. The best record lives in ``state.eval_best``, so it survives a resume."""
 
     def __init__(self, cfg, accelerator, state, ema, rank0, run_dir: Path, family=None):

@@ -264,7 +264,8 @@ class MetricsConfig:
 
         if not family.metric_table():  # a family without evaluation
             _check(not self.every and not self.metrics, "metrics.every" if self.every else "metrics.metrics",
-                   f"family {family.name} defines no evaluation metrics; leave metrics.every at 0 and metrics.metrics empty")
+                   f"family {family.name} defines no evaluation metrics; leave metrics.every at 0 and "
+                   f"metrics.metrics empty")
             return
         try:
             names = family.parse_metrics(self.metrics or family.default_metrics(cfg))

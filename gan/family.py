@@ -360,4 +360,5 @@ def build_family(cfg) -> Family:
 
 
 __all__ = ["Family", "FAMILIES", "OptimSpec", "StepContext", "register_family", "get_family", "build_family",
-           "family_names", "MetricSpec", "SampleRequest", "Mode", "TensorSpec", "image_tensor", "class_tensor", "noise_tensor"]
+           "family_names", "MetricSpec", "SampleRequest", "Mode", "TensorSpec", "image_tensor", "class_tensor",
+           "noise_tensor"]

@@ -93,7 +93,8 @@ def _vae_cfg(train, val, *overrides):
     from gan.config import load_config
 
     return load_config(None, ["family=vae", f"data.shards={train}", f"val.shards={val}", "data.num_workers=2",
-                              "train.batch_size=16", "train.mixed_precision=no", "log.progress=false", "log.with=tensorboard",
+                              "train.batch_size=16", "train.mixed_precision=no", "log.progress=false",
+                              "log.with=tensorboard",
                               "log.every=1", "log.sample_every=4", "checkpoint.every=4", "log.samples_per_class=2",
                               "model.channels=8", "model.latent_dim=16", "model.conditional=true", "optim.lr_g=2e-3",
                               "optim.betas_g=[0.9,0.999]", *overrides])
