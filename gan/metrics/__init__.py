@@ -7,6 +7,9 @@ and offline metrics with a committed CIFAR-10 classifier (cls_acc, cls_fd).
   runs every extractor on its own slice, only float64 statistics (or feature rows where a metric needs
   them) cross ranks, and every rank gets the same (values, details).
 * Per-sample measures (L1, PSNR, SSIM, ...): :mod:`gan.metrics.per_sample` (``register``, ``means``).
+* Every family names and measures its own metrics (``Family.metric_table``, ``Family.evaluate``): the GAN
+  through :func:`evaluate_generator`; the VAE and pix2pix on a held-out split through
+  :mod:`gan.metrics.heldout` (per-rank reads, float64 sums, FID from summed Inception moments).
 * :func:`evaluate_during_training` (collective): the trainer's hook, configured by ``cfg.metrics``.
 * :func:`load_generator`, :func:`merge_metrics_json`, :func:`log_tensorboard`: what launch/evaluate.py uses.
 * Metric names and which way is better: :mod:`gan.metrics.names` (light: gan.config imports it).
