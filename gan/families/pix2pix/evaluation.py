@@ -35,7 +35,9 @@ def preflight(family, req) -> dict:
     from gan.metrics.heldout import check_split
 
     out = check_split(req, "pix2pix (family: pix2pix)", True, lambda man: family._fits(man, "val.shards"))
-    out["real"]["held_out"] = bool(family.cfg.val.shards) or req.real_shards != family.cfg.data.shards
+    from pathlib import Path
+
+    out["real"]["held_out"] = Path(req.real_shards).resolve() != Path(family.cfg.data.shards).resolve()
     return out
 
 
