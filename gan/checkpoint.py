@@ -22,8 +22,8 @@ from safetensors.torch import save as safetensors_bytes
 
 from gan.dist import any_rank
 from gan.io import write_file_atomic, write_json_atomic
-from gan.rundir import (EMA_WEIGHTS, META, NETS, ema_weights_name, CheckpointError, RunDir, RunDirError,  # noqa: F401
-                        part_file, parts_of, step_of, read_meta, seal, verify)
+from gan.rundir import (META, NETS, CheckpointError, RunDir, RunDirError,  # noqa: F401
+                        ema_weights_name, part_file, parts_of, step_of, read_meta, seal, verify)
 
 # Settings a resume can't change: the data stream position, the per-rank RNG states and the optimizer
 # state are only meaningful under the values they were written with. Everything else in the config
