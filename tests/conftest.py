@@ -225,3 +225,26 @@ def tiny_classifier(tmp_path_factory, tiny_shards) -> Path:
                        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert r.returncode == 0, r.stdout + r.stderr
     return out
+
+
+@pytest.fixture(scope="session")
+def standin_inception(tmp_path_factory) -> Path:
+    """torch-fidelity's FeatureExtractorInceptionV3 architecture with random values, saved as a state dict:
+    the shapes of the real pt_inception-2015-12-05 file, none of its knowledge. Its convolutions get
+    kaiming_normal_ weights: with PyTorch's default init the features are nearly constant (FID ~1e-15
+    between any two image sets), and a comparison of values could not fail."""
+    from unittest import mock
+
+    import torch
+    import torch_fidelity.feature_extractor_inceptionv3 as fe
+
+    torch.manual_seed(0)
+    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
+            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
+        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
+    for m in model.modules():
+        if isinstance(m, torch.nn.Conv2d):
+            torch.nn.init.kaiming_normal_(m.weight)
+    path = tmp_path_factory.mktemp("standin") / "standin-inception.pth"
+    torch.save(model.state_dict(), path)
+    return path

@@ -27,25 +27,6 @@ VAE_METRICS = "bits_per_dim,recon_mse,psnr,ssim,kl"  # + fid where Inception run
 P2P_METRICS = "l1,psnr,ssim"
 
 
-@pytest.fixture(scope="module")
-def inception(tmp_path_factory) -> Path:
-    """torch-fidelity's FeatureExtractorInceptionV3 with seeded Kaiming-normal convolutions, as a state dict."""
-    from unittest import mock
-
-    import torch_fidelity.feature_extractor_inceptionv3 as fe
-
-    torch.manual_seed(0)
-    with mock.patch.object(fe, "load_state_dict_from_url", lambda *a, **k: None), \
-            mock.patch.object(fe.FeatureExtractorInceptionV3, "load_state_dict", lambda self, *a, **k: None):
-        model = fe.FeatureExtractorInceptionV3("inception-v3-compat", ["2048"])
-    for m in model.modules():
-        if isinstance(m, torch.nn.Conv2d):
-            torch.nn.init.kaiming_normal_(m.weight)
-    path = tmp_path_factory.mktemp("standin-kaiming") / "inception.pth"
-    torch.save(model.state_dict(), path)
-    return path
-
-
 def _env(tmp: Path, **extra) -> dict:
     return {**os.environ, "TORCH_HOME": str(tmp / "torch-home"), "GAN_METRICS_CACHE": str(tmp / "cache"),
             "GAN_METRICS_NO_DOWNLOAD": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **extra}
@@ -154,15 +135,16 @@ def _vae_reference(run: Path, val: Path, inception: Path, n: int) -> dict:
 
 
 @pytest.mark.slow
-def test_vae_evaluate_on_one_and_two_gloo_ranks(vae_run, vae_data, inception, tmp_path):
+def test_vae_evaluate_on_one_and_two_gloo_ranks(vae_run, vae_data, standin_inception, tmp_path):
     """launch/evaluate.py on a VAE run: 1 process and 2 gloo ranks (loader workers, each held-out image on
     one rank) give the one-process values within 1e-5; RUN/metrics.json and Eval/* scalars are written."""
     run = tmp_path / "run"
     shutil.copytree(vae_run, run)
-    args = ["--metrics", VAE_METRICS + ",fid", "--num-samples", 10, "--batch-size", 8, "--inception-weights", inception]
+    args = ["--metrics", VAE_METRICS + ",fid", "--num-samples", 10, "--batch-size", 8,
+            "--inception-weights", standin_inception]
     two = _evaluate(run, tmp_path / "two.json", tmp_path, *args, ranks=2)
     one = _evaluate(run, tmp_path / "one.json", tmp_path, *args)
-    ref = _vae_reference(run, vae_data[1], inception, 10)
+    ref = _vae_reference(run, vae_data[1], standin_inception, 10)
     assert set(one["metrics"]) == set(two["metrics"]) == set(ref) == set(VAE_METRICS.split(",")) | {"fid"}
     assert one["metrics"] == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
     assert two["details"]["processes"] == 2
@@ -300,13 +282,13 @@ def _p2p_reference(run: Path, val: Path, inception: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_pix2pix_evaluate_on_one_and_two_gloo_ranks(p2p_run, pairs, inception, tmp_path):
+def test_pix2pix_evaluate_on_one_and_two_gloo_ranks(p2p_run, pairs, standin_inception, tmp_path):
     run = tmp_path / "run"
     shutil.copytree(p2p_run, run)
-    args = ["--metrics", P2P_METRICS + ",fid", "--batch-size", 8, "--inception-weights", inception]
+    args = ["--metrics", P2P_METRICS + ",fid", "--batch-size", 8, "--inception-weights", standin_inception]
     two = _evaluate(run, tmp_path / "two.json", tmp_path, *args, ranks=2)
     one = _evaluate(run, tmp_path / "one.json", tmp_path, *args)
-    ref = _p2p_reference(run, pairs[1], inception)
+    ref = _p2p_reference(run, pairs[1], standin_inception)
     assert set(one["metrics"]) == set(two["metrics"]) == set(ref)
     assert one["metrics"] == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
     entry = json.loads((run / "metrics.json").read_text())["evaluations"]["step-00000004"]

@@ -111,6 +111,15 @@ def fid_finish(sums: dict, weights: Path) -> tuple[dict, dict]:
     return fidelity_finish(sums, {}, ["fid"], weights)
 
 
+def finish_means_and_fid(sums: dict, names, weights: Path | None) -> tuple[dict, dict]:
+    """The families' ``finish``: the per-sample measures' means, and FID when Inception ``weights`` are given."""
+    values, details = means(sums, names), {}
+    if weights is not None:
+        v, details["inception"] = fid_finish(sums, weights)
+        values.update(v)
+    return values, details
+
+
 def run(local, finish, req, resolved: dict, num_samples: int) -> tuple[dict, dict]:
     """Collective. ``local()`` on every rank (an error on one reaches all), one float64 all-reduce of its
     sums, then ``finish(sums) -> (values, details)`` alike on every rank."""

@@ -111,10 +111,6 @@ def evaluate(family, vae, req, device) -> tuple[dict, dict]:
             vae.train(was)
 
     def finish(sums):
-        values, details = heldout.means(sums, per), {}
-        if weights is not None:
-            v, details["inception"] = heldout.fid_finish(sums, weights)
-            values.update(v)
-        return values, details
+        return heldout.finish_means_and_fid(sums, per, weights)
 
     return heldout.run(local, finish, req, resolved, req.num_samples if weights is not None else 0)
