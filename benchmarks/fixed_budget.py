@@ -191,9 +191,8 @@ def weights_of(run: Path, which: str) -> tuple[object, dict]:
 def held_out_measures(cfg, state: dict, val_dir: str, batch_size: int = 250) -> tuple[dict[str, float], int]:
     """Means over every sample of the held-out shards ``val_dir`` of the family's per-sample measures
     (gan/families/*/evaluation.py) of the network with weights ``state``, in eval mode. The VAE's ELBO
-    draws its latent from a generator seeded with 0, so a re-run gives the same values. -> (means, count)."""
-    import torch
-
+    draws each image's latent from noise seeded by the image and seed 0, as evaluation does, so a re-run
+    gives the same values. -> (means, count)."""
     from gan.data import eval_batches
 
     net = family_network(cfg)
@@ -201,10 +200,9 @@ def held_out_measures(cfg, state: dict, val_dir: str, batch_size: int = 250) -> 
     net.eval()
     if cfg.family == "vae":
         from gan.families.vae.evaluation import per_sample_measures
-        gen = torch.Generator().manual_seed(0)
 
         def measure(x, y):
-            return per_sample_measures(net, x, y, cfg.loss.obs_std, gen)
+            return per_sample_measures(net, x, y, cfg.loss.obs_std, seed=0)
     else:
         from gan.families.pix2pix.evaluation import per_sample_measures
 
