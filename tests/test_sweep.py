@@ -91,14 +91,15 @@ PIX2PIX = str(ROOT / "configs" / "cifar10_sketch_pix2pix.yaml")
     (VAE, {"model.latent": [8]}, r"Did you mean: model.latent_dim\?"),
     # spine keys the family never reads: every point would train the same run
     (VAE, {"optim.lr_d": [1e-4, 2e-4]}, r"family vae does not read 'optim.lr_d'.* e.g. optim.lr_g\. Keys of family "
-     r"vae's own sections: model.img_size, .*loss.beta, loss.kl_warmup_steps, loss.obs_std$"),
+     r"vae's own sections: model.img_size, .*loss.beta, loss.kl_warmup_steps, loss.obs_std, val.shards$"),
     (VAE, {"optim.n_dis": [1, 2]}, r"family vae does not read 'optim.n_dis'"),
     (PIX2PIX, {"optim.n_dis": [1, 2]}, r"family pix2pix does not read 'optim.n_dis'.*loss.lambda_l1, val.shards"),
     (PIX2PIX, {"log.samples_per_class": [2, 4]}, r"family pix2pix does not read 'log.samples_per_class'"),
     # values, and the family's own checks (registered names, what it has not wired)
     (VAE, {"loss.beta": [1.0, -1.0]}, r"grid point loss.beta=-1.0: config key 'loss.beta': must be a finite number"),
     (PIX2PIX, {"loss.gan_loss": ["ns", "hingee"]}, r"grid point loss.gan_loss=hingee: .*unknown GAN loss 'hingee'"),
-    (VAE, {"metrics.every": [0, 100]}, r"grid point metrics.every=100: .*not wired for family=vae"),
+    (VAE, {"metrics.metrics": ["psnr", "cls_acc"]}, r"grid point metrics.metrics=cls_acc: .*unknown metric\(s\) "
+     r"'cls_acc' for family vae; valid metrics: bits_per_dim, recon_mse, psnr, ssim, kl, fid"),
 ])
 def test_family_sweeps_refuse_keys_and_values_the_family_does_not_take(tmp_path, base, grid, match):
     with pytest.raises(SweepError, match=match):
