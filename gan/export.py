@@ -118,11 +118,6 @@ class Bf16Autocast(torch.nn.Module):
             return self.G(*inputs).float()
 
 
-def example_inputs(z_dim: int, num_classes: int, n: int = 4, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randn(n, z_dim, generator=g), torch.arange(n) % num_classes
-
-
 def _batch_dims(module: torch.nn.Module, n_inputs: int) -> tuple:
     """Every input's first dimension is the same dynamic batch: one dict per input, positional (nested once
     for a ``forward(*inputs)``, as Bf16Autocast's, which torch.export reads as one argument)."""
@@ -273,7 +268,7 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quan
         raise ExportError("--quantize bf16 needs --format export or torchscript (captured under CPU autocast); "
                           "onnxruntime's CPU provider has no bf16 convolutions")
     loaded = load_generator(run_dir, pick_weights(run_dir, checkpoint, best), "cpu")
-    cfg, m, family = loaded.cfg, loaded.cfg.model, loaded.family
+    m, family = loaded.cfg.model, loaded.family
     names = _mode_names(family, modes)
     if quantize == "int8-static":
         takes_images = [n for n in names if family.mode(n).input("image")]
@@ -320,15 +315,10 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quan
             raise ExportError(f"the {fmt} artifact's {name} mode differs from the eager network by {diff:.3g} "
                               f"(> {tol}); not written")
         meta["modes"][name]["parity_max_abs_diff"] = diff
-    first = family.mode(names[0])
-    classes = any(t.kind == "class" for n in names for t in family.mode(n).inputs)
-    noise = next((family.mode(n).input("noise") for n in names if family.mode(n).input("noise")), None)
     meta.update({
-        "model": getattr(m, "name", family.name), "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__},
-        **({"z_dim": noise.shape[1]} if noise else {}),
-        **({"num_classes": num_classes, "class_names": class_names(cfg.data.shards, num_classes)} if classes else {}),
-        "image_shape": list(first.output.shape[1:]), "output_range": [-1, 1],
-        "inputs": {t.name: [t.dtype, *t.shape] for t in first.inputs},  # the default mode's, as format 1 wrote it
+        **signature_info(family, [family.mode(n) for n in names]),
+        "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__}, "output_range": [-1, 1],
+        "inputs": {t.name: [t.dtype, *t.shape] for t in family.mode(names[0]).inputs},  # the default mode's, as format 1
         "step": loaded.step, "source": str(loaded.source), "label": loaded.label, "run": str(Path(run_dir)),
         "metrics": run_metrics(run_dir, loaded.label),
         "parity_max_abs_diff": max(meta["modes"][n]["parity_max_abs_diff"] for n in names),
@@ -336,6 +326,20 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quan
         **({"calibration": CALIBRATION} if quantize == "int8-static" else {})})
     write_json_atomic(out / ARTIFACT_JSON, meta)
     return meta
+
+
+def signature_info(family, modes) -> dict:
+    """What artifact.json and the server's /info say about a family's network with ``modes`` (gan.family.Mode,
+    the default first): family, model name, image shape (the default mode's output), and ``z_dim`` /
+    ``num_classes`` + ``class_names`` (of the run's shards) only where a mode takes noise / a class."""
+    m = family.cfg.model
+    out = {"family": family.name, "model": getattr(m, "name", family.name), "image_shape": list(modes[0].output.shape[1:])}
+    noise = next((mode.input("noise") for mode in modes if mode.input("noise")), None)
+    if noise:
+        out["z_dim"] = int(noise.shape[1])
+    if any(mode.input("class") for mode in modes):
+        out.update(num_classes=m.num_classes, class_names=class_names(family.cfg.data.shards, m.num_classes))
+    return out
 
 
 def artifact_modes(meta: dict) -> dict:

@@ -73,29 +73,22 @@ def load_run(run_dir: str | Path, device: str = "cpu", best: bool = False) -> Se
     """The run's newest export (RUN/export) or its best (RUN/best), eager, every mode of its family."""
     from gan.checkpoint import CheckpointError
     from gan.config import ConfigError
-    from gan.data import class_names
-    from gan.export import bake, pick_weights, run_metrics
+    from gan.export import bake, pick_weights, run_metrics, signature_info
     from gan.metrics import MetricError, load_generator
 
     try:
         loaded = load_generator(run_dir, pick_weights(run_dir, None, best), device)
     except (ExportError, MetricError, CheckpointError, ConfigError) as e:
         raise ModelError(str(e)) from None
-    m, family = loaded.cfg.model, loaded.family
+    family = loaded.family
     net = bake(loaded.G).to(device)
     modes = {mode.name: mode for mode in family.modes()}
     runners = {}
     for name in modes:
         forward = family.mode_forward(net, name)
         runners[name] = lambda *xs, f=forward: f(*(x.to(device) for x in xs))
-    classes = any(t.kind == "class" for mode in modes.values() for t in mode.inputs)
-    first = next(iter(modes.values()))
-    generate = modes.get("generate")
-    info = {"family": family.name, "model": getattr(m, "name", family.name),
-            "z_dim": int(generate.input("noise").shape[1]) if generate else None,
-            "num_classes": m.num_classes if classes else None,
-            "class_names": class_names(loaded.cfg.data.shards, m.num_classes) if classes else [],
-            "image_shape": list(first.output.shape[1:]), "step": loaded.step,
+    info = {"z_dim": None, "num_classes": None, "class_names": [], **signature_info(family, list(modes.values())),
+            "step": loaded.step,
             "metrics": run_metrics(run_dir, loaded.label), "format": "eager", "quantize": "none",
             "run": str(run_dir), "label": loaded.label, "source": str(loaded.source), "device": device}
     return ServedModel(runners, modes, info)
