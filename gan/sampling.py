@@ -170,28 +170,39 @@ def real_vs_fake(G, z_dim: int, num_classes: int, per_class: int, shards_dir: st
 def export_images(G, z_dim: int, num_classes: int, n: int, out_dir: str | Path, device, seed: int = 0,
                   batch_size: int = 256, class_names: list[str] | None = None, classes: list[int] | None = None,
                   progress: bool = False) -> Path:
-    """``n`` class-balanced samples (of every class, or of those in ``classes``) as individual PNGs
-    ``out_dir/NNNNNN.png`` (a flat folder, as torch-fidelity's CLI and clean-fid read it) plus
-    ``out_dir/labels.csv`` (file, class index, name). Refuses a folder that already holds PNGs
-    (nothing is overwritten). ``progress``: a tqdm bar on stderr."""
+    """``n`` class-balanced samples (of every class, or of those in ``classes``) as a PNG folder
+    (:func:`write_png_folder`). ``progress``: a tqdm bar on stderr."""
+    wanted = torch.tensor(_rows_of(num_classes, classes))
+    z, y = _noise(n, z_dim, seed), wanted[torch.arange(n) % len(wanted)]
+
+    def batches():
+        with torch.no_grad():
+            for start in range(0, n, batch_size):
+                zs, ys = z[start:start + batch_size], y[start:start + batch_size]
+                yield to_uint8(G(zs.to(device), ys.to(device)).float()), ys
+
+    return write_png_folder(out_dir, batches(), n, class_names, progress)
+
+
+def write_png_folder(out_dir: str | Path, batches, total: int, class_names: list[str] | None = None,
+                     progress: bool = False) -> Path:
+    """Images from ``batches`` (uint8 (N, C, H, W), labels (N,)) as individual PNGs ``out_dir/NNNNNN.png``
+    (a flat folder, as torch-fidelity's CLI and clean-fid read it) plus ``out_dir/labels.csv`` (file, class
+    index, name), written atomically last. Refuses a folder that already holds PNGs before ``batches`` is
+    drawn from (nothing is overwritten or computed). ``progress``: a tqdm bar of ``total`` images on stderr."""
+    from tqdm import tqdm
+
     out = Path(out_dir)
     if out.exists() and any(out.glob("*.png")):
         raise FileExistsError(f"{out} already holds PNG files; pass an empty or new folder (nothing was written)")
     out.mkdir(parents=True, exist_ok=True)
-    wanted = torch.tensor(_rows_of(num_classes, classes))
-    z, y = _noise(n, z_dim, seed), wanted[torch.arange(n) % len(wanted)]
     rows = []
-    from tqdm import tqdm
-
-    bar = tqdm(total=n, desc="export", unit="img", disable=not progress, dynamic_ncols=True)
-    with torch.no_grad(), bar:
-        for start in range(0, n, batch_size):
-            imgs = to_uint8(G(z[start:start + batch_size].to(device), y[start:start + batch_size].to(device)).float())
-            for i, img in enumerate(imgs):
-                k = start + i
-                save_png(img, out / f"{k:06d}.png")
-                label = int(y[k])
-                rows.append((f"{k:06d}.png", label, class_names[label] if class_names else str(label)))
+    with tqdm(total=total, desc="export", unit="img", disable=not progress, dynamic_ncols=True) as bar:
+        for imgs, labels in batches:
+            for img, label in zip(imgs, labels.tolist()):
+                name = f"{len(rows):06d}.png"
+                save_png(img, out / name)
+                rows.append((name, label, class_names[label] if class_names else str(label)))
             bar.update(len(imgs))
     tmp = out / ".labels.csv.tmp"
     with open(tmp, "w", newline="") as f:

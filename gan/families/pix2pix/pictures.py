@@ -36,12 +36,7 @@ def sample(family, G, request, device) -> torch.Tensor:
     - ``export``: G's outputs for the first ``num`` pairs as ``request.out/NNNNNN.png`` (+ labels.csv: file,
       label, name), for other tools (e.g. torch-fidelity against the targets); returns an empty tensor.
     """
-    import csv
-    import os
-    from pathlib import Path
-
-    from gan.sampling import first_samples
-    from gan.viz import save_png
+    from gan.sampling import first_samples, write_png_folder
 
     r = request
     a, b, y = first_samples(r.shards or family.eval_shards(), r.num, r.classes)
@@ -49,18 +44,6 @@ def sample(family, G, request, device) -> torch.Tensor:
         return triplet_grid(a, G(a.to(device)).float().cpu(), b, n=len(a))
     if r.mode != "export":
         raise ValueError(f"pix2pix has no picture mode {r.mode!r}")
-    out = Path(r.out)
-    if out.exists() and any(out.glob("*.png")):
-        raise FileExistsError(f"{out} already holds PNG files; pass an empty or new folder (nothing was written)")
-    out.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for start in range(0, len(a), 64):
-        for i, img in enumerate(to_uint8(G(a[start:start + 64].to(device)).float())):
-            k, label = start + i, int(y[start + i])
-            save_png(img, out / f"{k:06d}.png")
-            rows.append((f"{k:06d}.png", label, r.class_names[label] if r.class_names else str(label)))
-    tmp = out / ".labels.csv.tmp"
-    with open(tmp, "w", newline="") as f:
-        csv.writer(f).writerows([("file", "class", "name"), *rows])
-    os.replace(tmp, out / "labels.csv")
+    batches = ((to_uint8(G(a[s:s + 64].to(device)).float()), y[s:s + 64]) for s in range(0, len(a), 64))
+    write_png_folder(r.out, batches, len(a), r.class_names)
     return torch.zeros(0, dtype=torch.uint8)
