@@ -263,14 +263,9 @@ class Family:
     @classmethod
     def parse_metrics(cls, spec: str | list | tuple) -> list[str]:
         """"a, b" -> ["a", "b"] (deduplicated); ValueError naming unknown ones and this family's valid ones."""
-        table = cls.metric_table()
-        items = spec.split(",") if isinstance(spec, str) else list(spec)
-        names = list(dict.fromkeys(s.strip().lower() for s in items if s and s.strip()))
-        bad = [n for n in names if n not in table]
-        if not names or bad:
-            what = f"unknown metric(s) {', '.join(repr(b) for b in bad)}" if bad else "no metric named"
-            raise ValueError(f"{what} for family {cls.name}; valid metrics: {', '.join(table)}")
-        return names
+        from gan.metrics.names import parse_metrics
+
+        return parse_metrics(spec, cls.metric_table(), cls.name)
 
     @classmethod
     def metric_keys(cls, names: list[str]) -> list[str]:
@@ -294,8 +289,10 @@ class Family:
         return new > old if up else new < old
 
     def eval_shards(self) -> str:
-        """The shards evaluation reads by default (the GAN: its real images; the others: a held-out split)."""
-        return self.cfg.data.shards
+        """The shards evaluation reads by default: ``val.shards`` where the family has a ``val`` section and it
+        is set (the VAE's, pix2pix's held-out split), else ``data.shards`` (the GAN: its real images)."""
+        val = getattr(self.cfg, "val", None)
+        return getattr(val, "shards", "") or self.cfg.data.shards
 
     def eval_preflight(self, request) -> dict:
         """Not a collective. Every check an evaluation of ``request`` (gan.metrics.EvalRequest) can make

@@ -17,10 +17,11 @@ from gan.metrics import collective
 from gan.metrics.errors import MetricError
 
 
-def check_split(req, who: str, paired: bool, fits) -> dict:
+def check_split(req, who: str, paired: bool, fits, train_shards) -> dict:
     """Not a collective. The held-out shards of ``req`` exist, are single images or pairs as the family needs,
     and fit the model (``fits(manifest)`` raises ShardError); fid's Inception weights and sample counts.
-    Returns what it resolved: {"real": {...}, "inception_weights": path (with fid)}."""
+    Returns what it resolved: {"real": {..., "held_out": whether they are other than ``train_shards``},
+    "inception_weights": path (with fid)}."""
     from gan.data import ShardError, read_manifest, require_paired, require_single
     from gan.metrics.fidelity import check_inception_file, resolve_inception_weights
 
@@ -38,7 +39,8 @@ def check_split(req, who: str, paired: bool, fits) -> dict:
     if "ssim" in req.names and min(m.image_shape[1:]) < 11:
         raise MetricError(f"ssim's 11x11 window needs images of at least 11x11 pixels, the shards in {m.dir} "
                           f"hold {m.image_shape[1]}x{m.image_shape[2]}")
-    out = {"real": {"shards": str(req.real_shards), "dataset": m.dataset, "split": m.split, "count": m.total}}
+    out = {"real": {"shards": str(req.real_shards), "dataset": m.dataset, "split": m.split, "count": m.total,
+                    "held_out": Path(req.real_shards).resolve() != Path(train_shards).resolve()}}
     if "fid" in req.names:
         w = resolve_inception_weights(req.inception_weights)
         check_inception_file(w)

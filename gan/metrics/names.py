@@ -24,16 +24,19 @@ def valid_list() -> str:
     return ", ".join(METRICS)
 
 
-def parse_metrics(spec: str | list | tuple) -> list[str]:
-    """"fid, cls_acc" -> ["fid", "cls_acc"]; raises ValueError naming unknown names and the valid ones."""
+def parse_metrics(spec: str | list | tuple, valid=None, family: str = "") -> list[str]:
+    """"fid, cls_acc" -> ["fid", "cls_acc"] (deduplicated); raises ValueError naming unknown names and the
+    valid ones. ``valid``: the names accepted (default: the GAN's, :data:`METRICS`); ``family``: named in the
+    message (gan.family.Family.parse_metrics passes its table and name)."""
+    valid = list(METRICS if valid is None else valid)
+    whose = f" for family {family}" if family else ""
     items = spec.split(",") if isinstance(spec, str) else list(spec)
-    names = [s.strip().lower() for s in items if s and s.strip()]
-    if not names:
-        raise ValueError(f"no metric named; valid metrics: {valid_list()}")
-    bad = [n for n in names if n not in METRICS]
-    if bad:
-        raise ValueError(f"unknown metric(s) {', '.join(repr(b) for b in bad)}; valid metrics: {valid_list()}")
-    return list(dict.fromkeys(names))
+    names = list(dict.fromkeys(s.strip().lower() for s in items if s and s.strip()))
+    bad = [n for n in names if n not in valid]
+    if not names or bad:
+        what = f"unknown metric(s) {', '.join(repr(b) for b in bad)}" if bad else "no metric named"
+        raise ValueError(f"{what}{whose}; valid metrics: {', '.join(valid)}")
+    return names
 
 
 def keys_of(names: list[str]) -> list[str]:

@@ -34,11 +34,8 @@ def preflight(family, req) -> dict:
     """Not a collective: the validation pairs fit the model, the metrics can be computed (MetricError)."""
     from gan.metrics.heldout import check_split
 
-    out = check_split(req, "pix2pix (family: pix2pix)", True, lambda man: family._fits(man, "val.shards"))
-    from pathlib import Path
-
-    out["real"]["held_out"] = Path(req.real_shards).resolve() != Path(family.cfg.data.shards).resolve()
-    return out
+    return check_split(req, "pix2pix (family: pix2pix)", True, lambda man: family._fits(man, "val.shards"),
+                       family.cfg.data.shards)
 
 
 def evaluate(family, G, req, device) -> tuple[dict, dict]:

@@ -154,9 +154,6 @@ class Pix2Pix(Family):
     def default_metrics(cls, cfg) -> str:
         return "l1,psnr,ssim"  # l1 first: the best-model pick is the L1 that G trains on
 
-    def eval_shards(self) -> str:
-        return self.cfg.val.shards or self.cfg.data.shards
-
     def eval_preflight(self, request) -> dict:
         from gan.families.pix2pix.evaluation import preflight
 

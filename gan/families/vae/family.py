@@ -126,15 +126,6 @@ class VAEFamily(Family):
         """The negative ELBO first (the best-model pick) where it exists, then the reconstruction and the KL."""
         return ("bits_per_dim," if cfg.model.recon == "mse" else "") + "recon_mse,psnr,ssim,kl"
 
-    def eval_shards(self) -> str:
-        return self.cfg.val.shards or self.cfg.data.shards
-
-    def held_out(self, shards) -> bool:
-        """Are ``shards`` other than the training shards?"""
-        from pathlib import Path
-
-        return Path(shards).resolve() != Path(self.cfg.data.shards).resolve()
-
     def eval_preflight(self, request) -> dict:
         from gan.families.vae.evaluation import preflight
 
