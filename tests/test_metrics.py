@@ -230,6 +230,21 @@ def _reference_cls(run: Path, classifier: Path, shards: Path, n: int) -> dict:
     return out
 
 
+def _on_two_then_one_process(run, common: list, tmp_path: Path, timeout: int = 600) -> tuple[dict, dict]:
+    """launch/evaluate.py with the arguments ``common`` under torchrun on 2 gloo CPU processes, then in one
+    process (sharing the metrics cache): (the one-process metrics, the 2-process report)."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           "launch/evaluate.py", "--run-dir", str(run), "--out", str(tmp_path / "two.json"), *map(str, common)]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
+    assert r.returncode == 0, r.stdout + r.stderr
+    two = json.loads((tmp_path / "two.json").read_text())
+    assert two["details"]["processes"] == 2
+    one = evaluate("--run", run, "--out", tmp_path / "one.json", *common, env=_env(tmp_path), timeout=timeout)
+    assert one.returncode == 0, one.stderr
+    return json.loads((tmp_path / "one.json").read_text())["metrics"], two
+
+
 @pytest.mark.slow
 def test_two_process_gloo_evaluation(run_copy, tiny_classifier, tiny_shards, tmp_path):
     """torchrun, 2 CPU processes (gloo): each rank measures its own slice and only sums cross ranks; 1 and 2
@@ -237,16 +252,7 @@ def test_two_process_gloo_evaluation(run_copy, tiny_classifier, tiny_shards, tmp
     second evaluation reads each rank's real statistics from the cache."""
     common = ["--metrics", "cls_acc,cls_fd", "--num-samples", 45, "--batch-size", 8, "--classifier", tiny_classifier,
               "--no-tensorboard"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "launch/evaluate.py", "--run-dir", str(run_copy), "--out", str(tmp_path / "two.json"), *map(str, common)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600,
-                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
-    assert r.returncode == 0, r.stdout + r.stderr
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["details"]["processes"] == 2
-    one = evaluate("--run", run_copy, "--out", tmp_path / "one.json", *common, env=_env(tmp_path))
-    assert one.returncode == 0, one.stderr
-    one = json.loads((tmp_path / "one.json").read_text())["metrics"]
+    one, two = _on_two_then_one_process(run_copy, common, tmp_path)
     ref = _reference_cls(run_copy, tiny_classifier, tiny_shards, 45)
     assert set(one) == set(two["metrics"]) == set(ref)
     assert one == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
@@ -363,16 +369,7 @@ def test_fidelity_metrics_on_1_and_2_ranks_match_torch_fidelity(run_copy, standi
     common = ["--metrics", "fid,isc,kid,prc", "--num-samples", 25, "--max-real", 30, "--kid-subset-size", 10,
               "--isc-splits", 2, "--batch-size", 10, "--inception-weights", standin_inception, "--no-tensorboard",
               "--no-progress"]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "launch/evaluate.py", "--run-dir", str(run_copy), "--out", str(tmp_path / "two.json"), *map(str, common)]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env=_env(tmp_path, ACCELERATE_USE_CPU="1"))
-    assert r.returncode == 0, r.stdout + r.stderr
-    two = json.loads((tmp_path / "two.json").read_text())
-    assert two["details"]["processes"] == 2
-    one = evaluate("--run", run_copy, "--out", tmp_path / "one.json", *common, env=_env(tmp_path), timeout=900)
-    assert one.returncode == 0, one.stderr
-    one = json.loads((tmp_path / "one.json").read_text())["metrics"]
+    one, two = _on_two_then_one_process(run_copy, common, tmp_path, timeout=900)
     ref = _reference_fidelity(run_copy, standin_inception, tiny_shards, 25, 30, 10, 10, 2)
     assert set(one) == set(two["metrics"]) == set(ref)
     assert ref["fid"] > 1e-3 and ref["kid_std"] > 0 and ref["isc"] > 1.0  # values that vary with the images

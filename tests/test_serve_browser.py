@@ -69,21 +69,15 @@ def browser():
 @pytest.mark.slow
 def test_page_generates_in_real_browser(artifact, tmp_path):
     from selenium.webdriver.common.by import By
-    from selenium.webdriver.support.ui import Select, WebDriverWait
+    from selenium.webdriver.support.ui import WebDriverWait
 
     with running_server("--artifact", str(artifact)) as url, browser() as driver:
         driver.get(url + "/")
         wait = WebDriverWait(driver, 120)
         wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#cls option")) == 10)
         assert "step 5" in driver.find_element(By.ID, "model").text
-        Select(driver.find_element(By.ID, "cls")).select_by_visible_text("class3")
-        n = driver.find_element(By.ID, "n")
-        n.clear()
-        n.send_keys("12")
-        driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: d.find_element(By.ID, "grid").get_attribute("data-ready") == "1")
-        w, h = driver.execute_script("const i = document.getElementById('grid'); return [i.naturalWidth, i.naturalHeight];")
-        assert (w, h) == (8 * 34 + 2, 2 * 34 + 2)  # 12 images of 32x32, 8 per row, 2 px padding
+        generate(driver, wait, "class3", 12)
+        assert natural_size(driver, "grid") == (8 * 34 + 2, 2 * 34 + 2)  # 12 images of 32x32, 8 per row, 2 px padding
         assert driver.find_element(By.ID, "download").get_attribute("download") == "class3-seed0.png"
         assert driver.find_element(By.ID, "error").text == ""
         assert not driver.find_element(By.ID, "upload-form").is_displayed()  # the GAN takes no image
@@ -111,6 +105,19 @@ def upload(driver, wait, path, resize=False):
     driver.find_element(By.ID, "upload-go").click()
     wait.until(lambda d: d.find_element(By.ID, "upload-output").get_attribute("data-ready") == "1"
                or d.find_element(By.ID, "error").text)
+
+
+def generate(driver, wait, class_name: str, n: int):
+    """Pick ``class_name`` and ``n`` in the generate form, submit; wait for the grid."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import Select
+
+    Select(driver.find_element(By.ID, "cls")).select_by_visible_text(class_name)
+    box = driver.find_element(By.ID, "n")
+    box.clear()
+    box.send_keys(str(n))
+    driver.find_element(By.ID, "go").click()
+    wait.until(lambda d: d.find_element(By.ID, "grid").get_attribute("data-ready") == "1")
 
 
 def natural_size(driver, element_id):
@@ -173,11 +180,6 @@ def test_page_reconstructs_and_generates_in_real_browser(image_runs, tmp_path):
         assert natural_size(driver, "upload-output") == natural_size(driver, "upload-input") == (32, 32)
         upload(driver, wait, grey)
         assert "takes 3-channel (RGB) images; this one has 1" in driver.find_element(By.ID, "error").text
-        Select(driver.find_element(By.ID, "cls")).select_by_visible_text("class2")
-        n = driver.find_element(By.ID, "n")
-        n.clear()
-        n.send_keys("3")
-        driver.find_element(By.ID, "go").click()
-        wait.until(lambda d: d.find_element(By.ID, "grid").get_attribute("data-ready") == "1")
+        generate(driver, wait, "class2", 3)
         assert natural_size(driver, "grid") == (3 * 34 + 2, 34 + 2)
         assert driver.save_screenshot(str(tmp_path / "page.png"))
