@@ -8,11 +8,14 @@ matters), and its PatchGAN, on paired shards; its G update runs through D frozen
 - SIGUSR2 to one rank, then kill -9 of the resumed run at an arbitrary moment, then --resume auto:
   the run ends bit for bit where an uninterrupted one does;
 - the divergence guard (a learning rate of 1e30, train.max_loss) stops the run "failed", exit 1, and
-  the last good checkpoint stays the newest, untouched.
+  the last good checkpoint stays the newest, untouched;
+- a damaged newest checkpoint is named, set aside and skipped: --resume auto continues from the one
+  before and ends bit for bit where the undamaged run does.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import subprocess
@@ -133,6 +136,26 @@ def test_divergence_stops_failed_and_keeps_the_last_good_checkpoint(tmp_path, ca
         assert "DivergenceError" in st["error"] and why in st["error"], st
         assert "diverging" in r.stderr, r.stderr[-4000:]
         assert newest(run) == "step-00000004" and snapshot(ckpt(run, 4)) == good
+
+
+# ---------------------------------------------------------------------------- a damaged checkpoint
+
+
+@pytest.mark.slow
+def test_damaged_newest_checkpoint_is_skipped_and_the_run_ends_exactly(tmp_path, case, fp32_runs):
+    """Checkpoints at steps 2 and 4; the step-4 weights of the family's last network truncated. --resume
+    auto names the damaged file, sets the checkpoint aside (never used, never deleted), resumes from step 2
+    and ends at step 4 with every checkpointed tensor and the export equal to the undamaged DDP run's."""
+    run = tmp_path / "run"
+    case.train(run, "checkpoint.every=2")
+    part = json.loads((ckpt(run, 4) / "meta.json").read_text())["parts"][case.family.nets[-1]]
+    damaged = ckpt(run, 4) / part
+    damaged.write_bytes(damaged.read_bytes()[:1000])
+    r = case.train(run, "checkpoint.every=2", resume="auto")
+    assert f"skipped a damaged checkpoint: {damaged} is damaged" in r.stdout + r.stderr, r.stderr[-4000:]
+    assert f"resumed from {ckpt(run, 2)} at step 2" in r.stdout, r.stdout
+    assert (run / "checkpoints" / "damaged-step-00000004" / part).is_file()
+    assert_same_run(fp32_runs["ddp"][0], run, 4)
 
 
 # ---------------------------------------------------------------------------- SIGUSR2, kill -9, exact resume
