@@ -46,6 +46,10 @@ def parse_args(argv=None):
     p.add_argument("--at", default="500,1500,5000", help="steps at which to evaluate (the run ends at the last)")
     p.add_argument("--batch-size", type=int, default=0, help="train.batch_size (0 = the recipe's)")
     p.add_argument("--num-samples", type=int, default=2000)
+    p.add_argument("--eval-draws", type=int, default=1,
+                   help="evaluate every generator on this many evaluation noise draws (the fixed evaluation noise, "
+                        "then other seeds) and record their mean; the spread between draws is the FD's resolution")
+    p.add_argument("--classifier", default="", help="the offline classifier for cls_fd (default: the shipped one)")
     p.add_argument("--max-real", type=int, default=10000, help="real images for the reference statistics (0 = all)")
     p.add_argument("--prepare", action="store_true", help="only compute (and cache) the real statistics")
     p.add_argument("--warmup", action="store_true", help="also a shadow EMA under the warmup schedule")
@@ -75,14 +79,19 @@ def build(args, seed: int, run_dir: Path):
     return cfg, trainer, G, shadows, cfg.train.batch_size * trainer.accelerator.num_processes
 
 
-def cls_fd(G, cfg, args, device) -> float:
-    from gan.metrics.core import EvalRequest, evaluate_generator
+def cls_fd(G, cfg, args, device) -> list[float]:
+    """``cls_fd`` of G on ``--eval-draws`` evaluation noise draws: the fixed evaluation noise, then
+    EVAL_SEED + 1, + 2, ... (the same draws for every generator, so differences are paired)."""
+    from gan.metrics.core import EVAL_SEED, EvalRequest, evaluate_generator
 
-    m = cfg.model
-    req = EvalRequest(names=["cls_fd"], num_samples=args.num_samples, real_shards=args.shards,
-                      batch_size=200, max_real=args.max_real, cache_dir=str(ROOT / args.out / "cache"))
-    values, _ = evaluate_generator(G, m.z_dim, m.num_classes, m.img_channels, m.img_size, req, device)
-    return float(values["cls_fd"])
+    m, out = cfg.model, []
+    for k in range(args.eval_draws):
+        req = EvalRequest(names=["cls_fd"], num_samples=args.num_samples, real_shards=args.shards, batch_size=200,
+                          max_real=args.max_real, cache_dir=str(ROOT / args.out / "cache"), seed=EVAL_SEED + k,
+                          classifier=args.classifier)
+        values, _ = evaluate_generator(G, m.z_dim, m.num_classes, m.img_channels, m.img_size, req, device)
+        out.append(float(values["cls_fd"]))
+    return out
 
 
 def run_seed(args, seed: int, at: list[int]) -> dict:
@@ -90,7 +99,7 @@ def run_seed(args, seed: int, at: list[int]) -> dict:
     cfg, trainer, G, shadows, images = build(args, seed, out / f"run-seed-{seed}")
     record = {"seed": seed, "config": args.config, "set": args.set, "batch_size": cfg.train.batch_size,
               "images_per_step": images, "ema": dataclasses.asdict(cfg.ema), "num_samples": args.num_samples,
-              "fd": {}, "train_seconds": 0.0}
+              "eval_draws": args.eval_draws, "fd": {}, "fd_draws": {}, "train_seconds": 0.0}
     step, t_train = 0, 0.0
     for target in at:
         t0 = time.perf_counter()
@@ -101,8 +110,9 @@ def run_seed(args, seed: int, at: list[int]) -> dict:
             step += 1
         t_train += time.perf_counter() - t0
         nets = {"raw G": G, "EMA": trainer.ema.model, **{k: e.model for k, e in shadows.items()}}
-        fds = {name: cls_fd(g, cfg, args, trainer.device) for name, g in nets.items()}
-        record["fd"][str(step)] = fds
+        draws = {name: cls_fd(g, cfg, args, trainer.device) for name, g in nets.items()}
+        fds = {name: statistics.mean(v) for name, v in draws.items()}
+        record["fd"][str(step)], record["fd_draws"][str(step)] = fds, draws
         record["train_seconds"] = round(t_train, 1)
         print(f"seed {seed} step {step}: " + ", ".join(f"{k} {v:.2f}" for k, v in fds.items())
               + f" ({t_train / step:.3f} s/step)", flush=True)
@@ -135,6 +145,26 @@ def report(records: list[dict], at: list[int]) -> str:
     return "\n".join(lines)
 
 
+def draws_report(records: list[dict], at: list[int]) -> str:
+    """With several evaluation noise draws: per step and seed, the EMA minus the raw G on each draw (paired:
+    the same z), and the raw G's own spread between draws (sample std), which is what one FD resolves."""
+    records = [r for r in records if r.get("eval_draws", 1) > 1]
+    if not records:
+        return ""
+    lines = ["| step | seed | raw G, mean of draws | raw G, std between draws | EMA − raw G, per draw | "
+             "EMA ≤ raw G |", "|---" * 6 + "|"]
+    for s in at:
+        for r in records:
+            d = r["fd_draws"].get(str(s))
+            if d is None:
+                continue
+            diff = [e - g for e, g in zip(d["EMA"], d["raw G"])]
+            lines.append(f"| {s} | {r['seed']} | {statistics.mean(d['raw G']):.1f} | "
+                         f"{statistics.stdev(d['raw G']):.2f} | {', '.join(f'{x:+.1f}' for x in diff)} | "
+                         f"{sum(x <= 0 for x in diff)}/{len(diff)} draws |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
@@ -142,9 +172,11 @@ def main(argv=None) -> int:
     out = ROOT / args.out
     out.mkdir(parents=True, exist_ok=True)
     if args.prepare:  # before one process per seed, so that they do not all compute the same statistics
-        from gan.metrics.offline import classifier_path, real_stats
+        from gan.metrics.offline import classifier_path, real_sums
 
-        real_stats(args.shards, classifier_path(None), torch.device("cpu"), 200, args.max_real, str(out / "cache"))
+        classes = load_config(ROOT / args.config, [f"data.shards={args.shards}", *args.set]).model.num_classes
+        real_sums(args.shards, classifier_path(args.classifier), classes, torch.device("cpu"), 200, args.max_real,
+                  str(out / "cache"))
         return 0
     if args.time_steps:
         cfg, trainer, G, shadows, images = build(args, 0, out / "run-timing")
@@ -166,7 +198,7 @@ def main(argv=None) -> int:
         records = [json.loads((out / f"seed-{s}.json").read_text()) for s in args.seeds.split(",")]
     else:
         records = [run_seed(args, int(s), at) for s in args.seeds.split(",")]
-    table = report(records, at)
+    table = "\n\n".join(t for t in (report(records, at), draws_report(records, at)) if t)
     (out / "ema_schedule.md").write_text(table + "\n")
     print(table)
     return 0

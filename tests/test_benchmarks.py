@@ -199,3 +199,33 @@ def test_fixed_step_budget_bad_input_fails_before_any_work(tmp_path, families_da
                            text=True, timeout=300)
         assert r.returncode == 2 and message in r.stderr, (args, r.stderr)
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_ema_schedule_smoke(tmp_path, tiny_shards, tiny_classifier):
+    """benchmarks/ema_schedule.py: --prepare caches the real statistics that the runs then read (no second
+    cache file); every generator is evaluated on each noise draw, the recorded FD is the draws' mean, and
+    the report has the table per step and the per-draw table."""
+    out = tmp_path / "ema"
+    common = ["--config", "configs/debug_cpu.yaml", "--shards", str(tiny_shards), "--classifier", str(tiny_classifier),
+              "--max-real", "40", "--out", str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    r = subprocess.run([sys.executable, "benchmarks/ema_schedule.py", "--prepare", *common], cwd=ROOT,
+                       capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    (cached,) = (out / "cache").iterdir()
+    r = subprocess.run([sys.executable, "benchmarks/ema_schedule.py", *common, "--seeds", "0,1", "--at", "1,2",
+                        "--num-samples", "20", "--eval-draws", "2", "--batch-size", "4", "--warmup",
+                        "data.num_workers=0", "log.with="], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert list((out / "cache").iterdir()) == [cached]
+    for seed in (0, 1):
+        rec = json.loads((out / f"seed-{seed}.json").read_text())
+        assert rec["eval_draws"] == 2 and set(rec["fd"]) == set(rec["fd_draws"]) == {"1", "2"}
+        for step, draws in rec["fd_draws"].items():
+            assert set(draws) == {"raw G", "EMA", "EMA, G's statistics", "EMA warmup, G's statistics"}
+            for name, values in draws.items():
+                assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
+                assert rec["fd"][step][name] == pytest.approx(sum(values) / 2)
+    table = (out / "ema_schedule.md").read_text()
+    assert "| 2 | 1 |" in table and "draws |" in table and "EMA ≤ raw G" in table
