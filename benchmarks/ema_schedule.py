@@ -5,7 +5,8 @@ Frechet distance (``cls_fd``, gan.metrics) of the raw G, of the trainer's own EM
 ``ema.bn_samples`` inputs, as samples, evaluation and exports read it) and, as the alternative, a shadow
 EMA with the same schedule that copies G's BatchNorm statistics (the product before it had its own),
 at given steps, for several seeds. ``--warmup`` adds a shadow under the older ``warmup`` schedule
-(decay ramped as (1+n)/(10+n) for 1,000 updates, then 0.999; G's statistics copied).
+(decay ramped as (1+n)/(10+n) for 1,000 updates, then 0.999; G's statistics copied); ``--rampups``
+adds shadows like the product's EMA (statistics of their own) with other ``ema.rampup`` fractions.
 
     python benchmarks/ema_schedule.py --seeds 0,1,2 --at 500,1500,5000 --out runs/ema_schedule
     # or one process per seed, then the table:
@@ -35,8 +36,6 @@ import torch  # noqa: E402
 from gan.config import load_config  # noqa: E402
 from gan.ema import EMA  # noqa: E402
 
-GENERATORS = ("raw G", "EMA", "EMA, G's statistics", "EMA warmup, G's statistics")
-
 
 def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -53,6 +52,8 @@ def parse_args(argv=None):
     p.add_argument("--max-real", type=int, default=10000, help="real images for the reference statistics (0 = all)")
     p.add_argument("--prepare", action="store_true", help="only compute (and cache) the real statistics")
     p.add_argument("--warmup", action="store_true", help="also a shadow EMA under the warmup schedule")
+    p.add_argument("--rampups", default="",
+                   help="also shadow EMAs with these ema.rampup fractions (comma-separated), statistics of their own")
     p.add_argument("--warmup-decay", type=float, default=0.999)
     p.add_argument("--warmup-steps", type=int, default=1000)
     p.add_argument("--time-steps", type=int, default=0, help="only time this many training steps and exit")
@@ -73,6 +74,9 @@ def build(args, seed: int, run_dir: Path):
     trainer = Trainer(cfg, run_dir)
     G = trainer.backend.unwrap(trainer.nets["G"])
     shadows = {"EMA, G's statistics": EMA(G, cfg.ema)}  # no inputs: copies G's statistics
+    for r in filter(None, args.rampups.split(",")):  # the product's EMA with another ramp-up fraction
+        shadows[f"EMA, rampup {float(r):g}"] = EMA(G, dataclasses.replace(cfg.ema, rampup=float(r)),
+                                                    trainer.family.bn_inputs(seed))
     if args.warmup:
         warm = dataclasses.replace(cfg.ema, schedule="warmup", decay=args.warmup_decay, warmup_steps=args.warmup_steps)
         shadows["EMA warmup, G's statistics"] = EMA(G, warm)
@@ -130,7 +134,8 @@ def report(records: list[dict], at: list[int]) -> str:
     """Mean ± sample std (min to max) over seeds, then paired differences, per seed on the same
     trajectory: each other generator minus the raw G (negative: it is better), and on how many seeds the
     EMA is not worse than the raw G. Generators missing from a record are left out."""
-    names = [n for n in GENERATORS if all(n in r["fd"][s] for r in records for s in r["fd"])]
+    first = next(iter(records[0]["fd"].values()))
+    names = [n for n in first if all(n in r["fd"][s] for r in records for s in r["fd"])]
     diffs = [n for n in names if n != "raw G"]
     lines = ["| step | " + " | ".join(names + [f"{n} − raw G" for n in diffs]) + " | EMA ≤ raw G |",
              "|---" * (len(names) + len(diffs) + 2) + "|"]

@@ -215,7 +215,7 @@ def test_ema_schedule_smoke(tmp_path, tiny_shards, tiny_classifier):
     assert r.returncode == 0, r.stdout + r.stderr
     (cached,) = (out / "cache").iterdir()
     r = subprocess.run([sys.executable, "benchmarks/ema_schedule.py", *common, "--seeds", "0,1", "--at", "1,2",
-                        "--num-samples", "20", "--eval-draws", "2", "--batch-size", "4", "--warmup",
+                        "--num-samples", "20", "--eval-draws", "2", "--batch-size", "4", "--warmup", "--rampups", "0.01",
                         "data.num_workers=0", "log.with="], cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
     assert r.returncode == 0, r.stdout + r.stderr
     assert list((out / "cache").iterdir()) == [cached]
@@ -223,9 +223,10 @@ def test_ema_schedule_smoke(tmp_path, tiny_shards, tiny_classifier):
         rec = json.loads((out / f"seed-{seed}.json").read_text())
         assert rec["eval_draws"] == 2 and set(rec["fd"]) == set(rec["fd_draws"]) == {"1", "2"}
         for step, draws in rec["fd_draws"].items():
-            assert set(draws) == {"raw G", "EMA", "EMA, G's statistics", "EMA warmup, G's statistics"}
+            assert list(draws) == ["raw G", "EMA", "EMA, G's statistics", "EMA, rampup 0.01",
+                                   "EMA warmup, G's statistics"]
             for name, values in draws.items():
                 assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
                 assert rec["fd"][step][name] == pytest.approx(sum(values) / 2)
     table = (out / "ema_schedule.md").read_text()
-    assert "| 2 | 1 |" in table and "draws |" in table and "EMA ≤ raw G" in table
+    assert "| 2 | 1 |" in table and "draws |" in table and "EMA ≤ raw G" in table and "EMA, rampup 0.01 − raw G" in table
