@@ -74,9 +74,9 @@ def build(args, seed: int, run_dir: Path):
     trainer = Trainer(cfg, run_dir)
     G = trainer.backend.unwrap(trainer.nets["G"])
     shadows = {"EMA, G's statistics": EMA(G, cfg.ema)}  # no inputs: copies G's statistics
-    for r in filter(None, args.rampups.split(",")):  # the product's EMA with another ramp-up fraction
+    for r in filter(None, args.rampups.split(",")):  # the product's EMA (its inputs) with another ramp-up fraction
         shadows[f"EMA, rampup {float(r):g}"] = EMA(G, dataclasses.replace(cfg.ema, rampup=float(r)),
-                                                    trainer.family.bn_inputs(seed))
+                                                    trainer.ema.bn_inputs)
     if args.warmup:
         warm = dataclasses.replace(cfg.ema, schedule="warmup", decay=args.warmup_decay, warmup_steps=args.warmup_steps)
         shadows["EMA warmup, G's statistics"] = EMA(G, warm)
