@@ -20,8 +20,9 @@ $(STAMP): pyproject.toml constraints.txt
 
 setup: $(STAMP)
 
+# the suite, then its numerics tests again under an AVX2-only CPU's kernels; the last line counts both
 test: setup
-	$(BIN)/python -m pytest -q
+	$(BIN)/python tests/repeat.py --ci
 
 shards: setup
 	$(BIN)/python -m data_shards ensure-cifar10 --out $(SHARDS) --root $(CIFAR10_ROOT) --shared $(SHARED_CIFAR)
