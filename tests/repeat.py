@@ -39,7 +39,7 @@ def pytest_run(args: list[str], env: dict, log: Path | None) -> tuple[int, dict[
     the counts of its summary line, the failed tests and the seconds it took."""
     t0 = time.time()
     quiet = [] if any(re.fullmatch(r"-q+|--quiet", x) for x in args) else ["-q"]  # -qq drops the summary line
-    cmd = [sys.executable, "-m", "pytest", *quiet, "-p", "no:cacheprovider", *args]
+    cmd = [sys.executable, "-u", "-m", "pytest", *quiet, "-p", "no:cacheprovider", *args]
     proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env}, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, bufsize=1)
     last, failed = "", []
@@ -81,7 +81,7 @@ def ci(args: list[str]) -> int:
 
 def main(argv: list[str]) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog=__doc__.split("\n\n", 1)[1],
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     p.add_argument("-n", type=int, default=3, help="runs per code path (default 3)")
     p.add_argument("--paths", default=",".join(PATHS), help=f"comma-separated, of {', '.join(PATHS)} (default: all)")
     p.add_argument("--keep-going", action="store_true", help="run every run even after a failure")
