@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import shlex
 import subprocess
 import sys
 import tempfile
@@ -96,7 +97,7 @@ def main(argv: list[str]) -> int:
         p.error(f"-n must be >= 1 (got {a.n}) and --paths a list of {', '.join(PATHS)} (got {a.paths!r})")
     logs = a.logs or Path(tempfile.mkdtemp(prefix="repeat-"))
     logs.mkdir(parents=True, exist_ok=True)
-    print(f"pytest {' '.join(pytest_args) or '(the whole suite)'}: {a.n} run(s) under {', '.join(paths)}; "
+    print(f"pytest {shlex.join(pytest_args) or '(the whole suite)'}: {a.n} run(s) under {', '.join(paths)}; "
           f"logs in {logs}", flush=True)
     rows, stop = [], False
     for path in paths:

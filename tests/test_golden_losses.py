@@ -35,9 +35,16 @@ RTOL = 10 * 1.74e-3  # 10x the largest spread measured across CPU code paths (th
 SHARDS = {"tiny": "tiny_shards", "pairs": "tiny_pairs"}  # the conftest fixtures of golden.py's shard sets
 
 
+# make test runs the numerics tests again under a second CPU code path. ZeRO-2 is left out of that
+# pass: its losses are the plain run's up to summation order (the same spread on every code path
+# measured), and it is the dearest variant (DeepSpeed's start-up: 18-135 s a run against 11-31 s for
+# each other variant, on a loaded 2-core machine).
+SECOND_PASS = [n for n in VARIANTS if n != "deepspeed_zero2"]
+
+
 @pytest.mark.slow
-@pytest.mark.numerics
-@pytest.mark.parametrize("name", list(VARIANTS))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[pytest.mark.numerics] if n in SECOND_PASS else [])
+                                  for n in VARIANTS])
 def test_golden_losses(request, tmp_path, name):
     if "train.backend=deepspeed" in VARIANTS[name][1]:
         pytest.importorskip("deepspeed")
