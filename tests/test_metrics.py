@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import load_cli, train_debug
+from conftest import assert_metrics_close, load_cli, train_debug
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{k}" for k in range(10)]
@@ -122,7 +122,12 @@ def test_classifier_file_roundtrip(tmp_path):
     f0, l0 = m.features_and_logits(x)
     f1, l1 = loaded.features_and_logits(x)
     assert info["classes"] == CLASSES and f1.shape == (4, 16) and l1.shape == (4, 10)
-    assert torch.allclose(l0, l1, atol=2e-2, rtol=2e-2)  # stored in fp16
+    # Stored in fp16: each weight and statistic rounded by at most 2^-11 of itself (10-bit mantissa), so to
+    # first order each of the L layers that hold some moves the logits by at most 2^-11 of their scale.
+    # Measured: 4.2e-4 of max|logit| (5 seeds; default and avx2 CPU kernels alike); the bound L * 2^-11 with L = 17 is 8.3e-3.
+    layers = sum(1 for mod in m.modules() if any(True for _ in mod.parameters(recurse=False)))
+    bound = layers * 2.0 ** -11 * l0.abs().max().item()
+    assert (l1 - l0).abs().max().item() <= bound, ((l1 - l0).abs().max().item(), bound)
 
 
 def test_committed_classifier_is_small_and_labelled():
@@ -255,7 +260,8 @@ def test_two_process_gloo_evaluation(run_copy, tiny_classifier, tiny_shards, tmp
     one, two = _on_two_then_one_process(run_copy, common, tmp_path)
     ref = _reference_cls(run_copy, tiny_classifier, tiny_shards, 45)
     assert set(one) == set(two["metrics"]) == set(ref)
-    assert one == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
+    assert_metrics_close(one, ref, "cls, 1 rank")  # EVAL_REL: float32 features, other batch shapes
+    assert_metrics_close(two["metrics"], ref, "cls, 2 ranks")
     # real statistics: one cache entry per slice (the whole set for 1 rank, two halves for 2 ranks)
     assert len(list((tmp_path / "cache").glob("cls-*.npz"))) == 3
 
@@ -373,7 +379,8 @@ def test_fidelity_metrics_on_1_and_2_ranks_match_torch_fidelity(run_copy, standi
     ref = _reference_fidelity(run_copy, standin_inception, tiny_shards, 25, 30, 10, 10, 2)
     assert set(one) == set(two["metrics"]) == set(ref)
     assert ref["fid"] > 1e-3 and ref["kid_std"] > 0 and ref["isc"] > 1.0  # values that vary with the images
-    assert one == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
+    assert_metrics_close(one, ref, "fidelity, 1 rank")  # EVAL_REL: float32 features, other batch shapes
+    assert_metrics_close(two["metrics"], ref, "fidelity, 2 ranks")
 
 
 # ---------------------------------------------------------------------------- bad input, nothing overwritten
