@@ -93,6 +93,7 @@ def test_adam_drift_bound_holds_and_is_reached_step_by_step():
             assert step == pytest.approx(want, rel=1e-6), (betas, t)  # eps = 1e-8 against sqrt(v_hat) ~ 1
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_zero_trains_and_matches_ddp(fp32_runs):
     assert_zero_matches_ddp(fp32_runs, LOSSES, nets=("G", "D"), ema="G", family="gan")

@@ -134,6 +134,7 @@ def _vae_reference(run: Path, val: Path, inception: Path, n: int) -> dict:
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_vae_evaluate_on_one_and_two_gloo_ranks(vae_run, vae_data, standin_inception, tmp_path):
     """launch/evaluate.py on a VAE run: 1 process and 2 gloo ranks (loader workers, each held-out image on
@@ -282,6 +283,7 @@ def _p2p_reference(run: Path, val: Path, inception: Path) -> dict:
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_pix2pix_evaluate_on_one_and_two_gloo_ranks(p2p_run, pairs, standin_inception, tmp_path):
     run = tmp_path / "run"

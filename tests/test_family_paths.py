@@ -105,6 +105,7 @@ def fp32_runs(tmp_path_factory, case):
     return {name: (root / name, case.train(root / name, *extra)) for name, extra in BACKENDS.items()}
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_zero1_and_zero2_match_ddp(case, fp32_runs):
     """Losses within conftest.ZERO_LOSS_REL, the replicas identical, one optimizer partition per rank per
