@@ -9,7 +9,7 @@ from torch.utils.data import IterableDataset
 
 from gan.data.codec import to_unit_range
 from gan.data.manifest import Manifest, ShardError, read_manifest
-from gan.data.stream import _identity, decode_batch
+from gan.data.stream import WorkerLoader, _identity, decode_batch
 from gan.data.tario import tar_samples
 
 
@@ -54,7 +54,7 @@ def eval_batches(shards_dir: str | Path, batch_size: int, rank: int = 0, world_s
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
     m = read_manifest(shards_dir)
     ds = _EvalChunks(m, rank, world_size, batch_size)
-    source = wds.WebLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity) \
+    source = WorkerLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity) \
         if num_workers > 0 else ds
     return _rebatch(source, batch_size)
 
