@@ -41,18 +41,19 @@ class _EvalChunks(IterableDataset):
 
 
 def eval_batches(shards_dir: str | Path, batch_size: int, rank: int = 0, world_size: int = 1,
-                 num_workers: int = 0):
+                 num_workers: int = 0, key: str = "data.shards", paired: bool = False):
     """Yield ``(x, y)`` over the shard set once: x float32 (B, C, H, W) in [-1, 1] (scaling only, no
     augmentation), y int64 (B,); paired shards give ``(a, b, y)``, the inputs and targets. Rank ``r`` gets the samples whose index is ``r`` modulo ``world_size``,
     so every sample is read exactly once across ranks (rank counts differ by at most one sample).
     All batches hold ``batch_size`` samples except possibly the last. Do not pass through
-    ``accelerator.prepare`` (the split by rank is already done here).
+    ``accelerator.prepare`` (the split by rank is already done here). ``key``, ``paired``: what a shard
+    error names (:func:`gan.data.read_manifest`).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if world_size < 1 or not 0 <= rank < world_size:
         raise ValueError(f"need 0 <= rank < world_size, got rank={rank}, world_size={world_size}")
-    m = read_manifest(shards_dir)
+    m = read_manifest(shards_dir, key, paired)
     ds = _EvalChunks(m, rank, world_size, batch_size)
     source = WorkerLoader(ds, batch_size=None, num_workers=num_workers, collate_fn=_identity) \
         if num_workers > 0 else ds

@@ -17,20 +17,21 @@ from gan.metrics import collective
 from gan.metrics.errors import MetricError
 
 
-def check_split(req, who: str, paired: bool, fits, train_shards) -> dict:
-    """Not a collective. The held-out shards of ``req`` exist, are single images or pairs as the family needs,
+def check_split(req, who: str, fits, family) -> dict:
+    """Not a collective. The held-out shards of ``req`` exist, are single images or pairs as ``family`` needs,
     and fit the model (``fits(manifest)`` raises ShardError); fid's Inception weights and sample counts.
-    Returns what it resolved: {"real": {..., "held_out": whether they are other than ``train_shards``},
+    Returns what it resolved: {"real": {..., "held_out": whether they are other than data.shards},
     "inception_weights": path (with fid)}."""
     from gan.data import ShardError, read_manifest, require_paired, require_single
     from gan.metrics.fidelity import check_inception_file, resolve_inception_weights
 
+    key = req.real_key
     try:
-        m = read_manifest(req.real_shards)
-        (require_paired if paired else require_single)(m, who)
+        m = read_manifest(req.real_shards, key, family.paired)
+        (require_paired if family.paired else require_single)(m, who, key)
         fits(m)
     except ShardError as e:
-        raise MetricError(f"held-out images for the metrics (val.shards, or --real-shards): {e}") from None
+        raise MetricError(f"held-out images for the metrics ({key}): {e}") from None
     if m.total < 1:
         raise MetricError(f"the held-out shards in {m.dir} hold no samples")
     if "fid" in req.names and (req.num_samples < 2 or m.total < 2):
@@ -40,7 +41,7 @@ def check_split(req, who: str, paired: bool, fits, train_shards) -> dict:
         raise MetricError(f"ssim's 11x11 window needs images of at least 11x11 pixels, the shards in {m.dir} "
                           f"hold {m.image_shape[1]}x{m.image_shape[2]}")
     out = {"real": {"shards": str(req.real_shards), "dataset": m.dataset, "split": m.split, "count": m.total,
-                    "held_out": Path(req.real_shards).resolve() != Path(train_shards).resolve()}}
+                    "held_out": Path(req.real_shards).resolve() != Path(family.cfg.data.shards).resolve()}}
     if "fid" in req.names:
         w = resolve_inception_weights(req.inception_weights)
         check_inception_file(w)

@@ -34,8 +34,8 @@ def preflight(family, req) -> dict:
     """Not a collective: the validation pairs fit the model, the metrics can be computed (MetricError)."""
     from gan.metrics.heldout import check_split
 
-    return check_split(req, "pix2pix (family: pix2pix)", True, lambda man: family._fits(man, "val.shards"),
-                       family.cfg.data.shards)
+    return check_split(req, "pix2pix (family: pix2pix)",
+                       lambda man: family._fits(man, req.real_key), family)
 
 
 def evaluate(family, G, req, device) -> tuple[dict, dict]:
