@@ -58,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--isc-splits", type=int, default=10)
     p.add_argument("--real-shards", help="real images (the GAN; default: data.shards) or the held-out split "
                                          "(the VAE, pix2pix; default: val.shards, else data.shards)")
-    p.add_argument("--max-real", type=int, default=0, help="use only the first N real images in shard order "
-                   "(0 = all; for quick checks only)")
+    p.add_argument("--max-real", type=int, default=0, help="use only the first N real images (the GAN) or held-out "
+                   "images or pairs (the VAE, pix2pix) in shard order (0 = all; for quick checks only)")
     p.add_argument("--cache-dir", default="", help="real-statistics cache (default: $GAN_METRICS_CACHE or "
                    "~/.cache/gan-metrics)")
     p.add_argument("--fake-shards", help="evaluate this shard set's images instead of a generator "

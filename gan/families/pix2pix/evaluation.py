@@ -68,7 +68,8 @@ def evaluate(family, G, req, device) -> tuple[dict, dict]:
                 progress = req.progress and collective.rank() == 0
                 sums.update(heldout.fid_moments(cat(outputs), "fake", weights, device, req.batch_size, progress))
                 sums.update(heldout.cached_moments(req.real_shards, "real", weights, req.cache_dir, lambda: (
-                    heldout.fid_moments(cat(targets), "real", weights, device, req.batch_size, progress))))
+                    heldout.fid_moments(cat(targets), "real", weights, device, req.batch_size, progress)),
+                    req.max_real, resolved["real"]["count"]))
             return sums
         finally:
             G.train(was)

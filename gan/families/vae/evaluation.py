@@ -104,7 +104,8 @@ def evaluate(family, vae, req, device) -> tuple[dict, dict]:
                                                       m.latent_dim, m.num_classes, req.seed, req.batch_size, device,
                                                       progress=req.progress)
                 sums.update(fidelity_local(images, ["fid"], req.real_shards, weights, device, req.batch_size,
-                                           req.max_real, req.cache_dir or None, req.progress)["sums"])
+                                           req.max_real, req.cache_dir or None,
+                                           req.progress and collective.rank() == 0)["sums"])
             return sums
         finally:
             vae.train(was)
