@@ -137,6 +137,8 @@ def banner(trainer) -> list[str]:
     loader = (f"on the device ({trainer.stream.nbytes / 2**20:,.1f} MiB, data.on_device)" if cfg.data.on_device
               else f"worker loader, {cfg.data.num_workers} worker(s) per rank{_workers_note(cfg.data.num_workers)}")
     classes = "1 class (unconditional)" if m.num_classes == 1 else f"{m.num_classes} classes"
+    samples = (f"{m.total:,} pairs {'x'.join(map(str, m.input_shape))} -> {c}x{h}x{w}" if m.paired
+               else f"{m.total:,} images of {c}x{h}x{w}")
     arch = getattr(cfg.model, "name", None)  # the GAN's architecture; the other families have one each
     nets = ", ".join(f"{n.upper()} {_params(acc.unwrap_model(net))}" for n, net in trainer.nets.items())
     resume = (f"resuming from {trainer.resume_from}" if trainer.resume_from is not None else "fresh start")
@@ -147,7 +149,7 @@ def banner(trainer) -> list[str]:
         f"({'single process' if acc.num_processes == 1 else acc.distributed_type.value.lower()}{why})",
         f"precision: {acc.mixed_precision} ({trainer.precision_source})",
         f"models: {f'{arch} ' if arch else ''}{nets} parameters; {c}x{h}x{w}, batch {cfg.train.batch_size} per rank",
-        f"data: {m.dataset} {m.split}, {m.total:,} images of {c}x{h}x{w}, {classes}, from {m.dir} ({loader})",
+        f"data: {m.dataset} {m.split}, {samples}, {classes}, from {m.dir} ({loader})",
         f"trackers: {trackers}; steps {trainer.state.step} -> {cfg.train.max_steps}",
     ]
 

@@ -74,6 +74,29 @@ def test_a_short_run_names_its_models_and_warns_of_nothing(tmp_path, tiny_shards
     assert "Setting accelerator to CPU" not in r.stderr, r.stderr
 
 
+def test_banner_of_a_paired_family(tiny_pairs):
+    """pix2pix's banner: its networks without an architecture name they do not have, and its data as pairs
+    (input -> target shapes), whatever the dataset's name in the manifest."""
+    from types import SimpleNamespace
+
+    from gan.config import load_config
+    from gan.data import read_manifest
+    from gan.family import build_family
+    from gan.startup import banner
+
+    cfg = load_config(None, ["family=pix2pix", f"data.shards={tiny_pairs}", "model.img_size=64", "data.num_workers=0"])
+    nets = build_family(cfg).build_networks()
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, mixed_precision="no", trackers=[],
+                          unwrap_model=lambda net: net)
+    trainer = SimpleNamespace(accelerator=acc, cfg=cfg, stream=SimpleNamespace(manifest=read_manifest(tiny_pairs)),
+                              nets=nets, device_source=None, precision_source="train.mixed_precision=no",
+                              run_dir="R", resume_from=None, state=SimpleNamespace(step=0))
+    lines = banner(trainer)
+    assert any(line.startswith("models: G ") and ", D " in line and "pix2pix" not in line for line in lines), lines
+    assert any(line.startswith("data: ") and ", 48 pairs 3x64x64 -> 3x64x64, 3 classes, from " in line
+               for line in lines), lines
+
+
 def test_cpu_choice_and_why():
     from gan.startup import choose_cpu
 
