@@ -76,7 +76,8 @@ def test_an_artifact_exported_after_evaluation_carries_its_metrics(run_dir, arti
     shutil.copytree(run_dir, run)
     merge_metrics_json(run / "metrics.json", "step-00000005", 5, str(run / "checkpoints" / "step-00000005"),
                        {"cls_acc": 0.25, "cls_fd": 3.5}, {"metrics": ["cls_acc", "cls_fd"]})
-    merge_metrics_json(run / "metrics.json", "step-00000004", 4, "elsewhere", {"cls_acc": 0.5}, {"metrics": ["cls_acc"]})
+    merge_metrics_json(run / "metrics.json", "step-00000004", 4, "elsewhere", {"cls_acc": 0.5},
+                       {"metrics": ["cls_acc"]})  # another network (another step): not the artifact's
     assert export(run, tmp_path / "a", "torchscript")["metrics"] == {"cls_acc": 0.25, "cls_fd": 3.5}
     assert json.loads((tmp_path / "a" / "artifact.json").read_text())["metrics"] == {"cls_acc": 0.25, "cls_fd": 3.5}
 
