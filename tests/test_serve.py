@@ -69,6 +69,26 @@ def test_export_parity_and_metadata(run_dir, artifacts):
     assert meta["z_dim"] == G.z_dim and meta["image_shape"] == [3, 32, 32] and meta["step"] == 5
 
 
+def test_an_artifact_exported_after_evaluation_carries_its_metrics(run_dir, artifacts, tmp_path):
+    """launch/evaluate.py measures the newest checkpoint by default ("step-00000005" in RUN/metrics.json);
+    RUN/export/ holds that checkpoint's EMA G, so an artifact exported after it carries those metrics. One
+    exported before the evaluation keeps what the run had then (none)."""
+    import shutil
+
+    from gan.export import export
+    from gan.metrics import merge_metrics_json
+
+    assert artifacts["export"][1]["metrics"] == {}  # exported before any evaluation
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    merge_metrics_json(run / "metrics.json", "step-00000005", 5, str(run / "checkpoints" / "step-00000005"),
+                       {"cls_acc": 0.25, "cls_fd": 3.5}, {"metrics": ["cls_acc", "cls_fd"]})
+    merge_metrics_json(run / "metrics.json", "step-00000004", 4, "elsewhere", {"cls_acc": 0.5},
+                       {"metrics": ["cls_acc"]})  # another network (another step): not the artifact's
+    assert export(run, tmp_path / "a", "torchscript")["metrics"] == {"cls_acc": 0.25, "cls_fd": 3.5}
+    assert json.loads((tmp_path / "a" / "artifact.json").read_text())["metrics"] == {"cls_acc": 0.25, "cls_fd": 3.5}
+
+
 @pytest.mark.numerics
 def test_artifacts_load_without_this_package(artifacts, tmp_path):
     """Only torch / onnxruntime + artifact.json: the loaded modules never include gan."""
