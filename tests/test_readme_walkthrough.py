@@ -108,12 +108,12 @@ def readme_sequences() -> dict[str, list[str]]:
 def test_every_family_has_a_walkthrough_and_every_rule_is_used(readme_sequences):
     assert sorted(readme_sequences) == sorted(FAMILIES)
     for family, cmds in readme_sequences.items():
-        run = [c for c in cmds if not skipped(c)]
+        ran = [c for c in cmds if not skipped(c)]
         for step in ("launch/train.py", "--resume auto", "launch/evaluate.py", "launch/sample.py",
                      "launch/export.py", "launch/serve.py", "curl "):
-            assert any(step in c for c in run), f"{family}'s README sequence runs no {step!r}"
-        assert run.index(next(c for c in run if "launch/serve.py" in c)) < run.index(
-            next(c for c in run if c.startswith("curl "))), f"{family}: a request before the server"
+            assert any(step in c for c in ran), f"{family}'s README sequence runs no {step!r}"
+        assert ran.index(next(c for c in ran if "launch/serve.py" in c)) < ran.index(
+            next(c for c in ran if c.startswith("curl "))), f"{family}: a request before the server"
     every = [c for cmds in readme_sequences.values() for c in cmds]
     for pattern, _ in SKIP:
         assert any(re.search(pattern, c) for c in every), f"SKIP rule {pattern!r} matches no marked command"
