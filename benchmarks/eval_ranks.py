@@ -3,15 +3,18 @@
 (the committed CIFAR-10 classifier) on N generated samples of the default cDCGAN recipe against the
 CIFAR-10 train shards, the whole command under torchrun (gloo, CPU ranks).
 
-Each rank measures its own slice; only float64 sums cross ranks. The comparison uses the same cores on
-both sides: 1 rank with T threads against 2 ranks with T/2 threads each (T = --threads, default every
-core of this machine). Each world size runs once first (first_s: it fills the real-statistics cache,
-kept per slice, so 1 rank and 2 ranks each have their own, unless --work already holds it), then
---repeats timed runs; wall_s is their median (the whole command), eval_s the evaluation inside it
-(generation included).
+Each rank measures its own slice; only float64 sums cross ranks. By default the comparison uses the same
+cores on both sides: 1 rank with T threads against 2 ranks with T/2 threads each (T = --threads, default
+every core of this machine), so it measures splitting the work over processes rather than threads, not
+more cores. ``--threads-per-rank K`` gives every rank K threads on both sides instead (1 rank uses K cores,
+2 ranks 2K): the speed-up of adding a rank with its own cores. Each world size runs once first (first_s:
+it fills the real-statistics cache, kept per slice, so 1 rank and 2 ranks each have their own, unless
+--work already holds it), then --repeats timed runs; wall_s is their median (the whole command), eval_s
+the evaluation inside it (generation included).
 
     python -m data_shards ensure-cifar10 --out data/shards/cifar10-train
     python benchmarks/eval_ranks.py --shards data/shards/cifar10-train --num-samples 10000
+    python benchmarks/eval_ranks.py --shards data/shards/cifar10-train --num-samples 10000 --threads-per-rank 1
 """
 from __future__ import annotations
 
@@ -39,12 +42,13 @@ def train_run(run: Path, shards: Path) -> None:
         sys.exit(f"error: training the generator failed:\n{r.stdout}\n{r.stderr}")
 
 
-def evaluate(run: Path, ranks: int, threads: int, n: int, batch: int, cache: Path, out: Path) -> tuple[float, dict]:
+def evaluate(run: Path, ranks: int, threads: int, n: int, batch: int, cache: Path, out: Path,
+             max_real: int = 0) -> tuple[float, dict]:
     """Wall seconds of the whole command, and its result JSON."""
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(ranks),
            "launch/evaluate.py", "--run-dir", str(run), "--metrics", "cls_acc,cls_fd", "--num-samples", str(n),
            "--batch-size", str(batch), "--cache-dir", str(cache), "--no-tensorboard", "--no-progress",
-           "--out", str(out)]
+           "--max-real", str(max_real), "--out", str(out)]
     env = {**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     t = time.perf_counter()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env)
@@ -61,6 +65,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=10000)
     p.add_argument("--batch-size", type=int, default=250)
     p.add_argument("--threads", type=int, default=os.cpu_count(), help="cores in use on each side (default: all)")
+    p.add_argument("--threads-per-rank", type=int, default=0, help="K threads for every rank on both sides "
+                   "(1 rank: K cores, 2 ranks: 2K) instead of splitting --threads (default: split)")
+    p.add_argument("--max-real", type=int, default=0, help="only the first N real images (default: all)")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--work", type=Path, default=None, help="keep the run and the caches here (default: a temp dir)")
     a = p.parse_args(argv)
@@ -68,8 +75,9 @@ def main(argv=None) -> int:
         print(f"error: {a.shards} is not a shard directory (no manifest.json); build it with "
               f"`python -m data_shards ensure-cifar10 --out {a.shards}`", file=sys.stderr)
         return 2
-    if a.threads < 2 or a.repeats < 1:
-        print("error: --threads must be >= 2 (split over 2 ranks) and --repeats >= 1", file=sys.stderr)
+    if (a.threads < 2 and not a.threads_per_rank) or a.threads_per_rank < 0 or a.repeats < 1:
+        print("error: --threads must be >= 2 (split over 2 ranks), --threads-per-rank >= 1 (or 0: split) "
+              "and --repeats >= 1", file=sys.stderr)
         return 2
     with tempfile.TemporaryDirectory() as tmp:
         work = a.work or Path(tmp)
@@ -78,12 +86,13 @@ def main(argv=None) -> int:
             train_run(run, a.shards)
         rows, results = [], {}
         for ranks in (1, 2):
-            threads = a.threads // ranks
-            first, _ = evaluate(run, ranks, threads, a.num_samples, a.batch_size, work / "cache", work / "out.json")
+            threads = a.threads_per_rank or a.threads // ranks
+            first, _ = evaluate(run, ranks, threads, a.num_samples, a.batch_size, work / "cache", work / "out.json",
+                                a.max_real)
             walls, inside = [], []
             for _ in range(a.repeats):
                 wall, res = evaluate(run, ranks, threads, a.num_samples, a.batch_size, work / "cache",
-                                     work / "out.json")
+                                     work / "out.json", a.max_real)
                 walls.append(wall)
                 inside.append(res["details"]["seconds"])
             results[ranks] = res["metrics"]
@@ -91,7 +100,8 @@ def main(argv=None) -> int:
                          "wall_s": round(statistics.median(walls), 2), "eval_s": round(statistics.median(inside), 2)})
             print(json.dumps(rows[-1]), flush=True)
     same = all(abs(results[1][k] - results[2][k]) <= 1e-5 * max(abs(results[1][k]), 1e-12) for k in results[1])
-    report = {"num_samples": a.num_samples, "threads": a.threads, "rows": rows,
+    cores = {"threads_per_rank": a.threads_per_rank} if a.threads_per_rank else {"threads": a.threads}
+    report = {"num_samples": a.num_samples, "max_real": a.max_real, **cores, "rows": rows,
               "speedup_wall": round(rows[0]["wall_s"] / rows[1]["wall_s"], 2),
               "speedup_eval": round(rows[0]["eval_s"] / rows[1]["eval_s"], 2),
               "same_values": same, "cls_fd": results[2]["cls_fd"], "cls_acc": results[2]["cls_acc"]}

@@ -144,6 +144,31 @@ def backend_of(meta: dict) -> str:
     return meta.get("backend") or meta.get("config", {}).get("train", {}).get("backend") or "ddp"
 
 
+def _resume_hint(path: Path, family: str) -> str:
+    """How to resume the ``family`` checkpoint at ``path`` (RUN/checkpoints/step-X): with the config the run
+    saved (RUN/config.yaml, when it is that family's), else with one of the family's recipes. ``family=X``
+    on another family's config would not do: that config's sections hold the other family's keys."""
+    import yaml
+
+    run = path.parent.parent
+    saved = RunDir(run).config
+    try:
+        ok = (yaml.safe_load(saved.read_text()) or {}).get("family", "gan") == family
+    except (OSError, yaml.YAMLError, AttributeError):
+        ok = False
+    if ok:
+        return f"resume it with the config it was trained with: `--config {saved} --run-dir {run} --resume auto`"
+    recipes = []
+    for f in sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml")):
+        try:
+            if (yaml.safe_load(f.read_text()) or {}).get("family", "gan") == family:
+                recipes.append(f"configs/{f.name}")
+        except (OSError, yaml.YAMLError, AttributeError):
+            continue
+    return (f"resume it with a config of the {family} family ({', '.join(recipes) or 'family=' + family}, with "
+            f"the settings of {path / META}'s \"config\") and `--run-dir {run} --resume auto`")
+
+
 def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
     """Raise CheckpointError if ``cfg`` can't continue the checkpoint at ``path`` exactly (another
     architecture, world size or one of FIXED_ON_RESUME). Returns the changed keys that take effect
@@ -151,8 +176,7 @@ def check_resume(path: Path, meta: dict, cfg, world_size: int) -> list[str]:
     family = meta.get("family") or meta.get("config", {}).get("family") or "gan"  # before families: the GAN
     if family != cfg.family:
         raise CheckpointError(f"checkpoint {path} holds a {family} model and this run trains family={cfg.family}; "
-                              f"resume it with family={family} (its config is in {path / META}), or start a new "
-                              f"--run-dir for the {cfg.family}")
+                              f"{_resume_hint(path, family)}, or start a new --run-dir for the {cfg.family}")
     written_by = backend_of(meta)
     if written_by != cfg.train.backend:
         layout = "ZeRO partitions, one file per rank" if written_by == "deepspeed" else "whole, in Accelerate's files"

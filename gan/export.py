@@ -74,13 +74,23 @@ def pick_weights(run_dir: str | Path, checkpoint: str | None = None, best: bool 
     return weights
 
 
-def run_metrics(run_dir: str | Path, label: str) -> dict:
+def run_metrics(run_dir: str | Path, label: str, step: int | None = None) -> dict:
+    """The metrics of the network an artifact holds, as the run has them now: RUN/best.json's for ``label``
+    "best"; else RUN/metrics.json's evaluations of the same network: its own label's, and those of the
+    same ``step`` under a checkpoint or export label (RUN/export/ is the EMA network of the newest
+    checkpoint, so launch/evaluate.py's default, that checkpoint, measured it), the label's own winning."""
     run = RunDir(run_dir)
     try:
-        if label == "best" and run.best_json.is_file():
-            return dict(json.loads(run.best_json.read_text()).get("metrics", {}))
+        if label == "best":
+            return dict(json.loads(run.best_json.read_text()).get("metrics", {})) if run.best_json.is_file() else {}
         if run.metrics_json.is_file():
-            return dict(json.loads(run.metrics_json.read_text()).get("evaluations", {}).get(label, {}).get("metrics", {}))
+            evals = json.loads(run.metrics_json.read_text()).get("evaluations", {})
+            same = [e for k, e in evals.items() if k != label and step is not None and e.get("step") == step
+                    and (k == "export" or k.startswith("step-"))]
+            out = {}
+            for e in [*same, evals.get(label, {})]:
+                out.update(e.get("metrics", {}))
+            return out
     except (OSError, json.JSONDecodeError):
         pass
     return {}
@@ -320,7 +330,7 @@ def export(run_dir: str | Path, out_dir: str | Path, fmt: str = FORMATS[0], quan
         "model_config": {k: getattr(m, k) for k in m.__dataclass_fields__}, "output_range": [-1, 1],
         "inputs": {t.name: [t.dtype, *t.shape] for t in family.mode(names[0]).inputs},  # the default mode's, as format 1
         "step": loaded.step, "source": str(loaded.source), "label": loaded.label, "run": str(Path(run_dir)),
-        "metrics": run_metrics(run_dir, loaded.label),
+        "metrics": run_metrics(run_dir, loaded.label, loaded.step),
         "parity_max_abs_diff": max(meta["modes"][n]["parity_max_abs_diff"] for n in names),
         "parity_tolerance": tol, "parity_batch": 7,
         **({"calibration": CALIBRATION} if quantize == "int8-static" else {})})

@@ -168,6 +168,7 @@ class Family:
     # spine config keys (dotted) the family never reads: a sweep over one would train the same run at every
     # grid point, so gan.sweep refuses it before anything is submitted
     unread_keys: ClassVar[tuple[str, ...]] = ()
+    paired: ClassVar[bool] = False  # reads (input, target) pairs: a shard error names `--source paired`
 
     def __init__(self, cfg):
         self.cfg = cfg
@@ -293,6 +294,12 @@ class Family:
         is set (the VAE's, pix2pix's held-out split), else ``data.shards`` (the GAN: its real images)."""
         val = getattr(self.cfg, "val", None)
         return getattr(val, "shards", "") or self.cfg.data.shards
+
+    def shards_key(self, shards: str, flag: str) -> str:
+        """The config key that names ``shards`` (``val.shards`` or ``data.shards``), else ``flag`` (the command
+        line's): what a shard error names."""
+        val = getattr(getattr(self.cfg, "val", None), "shards", "")
+        return "val.shards" if val and shards == val else "data.shards" if shards == self.cfg.data.shards else flag
 
     def eval_preflight(self, request) -> dict:
         """Not a collective. Every check an evaluation of ``request`` (gan.metrics.EvalRequest) can make

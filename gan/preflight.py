@@ -39,8 +39,9 @@ def preflight(cfg: Config, run_dir: Path, resume: str | None) -> Path | None:
     check_names(cfg)
     check_precision(cfg)
     tracker_names(cfg.log.with_)  # an unknown or uninstalled tracker fails here
-    manifest = read_manifest(cfg.data.shards)
-    build_family(cfg).check(manifest)  # the shards against the family's model
+    family = build_family(cfg)
+    manifest = read_manifest(cfg.data.shards, "data.shards", family.paired)
+    family.check(manifest)  # the shards against the family's model
     manifest.check_files()  # zero-filled or truncated shards fail here, not at step 0 (or never)
     if cfg.train.batch_size > manifest.total:
         raise ConfigError(f"config key 'train.batch_size': {cfg.train.batch_size} is larger than the data set "

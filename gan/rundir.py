@@ -376,8 +376,27 @@ class RunDir:
             raise RunDirError(f"run directory {self.root} is in use by {_read_holder(path)}: one run directory "
                               f"takes one training run. Wait for it to end (or stop it), or pass another "
                               f"--run-dir") from None
+        try:
+            current = os.stat(path).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            current = False
+        if not current:  # a refused start removed this file after we opened it (unlock): lock the path anew
+            os.close(fd)
+            return self.lock()
         _HELD[path] = fd
         self._write_holder(fd)
+
+    def unlock(self) -> None:
+        """Give up the lock this process holds (nothing if it holds none) and remove ``.lock``: a start
+        refused after :meth:`lock` leaves the directory as it found it. The file goes first, while still
+        locked, so another process never takes a file that is about to vanish (:meth:`lock` checks)."""
+        fd = _HELD.pop(self.lock_file.resolve(), None)
+        if fd is None:
+            return
+        try:
+            self.lock_file.unlink(missing_ok=True)
+        finally:
+            os.close(fd)
 
     @staticmethod
     def _write_holder(fd: int) -> None:

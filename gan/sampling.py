@@ -122,14 +122,15 @@ def real_per_class(shards_dir: str | Path, num_classes: int, per_class: int,
     return images, labels
 
 
-def first_samples(shards_dir: str | Path, n: int, classes: list[int] | None = None) -> tuple[torch.Tensor, ...]:
+def first_samples(shards_dir: str | Path, n: int, classes: list[int] | None = None, key: str = "data.shards",
+                  paired: bool = False) -> tuple[torch.Tensor, ...]:
     """The first ``n`` samples of a shard set in shard order (of the classes in ``classes`` only, when
     given), unaugmented: ``(x, y)``, or ``(a, b, y)`` for paired shards (reads only as far as needed).
-    Raises ValueError when the shards hold none."""
+    Raises ValueError when the shards hold none; ``key``, ``paired``: what a shard error names."""
     from gan.data import eval_batches
 
     parts, have = [], 0
-    for batch in eval_batches(shards_dir, max(n, 64)):
+    for batch in eval_batches(shards_dir, max(n, 64), key=key, paired=paired):
         if classes:
             keep = torch.isin(batch[-1], torch.tensor(classes))
             batch = tuple(t[keep] for t in batch)

@@ -120,6 +120,13 @@ def _params(module: torch.nn.Module) -> str:
     return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
 
 
+def _workers_note(workers: int) -> str:
+    """torch's advice on the worker count, said once here (gan.data.stream.WorkerLoader keeps the DataLoader
+    from warning at every epoch): more workers per rank than the CPU cores this process may use."""
+    cores = len(os.sched_getaffinity(0))
+    return f" (more than the {cores} CPU core(s) here; torch suggests at most {cores})" if workers > cores else ""
+
+
 def banner(trainer) -> list[str]:
     """The start-up lines rank 0 prints (the trainer's own state, nothing collective)."""
     acc, cfg, m = trainer.accelerator, trainer.cfg, trainer.stream.manifest
@@ -127,12 +134,13 @@ def banner(trainer) -> list[str]:
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else dev.type
     why = f"; {trainer.device_source}" if trainer.device_source else ""
     c, h, w = m.image_shape
-    unwrap = acc.unwrap_model
     loader = (f"on the device ({trainer.stream.nbytes / 2**20:,.1f} MiB, data.on_device)" if cfg.data.on_device
-              else f"worker loader, {cfg.data.num_workers} worker(s) per rank")
+              else f"worker loader, {cfg.data.num_workers} worker(s) per rank{_workers_note(cfg.data.num_workers)}")
     classes = "1 class (unconditional)" if m.num_classes == 1 else f"{m.num_classes} classes"
-    arch = getattr(cfg.model, "name", cfg.family)
-    nets = ", ".join(f"{n} {arch} {_params(unwrap(net))} parameters" for n, net in trainer.nets.items())
+    samples = (f"{m.total:,} pairs {'x'.join(map(str, m.input_shape))} -> {c}x{h}x{w}" if m.paired
+               else f"{m.total:,} images of {c}x{h}x{w}")
+    arch = getattr(cfg.model, "name", None)  # the GAN's architecture; the other families have one each
+    nets = ", ".join(f"{n.upper()} {_params(acc.unwrap_model(net))}" for n, net in trainer.nets.items())
     resume = (f"resuming from {trainer.resume_from}" if trainer.resume_from is not None else "fresh start")
     trackers = ", ".join(t.name for t in acc.trackers) or "none"
     return [
@@ -140,8 +148,8 @@ def banner(trainer) -> list[str]:
         f"devices: {acc.num_processes} x {name}, world size {acc.num_processes} "
         f"({'single process' if acc.num_processes == 1 else acc.distributed_type.value.lower()}{why})",
         f"precision: {acc.mixed_precision} ({trainer.precision_source})",
-        f"models: {nets}; {c}x{h}x{w}, batch {cfg.train.batch_size} per rank",
-        f"data: {m.dataset} {m.split}, {m.total:,} images of {c}x{h}x{w}, {classes}, from {m.dir} ({loader})",
+        f"models: {f'{arch} ' if arch else ''}{nets} parameters; {c}x{h}x{w}, batch {cfg.train.batch_size} per rank",
+        f"data: {m.dataset} {m.split}, {samples}, {classes}, from {m.dir} ({loader})",
         f"trackers: {trackers}; steps {trainer.state.step} -> {cfg.train.max_steps}",
     ]
 
@@ -162,6 +170,8 @@ def build_accelerator(cfg, run_dir: Path):
     # torch's own default for gloo is 30 min: pass it always
     t.mixed_precision, source = resolve_precision_source(t.mixed_precision)
     cpu, device_source = choose_cpu()
+    if cpu:  # DeepSpeed, imported by Accelerate whenever it is installed, would guess the device and warn
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
     acc = Accelerator(
         cpu=cpu,
         # DeepSpeed's engines do their own precision (gan.backends); Accelerate prepares nothing there

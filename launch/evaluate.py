@@ -58,8 +58,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--isc-splits", type=int, default=10)
     p.add_argument("--real-shards", help="real images (the GAN; default: data.shards) or the held-out split "
                                          "(the VAE, pix2pix; default: val.shards, else data.shards)")
-    p.add_argument("--max-real", type=int, default=0, help="use only the first N real images in shard order "
-                   "(0 = all; for quick checks only)")
+    p.add_argument("--max-real", type=int, default=0, help="use only the first N real images (the GAN) or held-out "
+                   "images or pairs (the VAE, pix2pix) in shard order (0 = all; for quick checks only)")
     p.add_argument("--cache-dir", default="", help="real-statistics cache (default: $GAN_METRICS_CACHE or "
                    "~/.cache/gan-metrics)")
     p.add_argument("--fake-shards", help="evaluate this shard set's images instead of a generator "
@@ -71,9 +71,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def _request(args, real_shards: str, family: str = "gan", metrics: str = "cls_acc,cls_fd", num_workers: int = 0):
+def _request(args, real_shards: str, family: str = "gan", metrics: str = "cls_acc,cls_fd", num_workers: int = 0,
+             real_key: str = "--real-shards"):
     from gan.metrics import EvalRequest
     return EvalRequest(names=args.metrics or metrics, num_samples=args.num_samples, real_shards=str(real_shards),
+                       real_key=real_key,
                        batch_size=args.batch_size, inception_weights=args.inception_weights,
                        classifier=args.classifier, kid_subset_size=args.kid_subset_size,
                        isc_splits=args.isc_splits, max_real=args.max_real, cache_dir=args.cache_dir,
@@ -126,8 +128,9 @@ def main(argv=None) -> int:
         acc = Accelerator(kwargs_handlers=[pg])
         loaded = load_generator(run, args.checkpoint, acc.device)
         cfg, family = loaded.cfg, loaded.family
-        req = _request(args, args.real_shards or family.eval_shards(), cfg.family, family.default_metrics(cfg),
-                       cfg.data.num_workers)
+        real = args.real_shards or family.eval_shards()
+        req = _request(args, real, cfg.family, family.default_metrics(cfg), cfg.data.num_workers,
+                       "--real-shards" if args.real_shards else family.shards_key(real, "--real-shards"))
         values, details = family.evaluate(loaded.G, req, acc.device)  # collective: every rank
         details["processes"] = acc.num_processes
         if acc.is_main_process:

@@ -48,6 +48,7 @@ def main(argv=None) -> int:
     StopRequest.install()  # first: a preemption signal during start-up must not be lost
     if os.environ.get("TORCHELASTIC_RUN_ID"):  # a torchrun / accelerate-launch worker: end with the launcher
         end_with_launcher()
+    run_dir = None
     try:
         cfg = load_config(args.config, args.overrides)
         from gan.preflight import check_names, preflight
@@ -60,7 +61,12 @@ def main(argv=None) -> int:
         run_dir = Path(args.run_dir or Path("runs") / Path(args.config).stem)
         resume_from = preflight(cfg, run_dir, args.resume)
         trainer = Trainer(cfg, run_dir, resume_from)  # may refuse the device (fp16 without a scaler)
-    except (ConfigError, ShardError, CheckpointError, RunDirError) as e:
+    except BaseException as e:
+        if run_dir is not None:
+            from gan.rundir import RunDir
+            RunDir(run_dir).unlock()  # a refused start leaves no .lock behind (nothing if another run holds it)
+        if not isinstance(e, (ConfigError, ShardError, CheckpointError, RunDirError)):
+            raise
         print(f"error: {e}", file=sys.stderr)
         return 2
     from gan.dist import PeerError

@@ -32,17 +32,25 @@ def server_process(*args: str, timeout: float = 180, cpus: set[int] | None = Non
     """:func:`running_server`, yielding ``(url, subprocess.Popen)``; ``cpus``: run it on those cores only."""
     port = free_port()
     pin = ["taskset", "-c", ",".join(map(str, sorted(cpus)))] if cpus else []
-    proc = subprocess.Popen([*pin, sys.executable, "launch/serve.py", *args, "--host", "127.0.0.1", "--port", str(port)],
-                            cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"}, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
+    cmd = [*pin, sys.executable, "launch/serve.py", *args, "--host", "127.0.0.1", "--port", str(port)]
+    with serving(cmd, port, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=timeout) as proc:
+        yield f"http://127.0.0.1:{port}", proc
+
+
+@contextlib.contextmanager
+def serving(cmd: list[str], port: int, cwd, env: dict, timeout: float = 180):
+    """Start the server command ``cmd`` (in its own process group), wait until 127.0.0.1:``port``/health
+    answers 200, yield the process; stop the group on the way out. A server that exits first is an error
+    with its output."""
+    proc = subprocess.Popen(cmd, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=env, start_new_session=True)
     try:
         deadline = time.monotonic() + timeout
         while True:
             if proc.poll() is not None:
                 raise RuntimeError(f"server exited {proc.returncode}: {proc.stdout.read()}")
             try:
-                with urllib.request.urlopen(url + "/health", timeout=5) as r:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=5) as r:
                     if r.status == 200:
                         break
             except OSError:
@@ -50,7 +58,7 @@ def server_process(*args: str, timeout: float = 180, cpus: set[int] | None = Non
             if time.monotonic() > deadline:
                 raise RuntimeError(f"server did not answer /health within {timeout} s")
             time.sleep(0.2)
-        yield url, proc
+        yield proc
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)

@@ -29,7 +29,8 @@ def test_train_throughput_smoke(tmp_path):
     (row,) = report["rows"]
     assert report["device"] == "cpu" and row["recipe"] == "cdcgan" and row["peak_fraction_ours"] is None
     assert row["host_syncs"] == "n/a" and row["img_per_s_baseline"] > 0 and row["img_per_s_ours"] > 0
-    # Training FLOPs per real image of the cDCGAN recipe (D on real+fake, G forward twice, backward): fixed.
+    # Training FLOPs per real image of the cDCGAN recipe (D on real+fake, G forward twice, backward): fixed,
+    # here to three decimals.
     assert row["gflops_per_image"] == pytest.approx(0.876, abs=0.001)
     assert "cdcgan" in r.stdout and "speedup" in r.stdout
 
@@ -227,6 +228,6 @@ def test_ema_schedule_smoke(tmp_path, tiny_shards, tiny_classifier):
                                    "EMA warmup, G's statistics"]
             for name, values in draws.items():
                 assert len(values) == 2 and all(math.isfinite(v) and v >= 0 for v in values)
-                assert rec["fd"][step][name] == pytest.approx(sum(values) / 2)
+                assert rec["fd"][step][name] == pytest.approx(sum(values) / 2)  # a float64 mean: rounding only
     table = (out / "ema_schedule.md").read_text()
     assert "| 2 | 1 |" in table and "draws |" in table and "EMA ≤ raw G" in table and "EMA, rampup 0.01 − raw G" in table

@@ -219,6 +219,37 @@ def test_missing_dir_is_clear(tmp_path):
         eval_batches(tmp_path / "nope", 8)
 
 
+@pytest.mark.parametrize("family,key,paired,split", [
+    ("gan", "data.shards", False, "train"),
+    ("vae", "data.shards", False, "train"),
+    ("vae", "val.shards", False, "test"),
+    ("pix2pix", "data.shards", True, "train"),
+    ("pix2pix", "val.shards", True, "test"),
+])
+def test_a_missing_shard_directory_names_its_key_and_the_build_that_fits(tmp_path, tiny_shards, tiny_pairs,
+                                                                        family, key, paired, split):
+    """Before any work: the config key at fault, and the build command of that key's split (test for the
+    held-out val.shards) and of the family's data (pairs for pix2pix). The GAN has no val.shards: its
+    evaluation reads data.shards. The VAE's training reads no val.shards: its evaluation does (metrics.every)."""
+    from gan.config import ConfigError, load_config
+    from gan.preflight import preflight
+
+    present = {"data.shards": str(tiny_pairs if paired else tiny_shards)}
+    present["val.shards"] = present["data.shards"]
+    missing = tmp_path / "no-such-shards"
+    overrides = [f"family={family}", *(f"{k}={missing if k == key else v}" for k, v in present.items()
+                                       if family != "gan" or k == "data.shards")]
+    overrides += {"gan": [], "vae": ["metrics.every=1"],
+                  "pix2pix": ["model.img_size=64", "model.in_channels=3"]}[family]
+    with pytest.raises((ShardError, ConfigError)) as e:  # the evaluation's checks raise MetricError, a ConfigError
+        preflight(load_config(None, overrides), tmp_path / "run", None)
+    msg = str(e.value)
+    assert f"shard directory {missing} ({key}) does not exist" in msg and f"point {key} at an existing" in msg
+    assert f"--split {split} --out {missing}`" in msg
+    assert ("--source paired --derive sketch|edges|gray" in msg) == paired, msg
+    assert ("--source cifar10|imagefolder|fashion-mnist|mnist" in msg) != paired, msg
+
+
 def test_dir_without_manifest_and_broken_manifest(tmp_path, tiny_shards):
     d = tmp_path / "copy"
     d.mkdir()

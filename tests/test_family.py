@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -112,9 +113,29 @@ def test_a_new_family_trains_checkpoints_and_resumes_exactly(tmp_path, tiny_shar
 
     path = straight / "checkpoints" / "step-00000004"
     gan_cfg = load_config(None, [f"data.shards={tiny_shards}", "train.mixed_precision=no"])
-    with pytest.raises(CheckpointError, match="holds a toy model and this run trains family=gan; resume it with "
-                                              "family=toy"):
+    saved = straight / "config.yaml"
+    with pytest.raises(CheckpointError, match=re.escape(
+            f"holds a toy model and this run trains family=gan; resume it with the config it was trained with: "
+            f"`--config {saved} --run-dir {straight} --resume auto`")):
         check_resume(path, meta, gan_cfg, 1)
+    check_resume(path, meta, load_config(saved, []), 1)  # the hint works: that config resumes it
+    saved.unlink()  # no saved config of the toy's: the hint names the family's recipes (it has none) and the meta
+    with pytest.raises(CheckpointError, match=re.escape(f"resume it with a config of the toy family (family=toy, "
+                                                        f"with the settings of {path / 'meta.json'}'s \"config\")")):
+        check_resume(path, meta, gan_cfg, 1)
+
+
+def test_a_family_mismatch_names_the_checkpoints_family_recipes(tmp_path, tiny_shards):
+    """A VAE checkpoint resumed with the GAN's config: the hint names the VAE's recipes, not family=vae on the
+    GAN's config (its model.name, loss.name are no VAE keys)."""
+    from gan.checkpoint import CheckpointError, check_resume
+    from gan.config import load_config
+
+    path = tmp_path / "run" / "checkpoints" / "step-00000001"
+    with pytest.raises(CheckpointError) as e:
+        check_resume(path, {"family": "vae"}, load_config(None, [f"data.shards={tiny_shards}"]), 1)
+    assert "a config of the vae family (configs/cifar10_vae.yaml, configs/fashion_mnist_vae.yaml, " in str(e.value)
+    assert "family=vae" not in str(e.value)
 
 
 def test_the_gan_refuses_paired_shards_before_any_work(tmp_path):

@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, fit_in_process, load_cli, tiny_images
+from conftest import REPO, assert_metrics_close, fit_in_process, load_cli, tiny_images
 from test_paired import inverted_pairs
 
 VAE_METRICS = "bits_per_dim,recon_mse,psnr,ssim,kl"  # + fid where Inception runs (slow on a CPU)
@@ -134,6 +134,7 @@ def _vae_reference(run: Path, val: Path, inception: Path, n: int) -> dict:
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_vae_evaluate_on_one_and_two_gloo_ranks(vae_run, vae_data, standin_inception, tmp_path):
     """launch/evaluate.py on a VAE run: 1 process and 2 gloo ranks (loader workers, each held-out image on
@@ -146,14 +147,63 @@ def test_vae_evaluate_on_one_and_two_gloo_ranks(vae_run, vae_data, standin_incep
     one = _evaluate(run, tmp_path / "one.json", tmp_path, *args)
     ref = _vae_reference(run, vae_data[1], standin_inception, 10)
     assert set(one["metrics"]) == set(two["metrics"]) == set(ref) == set(VAE_METRICS.split(",")) | {"fid"}
-    assert one["metrics"] == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
+    assert_metrics_close(one["metrics"], ref, "vae, 1 rank")  # EVAL_REL: float32 features, other batch shapes
+    assert_metrics_close(two["metrics"], ref, "vae, 2 ranks")
     assert two["details"]["processes"] == 2
     entry = json.loads((run / "metrics.json").read_text())["evaluations"]["step-00000008"]
-    assert entry["metrics"] == pytest.approx(ref, rel=1e-5)
+    assert_metrics_close(entry["metrics"], ref, "vae, metrics.json")
     real = entry["details"]["psnr"]["real"]
     assert real["held_out"] is True and real["count"] == 16 and real["split"] == "test"
     assert entry["details"]["fid"]["extractor"]["official"] is False
     assert [s for s, _ in _scalars(run, "Eval/bits_per_dim")][-1] == 8
+
+
+def test_vae_evaluate_max_real_measures_the_first_n_held_out_images(vae_run, tmp_path):
+    """--max-real 7 of 16 held-out images in shards of 6: 7 images measured (the first shard and one of the
+    second), and said so; the values are those of those 7 images."""
+    from gan.data import eval_batches
+    from gan.families.vae.evaluation import per_sample_measures
+    from gan.metrics.core import EVAL_SEED
+    from gan.metrics.run import load_generator
+
+    run = tmp_path / "run"
+    shutil.copytree(vae_run, run)
+    got = _evaluate(run, tmp_path / "out.json", tmp_path, "--metrics", VAE_METRICS, "--max-real", 7,
+                    "--batch-size", 4)
+    assert got["details"]["real"]["count"] == 7 and got["details"]["measured"] == 7
+    g = load_generator(run)
+    x, y = next(iter(eval_batches(g.cfg.val.shards, 7)))
+    ref = per_sample_measures(g.G, x, y, g.cfg.loss.obs_std, EVAL_SEED)
+    # float64 sums of float32 per-sample values; batches of 4 vs 7 change only float32 kernel rounding (~1e-7)
+    assert got["metrics"] == pytest.approx({k: float(v.mean()) for k, v in ref.items()}, rel=1e-6)
+
+
+def test_real_statistics_say_what_they_compute_once_and_are_cached(tmp_path, capsys, tiny_shards):
+    """A cache miss of real-data statistics (minutes for 50,000 images on a CPU) is said in one line on stderr:
+    what, of how many images, of which shards, and where it is kept; a hit says nothing. In-training
+    evaluation shows its bars as training does (log.progress)."""
+    from gan.config import load_config
+    from gan.metrics import heldout
+    from gan.metrics.training import request_from_config
+
+    weights, cache = tmp_path / "w.pth", tmp_path / "cache"
+    weights.write_bytes(b"any extractor file")  # only its hash enters the cache key here
+    calls = []
+
+    def compute():
+        calls.append(1)
+        return {"inc.real.2048.n": np.array(240.0)}
+
+    for _ in range(2):
+        assert heldout.cached_moments(tiny_shards, "real", weights, cache, compute, 0, 240)["inc.real.2048.n"] == 240
+    assert calls == [1]
+    assert capsys.readouterr().err == (f"evaluation: computing the real statistics (Inception features) of 240 "
+                                       f"images of {tiny_shards} (once: cached for next time under {cache})\n")
+    heldout.cached_moments(tiny_shards, "real", weights, cache, compute, 7, 7)  # the first 7: their own entry
+    assert calls == [1, 1] and "of 7 images" in capsys.readouterr().err
+    for progress in (True, False):
+        cfg = load_config(None, [f"data.shards={tiny_shards}", f"log.progress={str(progress).lower()}"])
+        assert request_from_config(cfg).progress is progress
 
 
 def test_vae_sample_modes(vae_run, tmp_path, capsys):
@@ -281,6 +331,7 @@ def _p2p_reference(run: Path, val: Path, inception: Path) -> dict:
     return out
 
 
+@pytest.mark.numerics
 @pytest.mark.slow
 def test_pix2pix_evaluate_on_one_and_two_gloo_ranks(p2p_run, pairs, standin_inception, tmp_path):
     run = tmp_path / "run"
@@ -290,12 +341,21 @@ def test_pix2pix_evaluate_on_one_and_two_gloo_ranks(p2p_run, pairs, standin_ince
     one = _evaluate(run, tmp_path / "one.json", tmp_path, *args)
     ref = _p2p_reference(run, pairs[1], standin_inception)
     assert set(one["metrics"]) == set(two["metrics"]) == set(ref)
-    assert one["metrics"] == pytest.approx(ref, rel=1e-5) and two["metrics"] == pytest.approx(ref, rel=1e-5)
+    assert_metrics_close(one["metrics"], ref, "pix2pix, 1 rank")  # EVAL_REL: float32 features, other batch shapes
+    assert_metrics_close(two["metrics"], ref, "pix2pix, 2 ranks")
     entry = json.loads((run / "metrics.json").read_text())["evaluations"]["step-00000004"]
     assert entry["details"]["l1"]["real"]["count"] == 12 and entry["details"]["l1"]["real"]["held_out"] is True
     # the targets' feature moments of each part are cached: one entry for 1 rank, one per rank for 2
     assert len(list((tmp_path / "cache").glob("heldout-*.npz"))) == 3
     assert [s for s, _ in _scalars(run, "Eval/l1")][-1] == 4
+
+
+def test_pix2pix_evaluate_max_real_measures_the_first_n_pairs(p2p_run, tmp_path):
+    """--max-real 7 of 12 validation pairs in shards of 5: 7 pairs measured, and said so."""
+    run = tmp_path / "run"
+    shutil.copytree(p2p_run, run)
+    got = _evaluate(run, tmp_path / "out.json", tmp_path, "--max-real", 7, "--batch-size", 4)
+    assert got["details"]["real"]["count"] == 7 and got["details"]["measured"] == 7
 
 
 def test_pix2pix_sample_modes(p2p_run, pairs, tmp_path, capsys):

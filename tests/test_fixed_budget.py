@@ -46,7 +46,7 @@ def test_deadline_resume_evaluate_and_report(tmp_path, tiny_shards, tiny_classif
     report = json.loads((out / "fixed_budget.json").read_text())
     (row,) = report["rows"]
     assert row["recipe"] == "cdcgan" and row["step"] == status["step"] and row["metrics"] == ev["metrics"]
-    assert row["img_per_s"] > 0 and abs(row["train_minutes"] - status["train_seconds"] / 60) < 1e-6
+    assert row["img_per_s"] > 0 and abs(row["train_minutes"] - status["train_seconds"] / 60) < 1e-6  # the same division
     table = (out / "fixed_budget.md").read_text()
     assert f"| cdcgan | finished | {status['step']} |" in table and "cls_acc" in table
     from PIL import Image

@@ -351,7 +351,8 @@ def test_other_paired_options_refused(tmp_path, capsys):
 def test_require_paired_names_the_build_command(tmp_path, tiny_shards):
     m = read_manifest(tiny_shards)
     assert not m.paired and json.loads((tiny_shards / "manifest.json").read_text())["format"] == 1  # unchanged
-    with pytest.raises(ShardError, match=r"python -m data_shards build --source paired --root SRC") as e:
+    with pytest.raises(ShardError, match=r"python -m data_shards build --source paired --derive sketch\|edges\|gray "
+                                         r"--root SRC --split train --out DIR") as e:
         require_paired(m)
     assert "pix2pix" in str(e.value) and "single images" in str(e.value)
     pairs = read_manifest(inverted_pairs(tmp_path / "inv"))

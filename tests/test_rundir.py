@@ -129,6 +129,13 @@ def test_second_trainer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pat
     verify(ckpt(run, step + 1))
 
 
+def test_a_start_refused_after_taking_the_lock_leaves_no_lock(tmp_path, tiny_shards):
+    run = tmp_path / "run"
+    r = train(run, tiny_shards, "train.batch_size=1000", check=False)  # refused after the lock: 240 samples
+    assert r.returncode == 2 and "larger than the data set" in r.stderr, r.stdout + r.stderr
+    assert run.is_dir() and not (run / ".lock").exists()
+
+
 # ---------------------------------------------------------------------------- item 6: damage
 
 

@@ -40,7 +40,7 @@ def test_banner_and_resolved_precision_in_config(tmp_path, tiny_shards):
     assert f"run directory: {run} (fresh start)" in out
     assert "devices: 1 x " in out and "world size 1 (single process" in out
     assert "precision: bf16 (accelerate launch --mixed_precision bf16" in out
-    assert "models: G cdcgan " in out and " parameters, D " in out
+    assert "models: cdcgan G " in out and ", D " in out and " parameters; 3x32x32" in out
     assert f"data: tiny10 train, 240 images of 3x32x32, 10 classes, from {tiny_shards}" in out
     assert "trackers: tensorboard" in out
     assert yaml.safe_load((run / "config.yaml").read_text())["train"]["mixed_precision"] == "bf16"
@@ -52,6 +52,49 @@ def test_banner_and_resolved_precision_in_config(tmp_path, tiny_shards):
     # an explicit value that differs from the checkpoint's resolved one is refused (checkpoint.FIXED_ON_RESUME)
     r = train(run, tiny_shards, "train.max_steps=4", "train.mixed_precision=no", resume="auto", check=False)
     assert r.returncode == 2 and "train.mixed_precision: checkpoint 'bf16', now 'no'" in r.stderr
+
+
+def test_a_short_run_names_its_models_and_warns_of_nothing(tmp_path, tiny_shards):
+    """The VAE's banner names its one network once ("VAE", not "vae vae"); on one CPU core with 2 loader
+    workers the banner says so, and stderr has neither torch's DataLoader warning about the worker count
+    nor DeepSpeed's guess of the device (Accelerate imports it wherever it is installed)."""
+    one_core = min(os.sched_getaffinity(0))
+    cmd = [sys.executable, "launch/train.py", "--config", "configs/cifar10_vae.yaml", "--run-dir",
+           str(tmp_path / "run"),
+           f"data.shards={tiny_shards}", f"val.shards={tiny_shards}", "data.dataset=", "data.num_workers=2",
+           "model.channels=8", "model.latent_dim=16", "train.batch_size=8", "train.max_steps=2", "log.with=",
+           "log.progress=false", "train.mixed_precision=no"]
+    r = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
+                       preexec_fn=lambda: os.sched_setaffinity(0, {one_core}),
+                       env={**os.environ, "ACCELERATE_USE_CPU": "1", "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "models: VAE 55,891 parameters; 3x32x32" in r.stdout
+    assert "2 worker(s) per rank (more than the 1 CPU core(s) here; torch suggests at most 1)" in r.stdout
+    assert "worker processes in total" not in r.stderr, r.stderr
+    assert "Setting accelerator to CPU" not in r.stderr, r.stderr
+
+
+def test_banner_of_a_paired_family(tiny_pairs):
+    """pix2pix's banner: its networks without an architecture name they do not have, and its data as pairs
+    (input -> target shapes), whatever the dataset's name in the manifest."""
+    from types import SimpleNamespace
+
+    from gan.config import load_config
+    from gan.data import read_manifest
+    from gan.family import build_family
+    from gan.startup import banner
+
+    cfg = load_config(None, ["family=pix2pix", f"data.shards={tiny_pairs}", "model.img_size=64", "data.num_workers=0"])
+    nets = build_family(cfg).build_networks()
+    acc = SimpleNamespace(device=torch.device("cpu"), num_processes=1, mixed_precision="no", trackers=[],
+                          unwrap_model=lambda net: net)
+    trainer = SimpleNamespace(accelerator=acc, cfg=cfg, stream=SimpleNamespace(manifest=read_manifest(tiny_pairs)),
+                              nets=nets, device_source=None, precision_source="train.mixed_precision=no",
+                              run_dir="R", resume_from=None, state=SimpleNamespace(step=0))
+    lines = banner(trainer)
+    assert any(line.startswith("models: G ") and ", D " in line and "pix2pix" not in line for line in lines), lines
+    assert any(line.startswith("data: ") and ", 48 pairs 3x64x64 -> 3x64x64, 3 classes, from " in line
+               for line in lines), lines
 
 
 def test_cpu_choice_and_why():

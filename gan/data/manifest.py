@@ -26,11 +26,20 @@ ENCODINGS = ("raw", "png")
 SHARD_RE = r"[A-Za-z0-9_]+-\d{6}\.tar"
 TAR_BLOCK = 512
 
-PAIRED_HINT = ("python -m data_shards build --source paired --root SRC --out DIR, where SRC holds pix2pix's "
-               "aligned A|B images (--direction AtoB|BtoA), or add --root-b B to pair two folders by file name, "
-               "or --derive sketch|edges|gray to make pairs from any image folder")
-BUILD_HINT = ("build shards with `python -m data_shards build --source cifar10|imagefolder|fashion-mnist|mnist "
-              "--root SRC --split train --out {dir}` (or `make shards` for CIFAR-10)")
+def build_hint(directory: str | Path, key: str = "data.shards", paired: bool = False, split: str = "") -> str:
+    """How to build the shard directory that config key (or flag) ``key`` names, for a family of single images
+    or of (input, target) pairs (``paired``): ``split``, else the test split for a held-out key (val.shards,
+    --real-shards) or a directory named after a test or validation split, else the train split."""
+    d = Path(directory)
+    held_out = key != "data.shards" or any(w in d.name.lower() for w in ("test", "val"))
+    split = split or ("test" if held_out else "train")
+    if paired:
+        return (f"build pairs with `python -m data_shards build --source paired --derive sketch|edges|gray "
+                f"--root SRC --split {split} --out {d}` (SRC: an image folder; for pix2pix's aligned A|B images "
+                f"use --direction AtoB|BtoA instead of --derive, for two folders paired by file name --root-b B)")
+    make = " (or `make shards` for CIFAR-10)" if split == "train" else ""
+    return (f"build shards with `python -m data_shards build --source cifar10|imagefolder|fashion-mnist|mnist "
+            f"--root SRC --split {split} --out {d}`{make}")
 
 
 class ShardError(ValueError):
@@ -85,17 +94,17 @@ class Manifest:
         return [str(self.dir / s.name) for s in self.shards]
 
     def check(self, dataset: str | None = None, channels: int | None = None, size: int | None = None,
-              num_classes: int | None = None) -> "Manifest":
+              num_classes: int | None = None, key: str = "data.shards") -> "Manifest":
         """Raise :class:`ShardError` if these shards do not fit what the caller expects.
 
         ``dataset`` is ``data.dataset`` ("" or None accepts any), ``channels``/``size``/``num_classes``
-        are ``model.img_channels``/``model.img_size``/``model.num_classes``.
+        are ``model.img_channels``/``model.img_size``/``model.num_classes``; ``key`` names the shards.
         """
         c, h, w = self.image_shape
-        where = f"shards in {self.dir} ({self.dataset} {self.split}, {c}x{h}x{w}, {self.num_classes} classes)"
+        where = f"{key}: shards in {self.dir} ({self.dataset} {self.split}, {c}x{h}x{w}, {self.num_classes} classes)"
         if dataset and dataset != self.dataset:
             raise ShardError(f"{where} hold dataset '{self.dataset}', but the config expects '{dataset}' "
-                             f"(data.dataset). Point data.shards at shards built from {dataset}, rebuild "
+                             f"(data.dataset). Point {key} at shards built from {dataset}, rebuild "
                              f"{self.dir} with `python -m data_shards build ... --name {dataset}`, or set "
                              f"data.dataset={self.dataset}.")
         if channels is not None and channels != c:
@@ -140,7 +149,8 @@ class Manifest:
             raise ShardError(f"damaged shard(s) in {self.dir}: {'; '.join(problems[:5])}"
                              f"{f' (and {len(problems) - 5} more)' if len(problems) > 5 else ''}. Run "
                              f"`python -m data_shards verify {self.dir}` for the full report and rebuild the "
-                             f"damaged shards (or the directory): " + BUILD_HINT.format(dir=self.dir))
+                             f"damaged shards (or the directory): "
+                             + build_hint(self.dir, paired=self.paired, split=self.split))
         return self
 
     def to_json(self) -> dict:
@@ -163,19 +173,21 @@ def class_names(directory: str | Path, num_classes: int) -> list[str]:
     return names if len(names) == num_classes else [str(k) for k in range(num_classes)]
 
 
-def require_paired(m: Manifest, who: str = "pix2pix") -> Manifest:
-    """Raise :class:`ShardError` unless ``m`` holds (input, target) pairs; the message names the build command."""
+def require_paired(m: Manifest, who: str = "pix2pix", key: str = "data.shards") -> Manifest:
+    """Raise :class:`ShardError` unless ``m`` holds (input, target) pairs; the message names the config key
+    ``key`` that named them and the build command."""
     if not m.paired:
-        raise ShardError(f"{who} trains on (input, target) pairs, but the shards in {m.dir} ({m.describe()}) "
-                         f"hold single images. Build paired shards: {PAIRED_HINT}; then point data.shards at DIR")
+        raise ShardError(f"{who} trains on (input, target) pairs, but the shards in {m.dir} ({key}: "
+                         f"{m.describe()}) hold single images. Point {key} at paired shards: "
+                         f"{build_hint('DIR', key, True)}")
     return m
 
 
-def require_single(m: Manifest, who: str) -> Manifest:
+def require_single(m: Manifest, who: str, key: str = "data.shards") -> Manifest:
     """Raise :class:`ShardError` if ``m`` holds pairs (a model of single images cannot use them)."""
     if m.paired:
-        raise ShardError(f"{who} trains on single images, but the shards in {m.dir} ({m.describe()}) hold "
-                         f"(input, target) pairs for image-to-image translation. Point data.shards at shards "
+        raise ShardError(f"{who} trains on single images, but the shards in {m.dir} ({key}: {m.describe()}) hold "
+                         f"(input, target) pairs for image-to-image translation. Point {key} at shards "
                          f"built with --source cifar10|imagefolder|fashion-mnist|mnist, or train a paired "
                          f"family (family: pix2pix)")
     return m
@@ -190,14 +202,20 @@ def tar_header_ok(header: bytes) -> bool:
     return stored == sum(header[:148]) + sum(header[156:]) + 8 * 32
 
 
-def _bad(path: Path, why: str) -> ShardError:
-    return ShardError(f"{path} is not a valid shard manifest: {why}. Rebuild the directory: "
-                      + BUILD_HINT.format(dir=path.parent))
-
-
-def parse_manifest(raw: dict, directory: Path) -> Manifest:
-    """Validate a decoded manifest.json; raise :class:`ShardError` naming the problem."""
+def parse_manifest(raw: dict, directory: Path, key: str = "data.shards", paired: bool = False) -> Manifest:
+    """Validate a decoded manifest.json; raise :class:`ShardError` naming the problem (and, like
+    :func:`read_manifest`, the config key ``key`` and the build command)."""
     path = directory / MANIFEST
+
+    def _bad(path: Path, why: str) -> ShardError:
+        return ShardError(f"{path} ({key}) is not a valid shard manifest: {why}. Rebuild the directory: "
+                          + build_hint(directory, key, paired))
+
+    def _shape(name: str, shape) -> tuple[int, int, int]:
+        if (not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)
+                or shape[0] not in (1, 3)):
+            raise _bad(path, f"{name} {shape!r} is not [C, H, W] with C in (1, 3)")
+        return tuple(shape)
     if not isinstance(raw, dict):
         raise _bad(path, "top level is not a JSON object")
     missing = [k for k in ("format", "dataset", "split", "classes", "image_shape", "encoding", "shards", "total")
@@ -208,12 +226,12 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
         raise _bad(path, f"format {raw['format']!r}, this code reads formats {FORMAT} and {PAIRED_FORMAT}")
     if raw["encoding"] not in ENCODINGS:
         raise _bad(path, f"encoding {raw['encoding']!r} is not one of {', '.join(ENCODINGS)}")
-    shape = _shape(path, "image_shape", raw["image_shape"])
+    shape = _shape("image_shape", raw["image_shape"])
     input_shape = None
     if raw["format"] == PAIRED_FORMAT:
         if raw.get("paired") is not True or "input_shape" not in raw:
             raise _bad(path, f"format {PAIRED_FORMAT} needs \"paired\": true and \"input_shape\"")
-        input_shape = _shape(path, "input_shape", raw["input_shape"])
+        input_shape = _shape("input_shape", raw["input_shape"])
         if input_shape[1:] != shape[1:]:
             raise _bad(path, f"input_shape {list(input_shape)} and image_shape {list(shape)} differ in H x W")
     elif "paired" in raw or "input_shape" in raw:
@@ -239,25 +257,20 @@ def parse_manifest(raw: dict, directory: Path) -> Manifest:
                     build=build, input_shape=input_shape)
 
 
-def _shape(path: Path, key: str, shape) -> tuple[int, int, int]:
-    if (not isinstance(shape, list) or len(shape) != 3 or not all(isinstance(v, int) and v > 0 for v in shape)
-            or shape[0] not in (1, 3)):
-        raise _bad(path, f"{key} {shape!r} is not [C, H, W] with C in (1, 3)")
-    return tuple(shape)
-
-
-def read_manifest(directory: str | Path) -> Manifest:
+def read_manifest(directory: str | Path, key: str = "data.shards", paired: bool = False) -> Manifest:
     """Read and validate ``directory/manifest.json``; every shard it names must exist.
 
-    Raises :class:`ShardError` (a ``ValueError``) naming the path and how to build shards when the
-    directory is missing, empty, has no manifest, or the manifest is damaged.
+    Raises :class:`ShardError` (a ``ValueError``) when the directory is missing, empty, has no manifest, or
+    the manifest is damaged, naming the path, the config key (or flag) ``key`` that named it, and the build
+    command that fits that key and a family of single images or of pairs (``paired``; :func:`build_hint`).
     """
     d = Path(directory)
+    hint = build_hint(d, key, paired)
     if not d.exists():
-        raise ShardError(f"shard directory {d} does not exist: " + BUILD_HINT.format(dir=d)
-                         + ", or point data.shards at an existing shard directory")
+        raise ShardError(f"shard directory {d} ({key}) does not exist: {hint}, or point {key} at an existing "
+                         f"shard directory")
     if not d.is_dir():
-        raise ShardError(f"shard directory {d} is not a directory: point data.shards at the directory that "
+        raise ShardError(f"shard directory {d} ({key}) is not a directory: point {key} at the directory that "
                          f"holds {MANIFEST} and the .tar shards")
     path = d / MANIFEST
     if not path.is_file():
@@ -265,14 +278,15 @@ def read_manifest(directory: str | Path) -> Manifest:
         foreign = "" if what == "is empty" or not any(d.glob("*.tar")) else (
             f"; if its .tar shards come from another tool (webdataset's ShardWriter or TarWriter, img2dataset), "
             f"convert them: `python -m data_shards build --source webdataset --root {d} --out NEW_DIR`")
-        raise ShardError(f"shard directory {d} {what}: " + BUILD_HINT.format(dir=d) + foreign)
+        raise ShardError(f"shard directory {d} ({key}) {what}: {hint}{foreign}")
     try:
         raw = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise _bad(path, f"cannot read it as JSON ({e})") from None
-    m = parse_manifest(raw, d)
+        raise ShardError(f"{path} ({key}) is not a valid shard manifest: cannot read it as JSON ({e}). Rebuild "
+                         f"the directory: {hint}") from None
+    m = parse_manifest(raw, d, key, paired)
     absent = [s.name for s in m.shards if not (d / s.name).is_file()]
     if absent:
-        raise ShardError(f"{path} names shard(s) missing from {d}: {', '.join(absent[:5])}"
-                         f"{' ...' if len(absent) > 5 else ''}. Rebuild: " + BUILD_HINT.format(dir=d))
+        raise ShardError(f"{path} ({key}) names shard(s) missing from {d}: {', '.join(absent[:5])}"
+                         f"{' ...' if len(absent) > 5 else ''}. Rebuild: {hint}")
     return m

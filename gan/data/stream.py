@@ -53,6 +53,15 @@ def _zero() -> int:
     return 0
 
 
+class WorkerLoader(torch.utils.data.DataLoader):
+    """torch's DataLoader (what webdataset's WebLoader wraps) without its warning, at every epoch, that there
+    are more workers than CPU cores: the run's banner says it once (gan.startup), and data.num_workers is
+    the user's to choose (it is part of the data order, so it is not capped behind their back)."""
+
+    def check_worker_number_rationality(self):
+        pass
+
+
 def _identity(x):
     return x
 
@@ -278,8 +287,8 @@ class TrainStream:
             # and differently in a resumed run (it creates the iterator after restoring the RNG state),
             # so exact resume needs a generator of the loader's own (every sample is seeded anyway).
             gen = torch.Generator().manual_seed(derive_seed(self.seed, self.rank, self._epoch, _TAG_LOADER))
-            loader = wds.WebLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
-                                   persistent_workers=True, prefetch_factor=self.prefetch_factor, generator=gen)
+            loader = WorkerLoader(ds, batch_size=None, num_workers=self.num_workers, collate_fn=_identity,
+                                  persistent_workers=True, prefetch_factor=self.prefetch_factor, generator=gen)
         else:
             loader = ds
         b = self.batch_size

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +41,16 @@ def cache_key(shards_dir: str | Path, extractor: dict, **params) -> str:
     blob = json.dumps({"data": manifest_fingerprint(shards_dir), "extractor": extractor, "params": params},
                       sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:32]
+
+
+def announce(what: str, count: int, shards_dir: str | Path, cache: "StatsCache") -> None:
+    """Rank 0, before real-data statistics are computed (a cache miss; minutes for 50,000 images on a CPU):
+    one line on stderr saying what, of how many images, and where the result is kept for next time."""
+    from gan.metrics.collective import rank
+
+    if rank() == 0:
+        print(f"evaluation: computing the {what} of {count:,} images of {shards_dir} (once: cached for next "
+              f"time under {cache.root})", file=sys.stderr, flush=True)
 
 
 class StatsCache:

@@ -24,6 +24,7 @@ class EvalRequest:
     names: list[str]
     num_samples: int
     real_shards: str
+    real_key: str = "data.shards"  # the config key (or flag) that named real_shards: what a shard error names
     batch_size: int = 100
     inception_weights: str = ""
     classifier: str = ""
@@ -63,10 +64,10 @@ def preflight(req: EvalRequest, num_classes: int, channels: int, size: int) -> d
     from gan.metrics.offline import check_classifier
 
     try:
-        m = read_manifest(req.real_shards)
-        m.check(channels=channels, size=size, num_classes=num_classes)
+        m = read_manifest(req.real_shards, req.real_key)
+        m.check(channels=channels, size=size, num_classes=num_classes, key=req.real_key)
     except ShardError as e:
-        raise MetricError(f"real images for the metrics: {e}") from None
+        raise MetricError(f"real images for the metrics ({req.real_key}): {e}") from None
     check_counts(req, num_classes, real_count(req.real_shards, req.max_real))
     out = {"classes": list(m.classes), "real": {"shards": str(req.real_shards), "dataset": m.dataset,
                                                  "split": m.split, "count": real_count(req.real_shards, req.max_real)}}

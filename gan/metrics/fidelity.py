@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from gan.metrics.cache import StatsCache, cache_key, file_sha256
+from gan.metrics.cache import StatsCache, announce, cache_key, file_sha256
 from gan.metrics.errors import MetricError
 from gan.metrics.frechet import moments, moments_to_gaussian
 from gan.metrics.realdata import load_shard_images
@@ -201,6 +201,7 @@ def real_features(real_shards: str | Path, layers: tuple[str, ...], weights: Pat
     hit = cache.load("inception", key)
     if hit is not None and set(hit) >= set(layers):
         return {k: hit[k] for k in layers}
+    announce("real statistics (Inception features)", real_count(real_shards, max_real), real_shards, cache)
     images = load_shard_images(real_shards, max_real)[0][lo:hi]
     out = features(images, layers, weights, device, batch_size, progress)
     cache.save("inception", key, out, {"shards": str(real_shards), "weights": str(weights), "slice": [lo, hi]})

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from gan.metrics.cache import StatsCache, cache_key, file_sha256
+from gan.metrics.cache import StatsCache, announce, cache_key, file_sha256
 from gan.metrics.classifier import DEFAULT_WEIGHTS, ClassifierError, load_classifier, read_classifier_info
 from gan.metrics.errors import MetricError
 from gan.metrics.frechet import frechet_distance, moments, moments_to_gaussian
@@ -110,6 +110,7 @@ def real_sums(real_shards: str | Path, path: Path, num_classes: int, device, bat
     hit = cache.load("cls", key)
     if hit is not None and set(hit) >= {"real.n", "real.ss_k"}:
         return {k: v for k, v in hit.items() if k.startswith("real.")}
+    announce("real statistics (classifier features)", real_count(real_shards, max_real), real_shards, cache)
     images, labels = load_shard_images(real_shards, max_real)
     feats, preds = _features(path, images[lo:hi], batch_size, device, progress)
     out = class_sums(feats, preds, labels[lo:hi], num_classes, "real.")

@@ -18,9 +18,11 @@ def request_from_config(cfg, family=None) -> EvalRequest:
     """The evaluation ``cfg.metrics`` asks for, on the family's evaluation shards (``Family.eval_shards``)."""
     m, family = cfg.metrics, family or build_family(cfg)
     return EvalRequest(names=m.metrics, num_samples=m.num_samples, real_shards=family.eval_shards(),
+                       real_key=family.shards_key(family.eval_shards(), "data.shards"),
                        batch_size=m.batch_size, inception_weights=m.inception_weights, classifier=m.classifier,
                        kid_subset_size=m.kid_subset_size, isc_splits=m.isc_splits, cache_dir=m.cache_dir,
-                       family=cfg.family, num_workers=cfg.data.num_workers)
+                       family=cfg.family, num_workers=cfg.data.num_workers,
+                       progress=cfg.log.progress)  # rank 0's bars on stderr, like training's
 
 
 def evaluate_during_training(accelerator, ema_net: torch.nn.Module, cfg, step: int, family=None) -> dict[str, float]:

@@ -34,8 +34,8 @@ def preflight(family, req) -> dict:
     """Not a collective: the validation pairs fit the model, the metrics can be computed (MetricError)."""
     from gan.metrics.heldout import check_split
 
-    return check_split(req, "pix2pix (family: pix2pix)", True, lambda man: family._fits(man, "val.shards"),
-                       family.cfg.data.shards)
+    return check_split(req, "pix2pix (family: pix2pix)",
+                       lambda man: family._fits(man, req.real_key), family)
 
 
 def evaluate(family, G, req, device) -> tuple[dict, dict]:
@@ -68,7 +68,8 @@ def evaluate(family, G, req, device) -> tuple[dict, dict]:
                 progress = req.progress and collective.rank() == 0
                 sums.update(heldout.fid_moments(cat(outputs), "fake", weights, device, req.batch_size, progress))
                 sums.update(heldout.cached_moments(req.real_shards, "real", weights, req.cache_dir, lambda: (
-                    heldout.fid_moments(cat(targets), "real", weights, device, req.batch_size, progress))))
+                    heldout.fid_moments(cat(targets), "real", weights, device, req.batch_size, progress)),
+                    req.max_real, resolved["real"]["count"]))
             return sums
         finally:
             G.train(was)

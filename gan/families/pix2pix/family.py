@@ -43,6 +43,7 @@ class Pix2Pix(Family):
     ema = "G"
     # one D update per step; the picture's rows are val.pictures held-out pairs
     unread_keys = ("optim.n_dis", "log.samples_per_class")
+    paired = True
 
     def __init__(self, cfg):
         super().__init__(cfg)
@@ -75,15 +76,15 @@ class Pix2Pix(Family):
 
         self._fits(manifest, "data.shards")
         if self.cfg.val.shards:
-            self._fits(read_manifest(self.cfg.val.shards), "val.shards")
+            self._fits(read_manifest(self.cfg.val.shards, "val.shards", paired=True), "val.shards")
 
     def _fits(self, m, key: str) -> None:
         """Paired shards whose input and target fit the model (ShardError naming the key and the fix)."""
         from gan.data import ShardError, require_paired
 
-        require_paired(m, WHO)  # single images: the message names `data_shards build --source paired`
+        require_paired(m, WHO, key)  # single images: the message names `data_shards build --source paired`
         mc = self.cfg.model
-        m.check(dataset=(self.cfg.data.dataset or None) if key == "data.shards" else None, size=mc.img_size)
+        m.check(dataset=(self.cfg.data.dataset or None) if key == "data.shards" else None, size=mc.img_size, key=key)
         for side, shape, want in (("input", m.input_shape, "in_channels"), ("target", m.image_shape, "out_channels")):
             if shape[0] != getattr(mc, want):
                 raise ShardError(f"{key}: the shards in {m.dir} ({m.describe()}) have {shape[0]}-channel {side}s, "

@@ -39,7 +39,8 @@ def sample(family, G, request, device) -> torch.Tensor:
     from gan.sampling import first_samples, write_png_folder
 
     r = request
-    a, b, y = first_samples(r.shards or family.eval_shards(), r.num, r.classes)
+    shards = r.shards or family.eval_shards()
+    a, b, y = first_samples(shards, r.num, r.classes, family.shards_key(shards, "--real-shards"), True)
     if r.mode == "triplets":
         return triplet_grid(a, G(a.to(device)).float().cpu(), b, n=len(a))
     if r.mode != "export":

@@ -72,9 +72,9 @@ def preflight(family, req) -> dict:
     if "bits_per_dim" in req.names and m.recon != "mse":
         raise MetricError(f"bits_per_dim needs model.recon=mse (a Gaussian likelihood); this run has "
                           f"model.recon={m.recon}, whose ELBO is not a density of 8-bit pixels. Leave bits_per_dim out")
-    return check_split(req, "the VAE (family: vae)", False, lambda man: man.check(
-        channels=m.img_channels, size=m.img_size, num_classes=m.num_classes if m.conditional else None),
-        family.cfg.data.shards)
+    return check_split(req, "the VAE (family: vae)", lambda man: man.check(
+        channels=m.img_channels, size=m.img_size, num_classes=m.num_classes if m.conditional else None,
+        key=req.real_key), family)
 
 
 def evaluate(family, vae, req, device) -> tuple[dict, dict]:
@@ -104,7 +104,8 @@ def evaluate(family, vae, req, device) -> tuple[dict, dict]:
                                                       m.latent_dim, m.num_classes, req.seed, req.batch_size, device,
                                                       progress=req.progress)
                 sums.update(fidelity_local(images, ["fid"], req.real_shards, weights, device, req.batch_size,
-                                           req.max_real, req.cache_dir or None, req.progress)["sums"])
+                                           req.max_real, req.cache_dir or None,
+                                           req.progress and collective.rank() == 0)["sums"])
             return sums
         finally:
             vae.train(was)

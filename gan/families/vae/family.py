@@ -51,6 +51,8 @@ class VAEFamily(Family):
         return OptimSpec(o.lr_g, tuple(o.betas_g))
 
     def check(self, manifest=None) -> None:
+        # val.shards is read by the evaluation (its own checks, at the start when metrics.every is set) and by
+        # launch/sample.py, not by training
         if manifest is not None:
             from gan.data.manifest import require_single
 

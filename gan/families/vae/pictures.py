@@ -110,7 +110,8 @@ def curves_png(rows: list[dict], out: str | Path, title: str = "") -> Path:
 def _held_out(family, request, n: int) -> tuple[torch.Tensor, torch.Tensor]:
     from gan.sampling import first_samples
 
-    x, y = first_samples(request.shards or family.eval_shards(), n, request.classes)
+    shards = request.shards or family.eval_shards()
+    x, y = first_samples(shards, n, request.classes, family.shards_key(shards, "--real-shards"))
     return x, y
 
 
