@@ -18,12 +18,13 @@ import errno
 import shutil
 from pathlib import Path
 
+import torch
 from safetensors.torch import save as safetensors_bytes
 
 from gan.dist import any_rank
 from gan.io import write_file_atomic, write_json_atomic
 from gan.rundir import (META, NETS, CheckpointError, RunDir, RunDirError,  # noqa: F401
-                        ema_weights_name, part_file, parts_of, step_of, read_meta, seal, verify)
+                        ema_weights_name, engine_model_file, part_file, parts_of, step_of, read_meta, seal, verify)
 
 # Settings a resume can't change: the data stream position, the per-rank RNG states and the optimizer
 # state are only meaningful under the values they were written with. Everything else in the config
@@ -127,6 +128,35 @@ def load(accelerator, path: str | Path, extra=None) -> dict:
     if extra is not None:
         extra(Path(path))
     return meta
+
+
+def ema_state(path: Path, meta: dict) -> dict:
+    """The EMA network's weights in checkpoint ``path`` (``meta``: its meta.json): the ``ema`` part's "model"."""
+    f = Path(path) / meta.get("parts", {}).get("ema", part_file("ema"))
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no {f.name} (the EMA network); it was not written by launch/train.py")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)["model"]
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"could not read the EMA network from {f}: {e}") from None
+
+
+def trained_state(path: Path, meta: dict, net: str) -> dict:
+    """Network ``net``'s weights as training left them in checkpoint ``path`` (``meta``: its meta.json):
+    Accelerate's safetensors part (DDP), or the DeepSpeed engine's module weights (:func:`engine_model_file`;
+    in the precision the engine ran them, fp32 unless train.mixed_precision made it bf16 or fp16)."""
+    from safetensors.torch import load_file
+
+    deepspeed = backend_of(meta) == "deepspeed"
+    f = Path(path) / (engine_model_file(net) if deepspeed else
+                      meta.get("parts", {}).get(net) or part_file(net, meta.get("nets", NETS), meta.get("ema", True)))
+    if not f.is_file():
+        raise CheckpointError(f"{path} has no {f.relative_to(path)} (the trained {net} network); it was not "
+                              f"written by launch/train.py")
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True)["module"] if deepspeed else load_file(str(f))
+    except Exception as e:  # noqa: BLE001
+        raise CheckpointError(f"could not read the trained {net} network from {f}: {e}") from None
 
 
 def _flat(d: dict, prefix: str = "") -> dict:

@@ -78,7 +78,8 @@ def run_metrics(run_dir: str | Path, label: str, step: int | None = None) -> dic
     """The metrics of the network an artifact holds, as the run has them now: RUN/best.json's for ``label``
     "best"; else RUN/metrics.json's evaluations of the same network: its own label's, and those of the
     same ``step`` under a checkpoint or export label (RUN/export/ is the EMA network of the newest
-    checkpoint, so launch/evaluate.py's default, that checkpoint, measured it), the label's own winning."""
+    checkpoint, so launch/evaluate.py's default, that checkpoint, measured it), the label's own winning.
+    Evaluations of the trained network (``"net": "trained"``) are not the artifact's: never counted."""
     run = RunDir(run_dir)
     try:
         if label == "best":
@@ -86,7 +87,7 @@ def run_metrics(run_dir: str | Path, label: str, step: int | None = None) -> dic
         if run.metrics_json.is_file():
             evals = json.loads(run.metrics_json.read_text()).get("evaluations", {})
             same = [e for k, e in evals.items() if k != label and step is not None and e.get("step") == step
-                    and (k == "export" or k.startswith("step-"))]
+                    and (k == "export" or k.startswith("step-")) and e.get("net", "ema") == "ema"]
             out = {}
             for e in [*same, evals.get(label, {})]:
                 out.update(e.get("metrics", {}))

@@ -79,6 +79,12 @@ def part_file(name: str, nets=NETS, ema: bool = True) -> str:
     raise KeyError(f"unknown checkpoint part {name!r}; known: {', '.join(models + optimizers + custom)}")
 
 
+def engine_model_file(net: str) -> str:
+    """The file in a DeepSpeed checkpoint that holds network ``net``'s weights (rank 0 writes it; ZeRO-1/2
+    partition only the optimizer state, one ``zero_pp_rank_R_mp_rank_00_optim_states.pt`` per rank beside it)."""
+    return f"deepspeed/{net}/mp_rank_00_model_states.pt"
+
+
 def rng_file(rank: int) -> str:
     return f"random_states_{rank}.pkl"
 
@@ -90,9 +96,8 @@ def required_files(world_size: int, backend: str = "ddp", nets=NETS, ema: bool =
     models, optimizers, custom = parts_of(nets, ema)
     ranks = [rng_file(r) for r in range(world_size)]
     if backend == "deepspeed":
-        states = ["mp_rank_00_model_states.pt"] + [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt"
-                                                   for r in range(world_size)]
-        engines = [f"deepspeed/{net}/{f}" for net in models for f in states]
+        engines = [f for net in models for f in [engine_model_file(net)] + [
+            f"deepspeed/{net}/zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(world_size)]]
         return engines + [part_file(n, nets, ema) for n in custom] + ranks
     return [part_file(n, nets, ema) for n in models + optimizers + custom] + ranks
 

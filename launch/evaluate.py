@@ -1,12 +1,13 @@
 #!/usr/bin/env python
-"""Evaluate a run's EMA network with its family's metrics. The GAN: FID/IS/KID/precision-recall
-(torch-fidelity, Inception weights needed) and the offline cls_acc/cls_fd (committed CIFAR-10 classifier),
-against the real images of the run's shards (data.shards; never a download). The VAE: bits_per_dim,
-recon_mse, psnr, ssim, kl on the held-out split (val.shards) and fid of prior samples against it.
-pix2pix: l1, psnr, ssim and fid of outputs against targets on the validation pairs (val.shards).
+"""Evaluate a run's EMA network (--net trained: the checkpoint's trained network) with its family's metrics.
+The GAN: FID/IS/KID/precision-recall (torch-fidelity, Inception weights needed) and the offline
+cls_acc/cls_fd (committed CIFAR-10 classifier), against the real images of the run's shards (data.shards;
+never a download). The VAE: bits_per_dim, recon_mse, psnr, ssim, kl on the held-out split (val.shards)
+and fid of prior samples against it. pix2pix: l1, psnr, ssim and fid of outputs against targets on the validation pairs (val.shards).
 
     python launch/evaluate.py --run runs/cdcgan --metrics cls_acc,cls_fd --num-samples 10000
     python launch/evaluate.py --run runs/cifar10_vae                 # the family's default metrics
+    python launch/evaluate.py --run runs/cifar10_vae --net trained   # the VAE as trained, not its EMA
     python launch/evaluate.py --run runs/sketch --metrics l1,psnr,ssim,fid --inception-weights W.pth
     python launch/evaluate.py --run runs/cdcgan --metrics fid,isc,kid,prc --num-samples 50000 \
         --inception-weights weights-inception-2015-12-05-6726825d.pth
@@ -16,7 +17,9 @@ pix2pix: l1, psnr, ssim and fid of outputs against targets on the validation pai
         --metrics cls_acc,cls_fd --out floor.json
 
 Writes RUN/metrics.json (merged with earlier evaluations, atomically) and TensorBoard scalars
-Eval/<name> at the checkpoint's step; prints the values as JSON. Several processes split the work:
+Eval/<name> at the checkpoint's step; prints the values as JSON. Each entry says which network it measured
+("net": "ema" or "trained"); the trained network's are kept apart (step-X-trained, Eval/trained/<name>) and
+never count as an export's metrics (an export holds the EMA). Several processes split the work:
 each generates and measures its own slice, and only statistics cross processes. A process that dies
 ends the others with an error after the run's train.collective_timeout.
 """
@@ -35,6 +38,7 @@ from gan.config import ConfigError  # noqa: E402
 from gan.data import ShardError  # noqa: E402
 from gan.dist import PeerError  # noqa: E402
 from gan.metrics.names import valid_list  # noqa: E402
+from gan.metrics.run import NETS  # noqa: E402
 from gan.rundir import RunDir  # noqa: E402
 
 
@@ -44,6 +48,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(--run-dir is the same flag; use it under torchrun, whose parser claims --run)")
     p.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a G_ema.safetensors export "
                                         "(default: the run's newest complete checkpoint)")
+    p.add_argument("--net", choices=NETS, default="ema", help="ema: the EMA network (what export and serving use); "
+                   "trained: the trained network's own weights, from the checkpoint (default: %(default)s)")
     p.add_argument("--metrics", help=f"comma-separated metrics of the run's family; the GAN's: {valid_list()}; "
                    f"the VAE's: bits_per_dim, recon_mse, psnr, ssim, kl, fid; pix2pix's: l1, psnr, ssim, fid "
                    f"(default: the family's: cls_fd,cls_acc for the GAN)")
@@ -126,7 +132,7 @@ def main(argv=None) -> int:
         pg = InitProcessGroupKwargs(timeout=datetime.timedelta(seconds=run_config(run).train.collective_timeout))
         pg.to_kwargs = lambda: {"timeout": pg.timeout}  # Accelerate drops a value equal to its default
         acc = Accelerator(kwargs_handlers=[pg])
-        loaded = load_generator(run, args.checkpoint, acc.device)
+        loaded = load_generator(run, args.checkpoint, acc.device, args.net)
         cfg, family = loaded.cfg, loaded.family
         real = args.real_shards or family.eval_shards()
         req = _request(args, real, cfg.family, family.default_metrics(cfg), cfg.data.num_workers,
@@ -135,10 +141,12 @@ def main(argv=None) -> int:
         details["processes"] = acc.num_processes
         if acc.is_main_process:
             step = loaded.step if loaded.step is not None else 0
-            merge_metrics_json(RunDir(run).metrics_json, loaded.label, loaded.step, str(loaded.source), values, details)
+            merge_metrics_json(RunDir(run).metrics_json, loaded.label, loaded.step, str(loaded.source), values, details,
+                               loaded.net)
             if not args.no_tensorboard:
-                log_tensorboard(run, step, values)
-            result = {"run": str(run), "checkpoint": str(loaded.source), "step": loaded.step, "metrics": values}
+                log_tensorboard(run, step, values, loaded.net)
+            result = {"run": str(run), "checkpoint": str(loaded.source), "step": loaded.step, "net": loaded.net,
+                      "metrics": values}
             print(json.dumps(result, indent=2))
             _write_out(args.out, {**result, "details": details})
         acc.wait_for_everyone()

@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Pictures of a run's EMA network (PNG files + TensorBoard images ``Sample/<mode>``); the modes are the
-run's family's.
+run's family's. --net trained draws them with the trained network of the checkpoint instead (files
+<mode>-step-X-trained.png, TensorBoard Sample/trained/<mode>).
 
 The GAN (grid, interp, classvar, realfake, curves, export):
     python launch/sample.py --run runs/cdcgan --mode grid      # one row per class
@@ -38,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from gan.checkpoint import CheckpointError  # noqa: E402
 from gan.config import ConfigError  # noqa: E402
 from gan.data import ShardError, class_names  # noqa: E402
+from gan.metrics.run import NETS  # noqa: E402
 from gan.rundir import RunDir  # noqa: E402
 
 
@@ -47,6 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--mode", required=True, help="a picture mode of the run's family (see above)")
     p.add_argument("--checkpoint", help="checkpoints/step-XXXXXXXX dir or a <net>_ema.safetensors export "
                                         "(default: the newest complete checkpoint)")
+    p.add_argument("--net", choices=NETS, default="ema", help="ema: the EMA network; trained: the trained "
+                   "network's own weights, from the checkpoint (default: %(default)s)")
     p.add_argument("--out", help="output PNG (export: output folder)")
     p.add_argument("--num", type=int, help="see above")
     p.add_argument("--seed", type=int, default=0)
@@ -126,7 +130,7 @@ def main(argv=None) -> int:
             return 0
 
         device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        loaded = load_generator(run, args.checkpoint, device)
+        loaded = load_generator(run, args.checkpoint, device, args.net)
         family, step = loaded.family, loaded.step or 0
         shards = args.real_shards or ""
         k = getattr(loaded.cfg.model, "num_classes", None)  # pix2pix: the labels of its shards, if any
@@ -146,7 +150,8 @@ def main(argv=None) -> int:
         if args.mode != "export":
             save_png(img, out)
             if not args.no_tensorboard:
-                _tb_image(run, f"Sample/{args.mode}", img, step)
+                _tb_image(run, f"Sample/{args.mode}" if loaded.net == "ema" else f"Sample/{loaded.net}/{args.mode}",
+                          img, step)
         print(out)
         return 0
     except (ConfigError, ShardError, CheckpointError) as e:

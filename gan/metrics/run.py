@@ -16,7 +16,7 @@ import torch
 from gan.config import Config, ConfigError, from_dict, load_config
 from gan.metrics.errors import MetricError
 from gan.metrics.names import FIDELITY
-from gan.rundir import CheckpointError, RunDir, part_file, read_meta
+from gan.rundir import CheckpointError, RunDir, read_meta, verify
 
 if TYPE_CHECKING:
     from gan.family import Family
@@ -30,6 +30,7 @@ class LoadedGenerator:
     source: Path  # checkpoint dir or .safetensors file
     label: str  # "step-00000006", "export", "best" ...
     family: Family | None = None  # the run's family (gan.family), built from ``cfg``: generate(), example_inputs() ...
+    net: str = "ema"  # which copy: "ema", or "trained" (the network's own weights; its label ends in "-trained")
 
 
 def run_config(run_dir: Path) -> Config:
@@ -71,31 +72,40 @@ def resolve_source(run_dir: Path, checkpoint: str | Path | None) -> Path:
                       f"--checkpoint PATH")
 
 
-def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu") -> LoadedGenerator:
+NETS = ("ema", "trained")  # launch/evaluate.py's and sample.py's --net: which copy of the family's ema network
+
+
+def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, device="cpu",
+                   net: str = "ema") -> LoadedGenerator:
     """The eval-mode EMA network of a run (its family's ``ema`` network: the GAN's G, the VAE, pix2pix's
-    G), from a checkpoint or an export. Raises MetricError/CheckpointError with the fix."""
+    G), from a checkpoint or an export; ``net="trained"``: that network's own weights as training left
+    them, from a checkpoint (verified first; an export holds only the EMA). Raises MetricError/CheckpointError
+    with the fix."""
     from safetensors.torch import load_file
 
-    from gan.family import build_family
+    from gan.checkpoint import ema_state, trained_state
+    from gan.family import build_family, get_family
 
+    if net not in NETS:
+        raise MetricError(f"--net {net}: one of {', '.join(NETS)}")
     run_dir = Path(run_dir)
     cfg = run_config(run_dir)
+    ema = get_family(cfg.family).ema
+    if ema is None:
+        raise MetricError(f"family {cfg.family} keeps no EMA network to sample, evaluate or export")
     src = resolve_source(run_dir, checkpoint)
+    if net == "trained" and not src.is_dir():
+        where = f"{src} is an export" if checkpoint else f"{run_dir} has no checkpoint that verifies, only the export {src}"
+        raise CheckpointError(f"--net trained reads the trained network from a checkpoint, and {where} (the EMA "
+                              f"network alone); pass --checkpoint RUN/checkpoints/step-XXXXXXXX, or drop --net trained")
     if src.is_dir():
-        meta = read_meta(src)
+        meta = verify(src) if net == "trained" else read_meta(src)
         saved_model = meta.get("config", {}).get("model", {})
-        step, label = meta.get("step"), src.name
+        step, label = meta.get("step"), src.name + ("-trained" if net == "trained" else "")
         if meta.get("family", "gan") != cfg.family:
             raise CheckpointError(f"{src} is a checkpoint of a {meta.get('family', 'gan')} run, but the run's "
                                   f"config.yaml is a {cfg.family} run. Pass a checkpoint of this run")
-        ema_file = src / meta.get("parts", {}).get("ema", part_file("ema"))
-        if not ema_file.is_file():
-            raise CheckpointError(f"{src} has no {ema_file.name} (the EMA network); it was not written by "
-                                  f"launch/train.py")
-        try:
-            state = torch.load(ema_file, map_location="cpu", weights_only=True)["model"]
-        except Exception as e:  # noqa: BLE001
-            raise CheckpointError(f"could not read the EMA network from {ema_file}: {e}") from None
+        state = trained_state(src, meta, ema) if net == "trained" else ema_state(src, meta)
     elif src.suffix == ".safetensors":
         spec_path = src.with_name("model.json")
         if not spec_path.is_file():
@@ -118,16 +128,14 @@ def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, de
     except ConfigError as e:
         raise CheckpointError(f"{src}: its model config is not valid here ({e})") from None
     family = build_family(cfg)
-    if family.ema is None:
-        raise MetricError(f"family {cfg.family} keeps no EMA network to sample, evaluate or export")
-    G = family.build_networks()[family.ema]
+    G = family.build_networks()[ema]
     try:
         G.load_state_dict(state)
     except RuntimeError as e:
         first = str(e).splitlines()[0]
-        raise CheckpointError(f"the weights in {src} do not fit the {cfg.family} run's {family.ema} network "
+        raise CheckpointError(f"the weights in {src} do not fit the {cfg.family} run's {ema} network "
                               f"(config.yaml: {first} ...). Pass a checkpoint of this run") from None
-    return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, step, src, label, family)
+    return LoadedGenerator(G.to(device).eval().requires_grad_(False), cfg, step, src, label, family, net)
 
 
 # ---------------------------------------------------------------------------- outputs
@@ -142,9 +150,10 @@ def _clean(v):
 
 
 def merge_metrics_json(path: str | Path, label: str, step: int | None, source: str, values: dict,
-                       details: dict) -> dict:
+                       details: dict, net: str = "ema") -> dict:
     """Merge one evaluation into ``path`` ({"format": 1, "evaluations": {label: {...}}}), atomically.
-    Values of the same label are updated key by key, so separate runs of fid and cls_acc combine."""
+    Values of the same label are updated key by key, so separate runs of fid and cls_acc combine. ``net``:
+    the network measured (:data:`NETS`); a trained network's label is its own (``step-X-trained``)."""
     path = Path(path)
     doc = {"format": 1, "evaluations": {}}
     if path.is_file():
@@ -154,7 +163,7 @@ def merge_metrics_json(path: str | Path, label: str, step: int | None, source: s
             raise MetricError(f"{path} is not valid JSON ({e}); move it away and run again (it is not "
                               f"overwritten)") from None
     entry = doc.setdefault("evaluations", {}).setdefault(label, {"metrics": {}, "details": {}})
-    entry.update({"step": step, "source": str(source), "updated": _now()})
+    entry.update({"step": step, "source": str(source), "net": net, "updated": _now()})
     entry.setdefault("metrics", {}).update({k: _clean(v) for k, v in values.items()})
     common = {k: v for k, v in details.items() if k not in ("inception", "offline", "metrics")}
     for name in details.get("metrics", []):
@@ -166,12 +175,14 @@ def merge_metrics_json(path: str | Path, label: str, step: int | None, source: s
     return doc
 
 
-def log_tensorboard(run_dir: str | Path, step: int, values: dict) -> None:
+def log_tensorboard(run_dir: str | Path, step: int, values: dict, net: str = "ema") -> None:
+    """Scalars ``Eval/<name>`` at ``step`` (the trained network's: ``Eval/trained/<name>``)."""
     from torch.utils.tensorboard import SummaryWriter
 
+    prefix = "Eval" if net == "ema" else f"Eval/{net}"
     w = SummaryWriter(str(run_dir), filename_suffix=".eval")
     try:
         for k, v in values.items():
-            w.add_scalar(f"Eval/{k}", v, step)
+            w.add_scalar(f"{prefix}/{k}", v, step)
     finally:
         w.close()
