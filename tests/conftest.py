@@ -198,6 +198,36 @@ def assert_zero_matches_ddp(runs: dict, losses, nets, ema: str, family: str, ste
             assert diff <= bound, f"{name} {k}: |ZeRO - DDP| = {diff:.3g} > {bound:.3g} (adam_drift_bound)"
 
 
+def ema_and_trained(run: Path, step: int):
+    """(the EMA network as launch/evaluate.py loads it, the checkpoint's trained network loaded by hand: the
+    family's network built afresh, with the weights file that meta.json's parts name for it)."""
+    from safetensors.torch import load_file
+
+    from gan.metrics.run import load_generator
+
+    g = load_generator(run)
+    ckpt = run / "checkpoints" / f"step-{step:08d}"
+    part = json.loads((ckpt / "meta.json").read_text())["parts"][g.family.ema]
+    trained = g.family.build_networks()[g.family.ema].eval().requires_grad_(False)
+    trained.load_state_dict(load_file(str(ckpt / part)))
+    return g, trained
+
+
+def assert_nets_kept_apart(run: Path, label: str, ema: dict, trained: dict) -> None:
+    """RUN/metrics.json holds each network's evaluation under its own label, saying which it measured, and an
+    artifact of that step (RUN/export) counts the EMA's alone; the two networks measured differently (the
+    EMA has averaged): some metric by more than 1e-4 of its value, ten times the most (EVAL_REL) that the
+    tests let two evaluations of the same weights differ."""
+    from gan.export import run_metrics
+
+    assert (ema["net"], trained["net"]) == ("ema", "trained")
+    evals = json.loads((run / "metrics.json").read_text())["evaluations"]
+    assert (evals[label]["net"], evals[f"{label}-trained"]["net"]) == ("ema", "trained")
+    assert evals[label]["metrics"] == ema["metrics"] and evals[f"{label}-trained"]["metrics"] == trained["metrics"]
+    assert run_metrics(run, "export", ema["step"]) == ema["metrics"]
+    assert any(abs(trained["metrics"][k] - v) > 1e-4 * abs(v) for k, v in ema["metrics"].items()), (ema, trained)
+
+
 def fit_in_process(cfg, run, resume=None) -> list[dict]:
     """Train ``cfg`` into ``run`` in this process through the trainer (preflight, fit, close), as
     launch/train.py does; it must finish. Returns the rows of the run's metrics.jsonl."""

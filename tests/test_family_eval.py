@@ -20,7 +20,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, assert_metrics_close, fit_in_process, load_cli, tiny_images
+from conftest import REPO, assert_metrics_close, assert_nets_kept_apart, ema_and_trained, fit_in_process, load_cli, tiny_images
 from test_paired import inverted_pairs
 
 VAE_METRICS = "bits_per_dim,recon_mse,psnr,ssim,kl"  # + fid where Inception runs (slow on a CPU)
@@ -251,35 +251,6 @@ def test_vae_recon_picture_is_the_held_out_input_over_its_reconstruction(vae_run
     assert torch.equal(grid[:, 36:68, 36:68], u8(g.G.reconstruct(x, y)[1]))  # bottom row: reconstructions
 
 
-def _ema_and_trained(run: Path, step: int):
-    """(the EMA network as launch/evaluate.py loads it, the checkpoint's trained network loaded by hand: the
-    family's network built afresh, with the weights file that meta.json's parts name for it)."""
-    from safetensors.torch import load_file
-
-    from gan.metrics.run import load_generator
-
-    g = load_generator(run)
-    ckpt = run / "checkpoints" / f"step-{step:08d}"
-    part = json.loads((ckpt / "meta.json").read_text())["parts"][g.family.ema]
-    trained = g.family.build_networks()[g.family.ema].eval().requires_grad_(False)
-    trained.load_state_dict(load_file(str(ckpt / part)))
-    return g, trained
-
-
-def _assert_kept_apart(run: Path, label: str, ema: dict, trained: dict) -> None:
-    """RUN/metrics.json holds each network's evaluation under its own label, saying which it measured, and an
-    artifact of that step (RUN/export) counts the EMA's alone; the two networks measured differently (the
-    EMA has averaged: by more than 100 times the 1e-6 agreement the tests ask of the same weights)."""
-    from gan.export import run_metrics
-
-    assert (ema["net"], trained["net"]) == ("ema", "trained")
-    evals = json.loads((run / "metrics.json").read_text())["evaluations"]
-    assert (evals[label]["net"], evals[f"{label}-trained"]["net"]) == ("ema", "trained")
-    assert evals[label]["metrics"] == ema["metrics"] and evals[f"{label}-trained"]["metrics"] == trained["metrics"]
-    assert run_metrics(run, "export", ema["step"]) == ema["metrics"]
-    assert any(abs(trained["metrics"][k] - v) > 1e-4 * abs(v) for k, v in ema["metrics"].items()), (ema, trained)
-
-
 def test_vae_evaluate_and_sample_either_network(vae_run, vae_data, tmp_path, capsys):
     """--net trained measures the checkpoint's trained VAE: the values of its weights loaded by hand; the EMA's
     entry stays apart and is the artifact's; each recon picture is drawn by its own network and says which."""
@@ -292,13 +263,13 @@ def test_vae_evaluate_and_sample_either_network(vae_run, vae_data, tmp_path, cap
     args = ["--metrics", VAE_METRICS, "--batch-size", 4, "--no-tensorboard"]
     trained = _evaluate(run, tmp_path / "trained.json", tmp_path, *args, "--net", "trained")
     ema = _evaluate(run, tmp_path / "ema.json", tmp_path, *args)
-    g, G = _ema_and_trained(run, 8)
+    g, G = ema_and_trained(run, 8)
     x, y = next(iter(eval_batches(vae_data[1], 1000)))
     for net, got in ((G, trained), (g.G, ema)):
         ref = per_sample_measures(net, x, y, g.cfg.loss.obs_std, EVAL_SEED)
         # float64 sums of float32 per-sample values; batches of 4 vs 16 change only float32 kernel rounding (~1e-7)
         assert got["metrics"] == pytest.approx({k: float(v.mean()) for k, v in ref.items()}, rel=1e-6)
-    _assert_kept_apart(run, "step-00000008", ema, trained)
+    assert_nets_kept_apart(run, "step-00000008", ema, trained)
     sample = load_cli("sample").main
     x, y = next(iter(eval_batches(vae_data[1], 3)))
     u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
@@ -454,13 +425,13 @@ def test_pix2pix_evaluate_and_sample_either_network(p2p_run, pairs, tmp_path):
     args = ["--metrics", P2P_METRICS, "--batch-size", 4, "--no-tensorboard"]
     trained = _evaluate(run, tmp_path / "trained.json", tmp_path, *args, "--net", "trained")
     ema = _evaluate(run, tmp_path / "ema.json", tmp_path, *args)
-    g, G = _ema_and_trained(run, 4)
+    g, G = ema_and_trained(run, 4)
     a, b, _ = next(iter(eval_batches(pairs[1], 1000)))
     for net, got in ((G, trained), (g.G, ema)):
         values, _ = per_sample_measures(net, a, b)
         # float64 means of float32 per-sample values; batches of 4 vs 12 change only float32 kernel rounding (~1e-7)
         assert got["metrics"] == pytest.approx({k: float(values[k].mean()) for k in P2P_METRICS.split(",")}, rel=1e-6)
-    _assert_kept_apart(run, "step-00000004", ema, trained)
+    assert_nets_kept_apart(run, "step-00000004", ema, trained)
     sample = load_cli("sample").main
     for net, name, G_net in (("trained", "triplets-step-00000004-trained.png", G), ("ema", "triplets-step-00000004.png", g.G)):
         assert sample(["--run", str(run), "--mode", "triplets", "--num", "2", "--net", net, "--no-tensorboard"]) == 0

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import assert_metrics_close, load_cli, train_debug
+from conftest import assert_metrics_close, assert_nets_kept_apart, ema_and_trained, load_cli, train_debug
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = [f"class{k}" for k in range(10)]
@@ -211,9 +211,9 @@ def test_real_against_itself_is_the_floor(tiny_shards, tiny_classifier, tmp_path
     assert res["metrics"]["cls_acc"] == pytest.approx(res["details"]["offline"]["real_cls_acc"])
 
 
-def _reference_cls(run: Path, classifier: Path, shards: Path, n: int) -> dict:
+def _reference_cls(run: Path, classifier: Path, shards: Path, n: int, G=None) -> dict:
     """cls_acc and cls_fd as one process computed them before evaluation was split over ranks: every
-    sample's features at once, np.cov, the Frechet distance (per class too)."""
+    sample's features at once, np.cov, the Frechet distance (per class too); of ``G``, else the run's EMA G."""
     from gan.metrics.classifier import load_classifier
     from gan.metrics.collective import balanced_labels, eval_noise, generate
     from gan.metrics.core import EVAL_SEED
@@ -225,7 +225,7 @@ def _reference_cls(run: Path, classifier: Path, shards: Path, n: int) -> dict:
     g = load_generator(run)
     m = g.cfg.model
     y = balanced_labels(n, m.num_classes)
-    images = generate(g.G, eval_noise(n, m.z_dim, EVAL_SEED), y, 8, "cpu")
+    images = generate(G or g.G, eval_noise(n, m.z_dim, EVAL_SEED), y, 8, "cpu")
     model = load_classifier(classifier)[0]
     feats, preds = classify(model, images, 8, "cpu")
     real_images, real_labels = load_shard_images(shards)
@@ -237,6 +237,43 @@ def _reference_cls(run: Path, classifier: Path, shards: Path, n: int) -> dict:
         out[f"cls_fd/{name}"] = frechet_distance(*gaussian_stats(feats[y == k]),
                                                  *gaussian_stats(real_feats[real_labels == k]))
     return out
+
+
+@pytest.mark.numerics
+def test_evaluate_the_trained_generator(run_copy, tiny_classifier, tiny_shards, tmp_path):
+    """--net trained measures the checkpoint's trained G: the values of its model.safetensors loaded by hand;
+    printed, in metrics.json and in TensorBoard (Eval/trained/*) apart from the EMA's, which stays the export's."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    args = ["--run", run_copy, "--metrics", "cls_acc,cls_fd", "--num-samples", 45, "--batch-size", 8,
+            "--classifier", tiny_classifier]
+    t, e = evaluate(*args, "--net", "trained", env=_env(tmp_path)), evaluate(*args, env=_env(tmp_path))
+    assert t.returncode == 0 and e.returncode == 0, t.stderr + e.stderr
+    trained, ema = json.loads(t.stdout), json.loads(e.stdout)
+    _, G = ema_and_trained(run_copy, 6)
+    ref = _reference_cls(run_copy, tiny_classifier, tiny_shards, 45, G)
+    assert_metrics_close(trained["metrics"], ref, "trained G, 1 rank")  # EVAL_REL: float32 features, other batches
+    assert_nets_kept_apart(run_copy, "step-00000006", ema, trained)
+    ea = EventAccumulator(str(run_copy), size_guidance={"scalars": 0})
+    ea.Reload()
+    assert [s.value for s in ea.Scalars("Eval/trained/cls_fd")] == [pytest.approx(trained["metrics"]["cls_fd"])]
+    assert [s.value for s in ea.Scalars("Eval/cls_fd")] == [pytest.approx(ema["metrics"]["cls_fd"])]
+
+
+def test_trained_net_needs_a_checkpoint(run_copy, capsys):
+    """--net trained with an export (the EMA alone), or in a run whose only weights are the export: one line,
+    exit 2, nothing written; an unknown --net is argparse's exit 2."""
+    before = _snapshot(run_copy)
+    rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained", "--checkpoint", run_copy / "export/G_ema.safetensors")
+    assert rc == 2 and out.err.count("\n") == 1 and "is an export" in out.err and "--checkpoint RUN/checkpoints" in out.err
+    shutil.rmtree(run_copy / "checkpoints")
+    rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained")
+    assert rc == 2 and "has no checkpoint that verifies, only the export" in out.err, out.err
+    with pytest.raises(SystemExit) as e:
+        _run_cli(capsys, "--run", run_copy, "--net", "raw")
+    assert e.value.code == 2 and "invalid choice: 'raw' (choose from 'ema', 'trained')" in capsys.readouterr().err
+    assert {k: v for k, v in _snapshot(run_copy).items() if not k.startswith("checkpoints/")} == \
+        {k: v for k, v in before.items() if not k.startswith("checkpoints/")}
 
 
 def _on_two_then_one_process(run, common: list, tmp_path: Path, timeout: int = 600) -> tuple[dict, dict]:

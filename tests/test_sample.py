@@ -10,7 +10,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import load_cli, train_debug
+from conftest import ema_and_trained, load_cli, train_debug
 
 ROOT = Path(__file__).resolve().parents[1]
 PAD = 2  # gan.viz default padding
@@ -131,6 +131,27 @@ def test_export_folder_for_other_tools(run, capsys, tmp_path):
     assert rc == 2 and "already holds PNG files" in out.err and pngs[0].read_bytes() == before
 
 
+def test_trained_net_pictures(run, capsys, tmp_path):
+    """--net trained: the grid drawn by the checkpoint's trained G (its weights loaded by hand draw the same
+    picture), in a file of its own that says so, beside the EMA's, which differs (the EMA has averaged)."""
+    import numpy as np
+
+    from gan.data import class_names
+    from gan.family import SampleRequest
+    from gan.viz import save_png
+
+    for net in ("trained", "ema"):
+        rc, out = sample(capsys, "--run", run, "--mode", "grid", "--num", 2, "--net", net, "--no-tensorboard")
+        assert rc == 0, out.err
+    trained, ema = run / "samples" / "grid-step-00000004-trained.png", run / "samples" / "grid-step-00000004.png"
+    g, G = ema_and_trained(run, 4)
+    request = SampleRequest("grid", 2, 0, None, "", class_names(g.cfg.data.shards, 10))
+    save_png(g.family.sample(G, request, "cpu"), tmp_path / "by_hand.png")
+    pixels = lambda p: np.asarray(Image.open(p))  # noqa: E731
+    assert np.array_equal(pixels(trained), pixels(tmp_path / "by_hand.png"))
+    assert not np.array_equal(pixels(trained), pixels(ema))
+
+
 def test_bad_input(tmp_path, run, capsys):
     empty = tmp_path / "empty"
     empty.mkdir()
@@ -141,6 +162,10 @@ def test_bad_input(tmp_path, run, capsys):
     assert rc == 2 and "metrics.jsonl" in out.err
     rc, out = sample(capsys, "--run", run, "--mode", "grid", "--num", 0)
     assert rc == 2 and "--num" in out.err
+    rc, out = sample(capsys, "--run", run, "--mode", "grid", "--net", "trained", "--checkpoint",
+                     run / "export" / "G_ema.safetensors")
+    assert rc == 2 and "--net trained reads the trained network from a checkpoint" in out.err
+    assert not list((run / "samples").glob("grid-*"))
     assert sorted(p.name for p in empty.iterdir()) == ["config.yaml"]
 
 
