@@ -261,11 +261,15 @@ def test_evaluate_the_trained_generator(run_copy, tiny_classifier, tiny_shards, 
 
 
 def test_trained_net_needs_a_checkpoint(run_copy, capsys):
-    """--net trained with an export (the EMA alone), or in a run whose only weights are the export: one line,
-    exit 2, nothing written; an unknown --net is argparse's exit 2."""
+    """--net trained with an export (the EMA alone), with a damaged checkpoint, or in a run whose only weights
+    are the export: one line, exit 2, nothing written; an unknown --net is argparse's exit 2."""
     before = _snapshot(run_copy)
     rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained", "--checkpoint", run_copy / "export/G_ema.safetensors")
     assert rc == 2 and out.err.count("\n") == 1 and "is an export" in out.err and "--checkpoint RUN/checkpoints" in out.err
+    part = run_copy / "checkpoints/step-00000005/model.safetensors"  # the trained G, read only once verified
+    part.write_bytes(part.read_bytes()[:-1] + bytes([part.read_bytes()[-1] ^ 1]))
+    rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained", "--checkpoint", part.parent)
+    assert rc == 2 and f"{part} is damaged" in out.err, out.err
     shutil.rmtree(run_copy / "checkpoints")
     rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained")
     assert rc == 2 and "has no checkpoint that verifies, only the export" in out.err, out.err

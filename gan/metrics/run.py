@@ -99,7 +99,8 @@ def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, de
         raise CheckpointError(f"--net trained reads the trained network from a checkpoint, and {where} (the EMA "
                               f"network alone); pass --checkpoint RUN/checkpoints/step-XXXXXXXX, or drop --net trained")
     if src.is_dir():
-        meta = verify(src) if net == "trained" else read_meta(src)
+        # the trained network is read as a resume reads it: verified (resolve_source's own pick already is)
+        meta = verify(src) if net == "trained" and checkpoint else read_meta(src)
         saved_model = meta.get("config", {}).get("model", {})
         step, label = meta.get("step"), src.name + ("-trained" if net == "trained" else "")
         if meta.get("family", "gan") != cfg.family:
