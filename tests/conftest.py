@@ -7,7 +7,9 @@ something to learn. ``tiny_shards_gray28``: the same idea at 1x28x28 (Fashion-MN
 read-only: copy them before changing anything.
 
 Runs on 2 gloo ranks: :func:`train_cmd` with ``ranks=2`` (torchrun), :func:`train_2ranks`; the backends
-compared against DDP (:data:`BACKENDS`) and :func:`assert_zero_matches_ddp`.
+compared against DDP (:data:`BACKENDS`) and :func:`assert_zero_matches_ddp`. A run's EMA network and
+its checkpoint's trained one loaded by hand: :func:`ema_and_trained`; evaluate.py's results of the two kept
+apart: :func:`assert_nets_kept_apart`.
 """
 from __future__ import annotations
 
@@ -155,11 +157,14 @@ def assert_zero_matches_ddp(runs: dict, losses, nets, ema: str, family: str, ste
     step, so it inherits their bound. BatchNorm running statistics (copied from G, or recomputed for the
     EMA's weights: the GAN) have no closed-form bound; they move with the weights that feed them (the
     bias before the layer shifts running_mean by less than its own difference) and are held to the same
-    bound, which the measurements beside ZERO_LOSS_REL support with room to spare."""
+    bound, which the measurements beside ZERO_LOSS_REL support with room to spare. The trained ``ema`` network
+    as launch/evaluate.py --net trained loads it (DeepSpeed: from the engine's files) is held to the same bound
+    against DDP's, and differs from the EMA copy (the EMA has averaged)."""
     import torch
     import yaml
     from safetensors.torch import load_file
 
+    from gan.metrics.run import load_generator
     from gan.rundir import RunDir
 
     names = [*nets, f"{ema}_ema"]
@@ -172,6 +177,7 @@ def assert_zero_matches_ddp(runs: dict, losses, nets, ema: str, family: str, ste
     export = RunDir(runs["ddp"][0]).export_weights
     assert export.name == f"{ema}_ema.safetensors", export
     e_ddp = load_file(str(export))
+    t_ddp = load_generator(runs["ddp"][0], net="trained").G.state_dict()
     for name in (b for b in BACKENDS if b != "ddp"):
         run, r = runs[name]
         assert replicas in r.stdout, r.stdout  # the trainer's check_replicas raises otherwise
@@ -196,6 +202,11 @@ def assert_zero_matches_ddp(runs: dict, losses, nets, ema: str, family: str, ste
                 continue
             diff = (e_ds[k].double() - e_ddp[k].double()).abs().max().item()
             assert diff <= bound, f"{name} {k}: |ZeRO - DDP| = {diff:.3g} > {bound:.3g} (adam_drift_bound)"
+        t_ds = load_generator(run, net="trained").G.state_dict()
+        assert t_ds.keys() == t_ddp.keys() and any(not torch.equal(t_ds[k], e_ds[k]) for k in t_ds)
+        for k in t_ddp:
+            diff = (t_ds[k].double() - t_ddp[k].double()).abs().max().item()
+            assert diff <= bound, f"{name} trained {k}: |ZeRO - DDP| = {diff:.3g} > {bound:.3g} (adam_drift_bound)"
 
 
 def ema_and_trained(run: Path, step: int):
