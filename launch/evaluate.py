@@ -3,7 +3,8 @@
 The GAN: FID/IS/KID/precision-recall (torch-fidelity, Inception weights needed) and the offline
 cls_acc/cls_fd (committed CIFAR-10 classifier), against the real images of the run's shards (data.shards;
 never a download). The VAE: bits_per_dim, recon_mse, psnr, ssim, kl on the held-out split (val.shards)
-and fid of prior samples against it. pix2pix: l1, psnr, ssim and fid of outputs against targets on the validation pairs (val.shards).
+and fid of prior samples against it. pix2pix: l1, psnr, ssim and fid of outputs against targets on the
+validation pairs (val.shards).
 
     python launch/evaluate.py --run runs/cdcgan --metrics cls_acc,cls_fd --num-samples 10000
     python launch/evaluate.py --run runs/cifar10_vae                 # the family's default metrics

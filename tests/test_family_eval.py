@@ -20,7 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import REPO, assert_metrics_close, assert_nets_kept_apart, ema_and_trained, fit_in_process, load_cli, tiny_images
+from conftest import (REPO, assert_metrics_close, assert_nets_kept_apart, ema_and_trained, fit_in_process, load_cli,
+                      tiny_images)
 from test_paired import inverted_pairs
 
 VAE_METRICS = "bits_per_dim,recon_mse,psnr,ssim,kl"  # + fid where Inception runs (slow on a CPU)
@@ -273,7 +274,8 @@ def test_vae_evaluate_and_sample_either_network(vae_run, vae_data, tmp_path, cap
     sample = load_cli("sample").main
     x, y = next(iter(eval_batches(vae_data[1], 3)))
     u8 = lambda t: ((t.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)  # noqa: E731
-    for net, name, G_net in (("trained", "recon-step-00000008-trained.png", G), ("ema", "recon-step-00000008.png", g.G)):
+    for net, name, G_net in (("trained", "recon-step-00000008-trained.png", G),
+                             ("ema", "recon-step-00000008.png", g.G)):
         assert sample(["--run", str(run), "--mode", "recon", "--num", "3", "--net", net, "--no-tensorboard"]) == 0
         grid = torch.from_numpy(np.array(Image.open(run / "samples" / name))).permute(2, 0, 1)
         assert torch.equal(grid[:, 36:68, 36:68], u8(G_net.reconstruct(x, y)[1])), net  # bottom row: its outputs
@@ -433,7 +435,8 @@ def test_pix2pix_evaluate_and_sample_either_network(p2p_run, pairs, tmp_path):
         assert got["metrics"] == pytest.approx({k: float(values[k].mean()) for k in P2P_METRICS.split(",")}, rel=1e-6)
     assert_nets_kept_apart(run, "step-00000004", ema, trained)
     sample = load_cli("sample").main
-    for net, name, G_net in (("trained", "triplets-step-00000004-trained.png", G), ("ema", "triplets-step-00000004.png", g.G)):
+    for net, name, G_net in (("trained", "triplets-step-00000004-trained.png", G),
+                             ("ema", "triplets-step-00000004.png", g.G)):
         assert sample(["--run", str(run), "--mode", "triplets", "--num", "2", "--net", net, "--no-tensorboard"]) == 0
         grid = torch.from_numpy(np.array(Image.open(run / "samples" / name))).permute(2, 0, 1)
         with torch.no_grad():

@@ -264,8 +264,10 @@ def test_trained_net_needs_a_checkpoint(run_copy, capsys):
     """--net trained with an export (the EMA alone), with a damaged checkpoint, or in a run whose only weights
     are the export: one line, exit 2, nothing written; an unknown --net is argparse's exit 2."""
     before = _snapshot(run_copy)
-    rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained", "--checkpoint", run_copy / "export/G_ema.safetensors")
-    assert rc == 2 and out.err.count("\n") == 1 and "is an export" in out.err and "--checkpoint RUN/checkpoints" in out.err
+    export = run_copy / "export/G_ema.safetensors"
+    rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained", "--checkpoint", export)
+    assert rc == 2 and out.err.count("\n") == 1 and f"{export} is an export" in out.err, out.err
+    assert "pass --checkpoint RUN/checkpoints/step-XXXXXXXX, or drop --net trained" in out.err
     part = run_copy / "checkpoints/step-00000005/model.safetensors"  # the trained G, read only once verified
     part.write_bytes(part.read_bytes()[:-1] + bytes([part.read_bytes()[-1] ^ 1]))
     rc, out = _run_cli(capsys, "--run", run_copy, "--net", "trained", "--checkpoint", part.parent)

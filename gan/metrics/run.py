@@ -95,7 +95,8 @@ def load_generator(run_dir: str | Path, checkpoint: str | Path | None = None, de
         raise MetricError(f"family {cfg.family} keeps no EMA network to sample, evaluate or export")
     src = resolve_source(run_dir, checkpoint)
     if net == "trained" and not src.is_dir():
-        where = f"{src} is an export" if checkpoint else f"{run_dir} has no checkpoint that verifies, only the export {src}"
+        where = (f"{src} is an export" if checkpoint else
+                 f"{run_dir} has no checkpoint that verifies, only the export {src}")
         raise CheckpointError(f"--net trained reads the trained network from a checkpoint, and {where} (the EMA "
                               f"network alone); pass --checkpoint RUN/checkpoints/step-XXXXXXXX, or drop --net trained")
     if src.is_dir():
