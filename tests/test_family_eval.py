@@ -252,6 +252,15 @@ def test_vae_recon_picture_is_the_held_out_input_over_its_reconstruction(vae_run
     assert torch.equal(grid[:, 36:68, 36:68], u8(g.G.reconstruct(x, y)[1]))  # bottom row: reconstructions
 
 
+def evaluate_both_nets(src, metrics: str, tmp_path):
+    """A copy of the run ``src`` evaluated with --net trained, then with the default EMA: (run, trained, ema)."""
+    run = tmp_path / "run"
+    shutil.copytree(src, run)
+    args = ["--metrics", metrics, "--batch-size", 4, "--no-tensorboard"]
+    trained = _evaluate(run, tmp_path / "trained.json", tmp_path, *args, "--net", "trained")
+    return run, trained, _evaluate(run, tmp_path / "ema.json", tmp_path, *args)
+
+
 def test_vae_evaluate_and_sample_either_network(vae_run, vae_data, tmp_path, capsys):
     """--net trained measures the checkpoint's trained VAE: the values of its weights loaded by hand; the EMA's
     entry stays apart and is the artifact's; each recon picture is drawn by its own network and says which."""
@@ -259,11 +268,7 @@ def test_vae_evaluate_and_sample_either_network(vae_run, vae_data, tmp_path, cap
     from gan.families.vae.evaluation import per_sample_measures
     from gan.metrics.core import EVAL_SEED
 
-    run = tmp_path / "run"
-    shutil.copytree(vae_run, run)
-    args = ["--metrics", VAE_METRICS, "--batch-size", 4, "--no-tensorboard"]
-    trained = _evaluate(run, tmp_path / "trained.json", tmp_path, *args, "--net", "trained")
-    ema = _evaluate(run, tmp_path / "ema.json", tmp_path, *args)
+    run, trained, ema = evaluate_both_nets(vae_run, VAE_METRICS, tmp_path)
     g, G = ema_and_trained(run, 8)
     x, y = next(iter(eval_batches(vae_data[1], 1000)))
     for net, got in ((G, trained), (g.G, ema)):
@@ -422,11 +427,7 @@ def test_pix2pix_evaluate_and_sample_either_network(p2p_run, pairs, tmp_path):
     from gan.families.pix2pix.evaluation import per_sample_measures
     from gan.viz import to_uint8
 
-    run = tmp_path / "run"
-    shutil.copytree(p2p_run, run)
-    args = ["--metrics", P2P_METRICS, "--batch-size", 4, "--no-tensorboard"]
-    trained = _evaluate(run, tmp_path / "trained.json", tmp_path, *args, "--net", "trained")
-    ema = _evaluate(run, tmp_path / "ema.json", tmp_path, *args)
+    run, trained, ema = evaluate_both_nets(p2p_run, P2P_METRICS, tmp_path)
     g, G = ema_and_trained(run, 4)
     a, b, _ = next(iter(eval_batches(pairs[1], 1000)))
     for net, got in ((G, trained), (g.G, ema)):
